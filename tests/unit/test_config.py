@@ -1,0 +1,50 @@
+"""Settings: layering file -> env -> flags, and every problem reported at once."""
+
+from __future__ import annotations
+
+import pytest
+
+from veristore_py.config import ConfigError, load_settings
+
+
+def write(tmp_path, text):
+    path = tmp_path / "node.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_layering_file_env_flags(tmp_path):
+    """Env overrides the file and flags override env."""
+    path = write(tmp_path, 'raft_address = "127.0.0.1:7000"\nhttp_address = "127.0.0.1:8000"\n'
+                           'data_dir = "/tmp/x"\nheartbeat_s = 0.1\n'
+                           '[[peers]]\nraft = "127.0.0.1:7001"\nhttp = "127.0.0.1:8001"\n')
+    s = load_settings(path, env={"VERISTORE_DATA_DIR": "/tmp/env", "VERISTORE_MAX_INFLIGHT_ENTRIES": "8"},
+                      overrides={"data_dir": "/tmp/flag"})
+    assert s.data_dir == "/tmp/flag" and s.max_inflight_entries == 8
+    assert s.peer_http("127.0.0.1:7001") == "127.0.0.1:8001"
+
+
+def test_all_problems_reported_together(tmp_path):
+    """A bad config lists each problem, not just the first."""
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, env={"VERISTORE_HEARTBEAT_S": "fast"},
+                      overrides={"raft_address": "nope", "election_min_s": 5.0})
+    text = " | ".join(err.value.problems)
+    assert "heartbeat_s" in text and "raft_address" in text and "http_address" in text
+    assert "data_dir is required" in text and len(err.value.problems) >= 4
+
+
+def test_non_loopback_bind_requires_password(tmp_path):
+    """Binding beyond loopback without a Raft password is refused."""
+    with pytest.raises(ConfigError, match="password is required"):
+        load_settings(None, env={}, overrides={"raft_address": "10.1.2.3:7000",
+                                               "http_address": "10.1.2.3:8000", "data_dir": "/d"})
+    s = load_settings(None, env={}, overrides={"raft_address": "10.1.2.3:7000", "password": "pw",
+                                               "http_address": "10.1.2.3:8000", "data_dir": "/d"})
+    assert s.resolved_password() == "pw"
+
+
+def test_bad_toml_is_a_config_error(tmp_path):
+    """An unparsable file is reported as such."""
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_settings(write(tmp_path, "raft_address = "), env={})

@@ -1,0 +1,77 @@
+"""LmdbJournal: PySyncObj's journal interface on real LMDB, surviving reopen."""
+
+from __future__ import annotations
+
+import pysyncobj.syncobj as syncobj_module
+
+from veristore_py.journal import LmdbJournal, install_journal_factory
+
+
+def test_entries_term_and_vote_survive_reopen(tmp_path):
+    """Entries, term and vote are read back after close and reopen."""
+    j = LmdbJournal(str(tmp_path / "j"))
+    for i in range(1, 6):
+        j.add(b"cmd%d" % i, i, 1)
+    j.setCurrentTerm(3, "127.0.0.1:7000")
+    j.setRaftCommitIndex(4)
+    j.sync()
+    j.close()
+    j = LmdbJournal(str(tmp_path / "j"))
+    assert [e[1] for e in j] == [1, 2, 3, 4, 5] and j[-1] == (b"cmd5", 5, 1)
+    assert (j.getCurrentTerm(), j.getVotedForNodeId(), j.getRaftCommitIndex()) == (3, "127.0.0.1:7000", 4)
+
+
+def test_truncation_from_and_to_persist(tmp_path):
+    """deleteEntriesFrom / deleteEntriesTo remove by list position, durably."""
+    j = LmdbJournal(str(tmp_path / "j"))
+    for i in range(1, 11):
+        j.add(b"x", i, 1)
+    j.deleteEntriesFrom(7)   # keep indexes 1..7
+    j.deleteEntriesTo(2)     # drop indexes 1..2
+    j.add(b"y", 8, 2)
+    j.sync()
+    j.close()
+    j = LmdbJournal(str(tmp_path / "j"))
+    assert [e[1] for e in j] == [3, 4, 5, 6, 7, 8] and j[-1][2] == 2
+
+
+def test_sync_only_when_dirty(tmp_path):
+    """sync() fsyncs once per burst of writes and not at all when clean."""
+    j = LmdbJournal(str(tmp_path / "j"))
+    j.sync()
+    assert j.syncs == 0
+    for i in range(1, 50):
+        j.add(b"x", i, 1)
+    j.sync()
+    j.sync()
+    assert j.syncs == 1
+
+
+def test_clear_then_add(tmp_path):
+    """clear() empties the journal (snapshot install), new entries follow."""
+    j = LmdbJournal(str(tmp_path / "j"))
+    for i in range(1, 4):
+        j.add(b"x", i, 1)
+    j.clear()
+    j.add(b"s1", 100, 4)
+    j.add(b"s2", 101, 4)
+    j.close()
+    assert [e[1] for e in LmdbJournal(str(tmp_path / "j"))] == [100, 101]
+
+
+def test_factory_passes_lmdb_journal_through(tmp_path):
+    """The installed factory returns our journal and leaves other values to PySyncObj."""
+    install_journal_factory()
+    install_journal_factory()  # idempotent
+    j = LmdbJournal(str(tmp_path / "j"))
+    assert syncobj_module.createJournal(j) is j
+    assert type(syncobj_module.createJournal(None)).__name__ == "MemoryJournal"
+
+
+def test_map_growth_does_not_fail_writes(tmp_path):
+    """A journal that outgrows its map is resized transparently."""
+    j = LmdbJournal(str(tmp_path / "j"), map_size=1 << 20)
+    for i in range(1, 200):
+        j.add(b"z" * 20_000, i, 1)
+    j.close()
+    assert len(LmdbJournal(str(tmp_path / "j"))) == 199

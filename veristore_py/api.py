@@ -1,0 +1,307 @@
+"""aiohttp API of a veristore node: generic KV, cluster status and health.
+
+Routes (JSON):
+  GET    /v1/kv/{key}?consistency=linearizable|lease|stale   read one key (404 if absent)
+  PUT    /v1/kv/{key}        {"value": str, "idempotency_key"?: str}
+  DELETE /v1/kv/{key}        {"idempotency_key"?: str} (body optional)
+  POST   /v1/kv/{key}/cas    {"expected": str|null, "value": str|null, "idempotency_key"?: str}
+  GET    /v1/kv?prefix=&after=&limit=&consistency=            prefix scan
+  GET    /v1/status          leader, term, commit/applied index, members
+  GET    /v1/digest          SHA-256 of this replica's state (convergence checks)
+  GET    /health/live, /health/ready
+
+Writes and linearizable reads go through the Raft log on the leader. A follower answers them
+with ``307`` and the leader's URL (``Location`` header and ``leader`` field); with no leader it
+answers ``503`` with ``Retry-After``. Errors are ``{"error", "detail", "definite"}``;
+``definite: true`` means the operation certainly did not take effect. Mutating methods require
+``Authorization: Bearer <token>`` when a token is configured.
+
+`add_error_middleware`, `add_kv_routes` and `add_status_routes` are reused by the cache_plane API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from .config import NodeSettings
+from .errors import (
+    CommitTimeoutError,
+    InvalidCommandError,
+    LeadershipLostError,
+    NoLeaderError,
+    NotLeaderError,
+    OverloadedError,
+    StorageError,
+    VeristoreError,
+)
+from .node import VeristoreNode
+from .state import MAX_IDEM_BYTES, MAX_KEY_BYTES, MAX_SCAN_LIMIT
+
+NODE = web.AppKey("node", VeristoreNode)
+SETTINGS = web.AppKey("settings", NodeSettings)
+API_TOKEN = web.AppKey("api_token", str)
+
+MAX_BODY_BYTES = 2 << 20
+MUTATING = frozenset({"POST", "PUT", "DELETE", "PATCH"})
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_STATUS: dict[type[VeristoreError], int] = {
+    InvalidCommandError: 400,
+    NoLeaderError: 503,
+    OverloadedError: 503,
+    LeadershipLostError: 503,
+    StorageError: 503,
+    CommitTimeoutError: 504,
+}
+
+
+def error_response(status: int, code: str, detail: str, definite: bool,
+                   headers: dict[str, str] | None = None, **extra: Any) -> web.Response:
+    """Build the uniform JSON error body."""
+    body = {"error": code, "detail": detail, "definite": definite, **extra}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def leader_url(request: web.Request, exc: NotLeaderError) -> str | None:
+    """The URL of this same request on the leader, if its HTTP address is known."""
+    http = request.app[SETTINGS].peer_http(exc.leader)
+    return None if http is None else f"http://{http}{request.rel_url}"
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Map every failure to a JSON error; an unexpected exception is a 500 (and a bug)."""
+    try:
+        return await handler(request)
+    except NotLeaderError as exc:
+        url = leader_url(request, exc)
+        if url is None:
+            return error_response(503, "no_leader", exc.detail, True, {"Retry-After": "1"})
+        return error_response(307, exc.code, exc.detail, True, {"Location": url}, leader=url)
+    except VeristoreError as exc:
+        status = _STATUS.get(type(exc), 503)
+        headers = {"Retry-After": "1"} if status == 503 else None
+        return error_response(status, exc.code, exc.detail, exc.definite, headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large",
+                401: "unauthorized"}.get(exc.status, "http_error")
+        return error_response(exc.status, code, exc.reason, True)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # a bug: report it as such, never leak a traceback
+        request.app.logger.exception("unhandled_error")
+        return error_response(500, "internal_error", type(exc).__name__, False)
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Require the bearer token on mutating methods when one is configured."""
+    token = request.app.get(API_TOKEN)
+    if token and request.method in MUTATING:
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return error_response(401, "unauthorized", "missing or wrong bearer token", True,
+                                  {"WWW-Authenticate": "Bearer"})
+    return await handler(request)
+
+
+def add_error_middleware(app: web.Application) -> None:
+    app.middlewares.extend([error_middleware, auth_middleware])
+
+
+async def read_json(request: web.Request, *, optional: bool = False) -> dict[str, Any]:
+    """Parse the body as a JSON object or raise InvalidCommandError (400)."""
+    raw = await request.read()
+    if not raw.strip():
+        if optional:
+            return {}
+        raise InvalidCommandError("request body must be a JSON object")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidCommandError(f"body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise InvalidCommandError("request body must be a JSON object")
+    return body
+
+
+def _text(body: dict[str, Any], name: str, *, nullable: bool, limit: int) -> bytes | None:
+    if name not in body:
+        raise InvalidCommandError(f"missing field '{name}'")
+    value = body[name]
+    if value is None and nullable:
+        return None
+    if not isinstance(value, str):
+        kind = "a string or null" if nullable else "a string"
+        raise InvalidCommandError(f"field '{name}' must be {kind}")
+    encoded = value.encode()
+    if len(encoded) > limit:
+        raise InvalidCommandError(f"field '{name}' is {len(encoded)} bytes; the limit is {limit}")
+    return encoded
+
+
+def _key(request: web.Request) -> bytes:
+    key = request.match_info["key"].encode()
+    if not key or len(key) > MAX_KEY_BYTES:
+        raise InvalidCommandError(f"key must be 1..{MAX_KEY_BYTES} bytes")
+    return key
+
+
+def _idem(body: dict[str, Any]) -> dict[str, bytes]:
+    value = body.get("idempotency_key")
+    if value is None:
+        return {}
+    if not isinstance(value, str) or not 0 < len(value.encode()) <= MAX_IDEM_BYTES:
+        raise InvalidCommandError(f"field 'idempotency_key' must be a string of 1..{MAX_IDEM_BYTES} bytes")
+    return {"idem": value.encode()}
+
+
+def _decode(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("utf-8", "replace")
+
+
+def _check(result: dict[str, Any]) -> dict[str, Any]:
+    if not result.get("ok"):
+        raise InvalidCommandError(f"{result.get('error')}: {result.get('detail')}")
+    return result
+
+
+async def propose(node: VeristoreNode, command: dict[str, Any]) -> dict[str, Any]:
+    """Submit `command` on the leader and await its apply result (errors raise)."""
+    return _check(await asyncio.wrap_future(node.submit(command)))
+
+
+async def read(request: web.Request, command: dict[str, Any]) -> dict[str, Any]:
+    """Run a read-only command at the consistency level the request asks for."""
+    node = request.app[NODE]
+    consistency = request.query.get("consistency", "linearizable")
+    if consistency == "linearizable":
+        return await propose(node, command)
+    if consistency == "lease":
+        node.require_leader()
+        if not node.leader_caught_up():
+            raise NoLeaderError("new leader is still catching up")
+        target = node.raftCommitIndex
+        for _ in range(200):
+            if node.raftLastApplied >= target:
+                break
+            await asyncio.sleep(0.005)
+        else:
+            raise CommitTimeoutError("leader did not apply its commit index in time")
+        return _check(node.read_local(command))
+    if consistency == "stale":
+        return _check(node.read_local(command))
+    raise InvalidCommandError("query 'consistency' must be linearizable, lease or stale")
+
+
+async def kv_get(request: web.Request) -> web.Response:
+    result = await read(request, {"op": "get", "key": _key(request)})
+    if not result["found"]:
+        return error_response(404, "key_not_found", "no such key", True)
+    return web.json_response({"key": request.match_info["key"], "value": _decode(result["value"]),
+                              "revision": result["revision"]})
+
+
+async def kv_put(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    value = _text(body, "value", nullable=False, limit=1 << 20)
+    result = await propose(request.app[NODE],
+                           {"op": "put", "key": _key(request), "value": value, **_idem(body)})
+    return web.json_response({"revision": result["revision"],
+                              "prev_revision": result.get("prev_revision", 0),
+                              "replayed": result.get("replayed", False)})
+
+
+async def kv_delete(request: web.Request) -> web.Response:
+    body = await read_json(request, optional=True)
+    result = await propose(request.app[NODE], {"op": "delete", "key": _key(request), **_idem(body)})
+    return web.json_response({"deleted": result["deleted"], "revision": result["revision"],
+                              "replayed": result.get("replayed", False)})
+
+
+async def kv_cas(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    command = {
+        "op": "cas",
+        "key": _key(request),
+        "expected": _text(body, "expected", nullable=True, limit=1 << 20),
+        "value": _text(body, "value", nullable=True, limit=1 << 20),
+        **_idem(body),
+    }
+    result = await propose(request.app[NODE], command)
+    return web.json_response({"succeeded": result["succeeded"], "current": _decode(result["current"]),
+                              "revision": result["revision"],
+                              "replayed": result.get("replayed", False)})
+
+
+async def kv_scan(request: web.Request) -> web.Response:
+    query = request.query
+    command: dict[str, Any] = {"op": "scan", "prefix": query.get("prefix", "").encode()}
+    if "after" in query:
+        command["after"] = query["after"].encode()
+    if "limit" in query:
+        if not query["limit"].isdigit() or not 1 <= int(query["limit"]) <= MAX_SCAN_LIMIT:
+            raise InvalidCommandError(f"query 'limit' must be an integer in 1..{MAX_SCAN_LIMIT}")
+        command["limit"] = int(query["limit"])
+    result = await read(request, command)
+    items = [{"key": _decode(k), "value": _decode(v), "revision": r} for k, v, r in result["items"]]
+    return web.json_response({"items": items, "more": result["more"]})
+
+
+async def status(request: web.Request) -> web.Response:
+    return web.json_response(request.app[NODE].status())
+
+
+async def digest(request: web.Request) -> web.Response:
+    store = request.app[NODE].store
+    applied = store.applied_index
+    value = await asyncio.to_thread(store.digest)
+    return web.json_response({"applied_index": applied, "digest": value})
+
+
+async def live(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    if node.is_ready():
+        return web.json_response({"status": "ready", "leader": node.leader_address()})
+    return error_response(503, "not_ready", "no known leader or not caught up", True,
+                          {"Retry-After": "1"})
+
+
+def add_kv_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/kv", kv_scan)
+    app.router.add_get("/v1/kv/{key}", kv_get)
+    app.router.add_put("/v1/kv/{key}", kv_put)
+    app.router.add_delete("/v1/kv/{key}", kv_delete)
+    app.router.add_post("/v1/kv/{key}/cas", kv_cas)
+
+
+def add_status_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/status", status)
+    app.router.add_get("/v1/digest", digest)
+    app.router.add_get("/health/live", live)
+    app.router.add_get("/health/ready", ready)
+
+
+def create_app(node: VeristoreNode, settings: NodeSettings, api_token: str | None) -> web.Application:
+    """Build the aiohttp application of one veristore node."""
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    app[NODE] = node
+    app[SETTINGS] = settings
+    if api_token:
+        app[API_TOKEN] = api_token
+    add_error_middleware(app)
+    add_kv_routes(app)
+    add_status_routes(app)
+    return app

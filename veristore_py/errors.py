@@ -1,0 +1,94 @@
+"""Errors raised by veristore_py.
+
+Every error says whether the operation *definitely* did not happen or *may* have happened::
+
+    VeristoreError                      root; `definite` tells the caller whether a retry is safe
+    ├── ConfigError                     bad settings (lists every problem at once)      definite
+    ├── InvalidCommandError             malformed command or argument                   definite
+    ├── NotLeaderError                  this node does not lead; carries a leader hint   definite
+    ├── NoLeaderError                   no leader is known (election under way)          definite
+    ├── OverloadedError                 proposal queue full                              definite
+    ├── StorageError                    LMDB failed underneath us                        indefinite
+    ├── CommitTimeoutError              proposed, outcome unknown within the deadline    indefinite
+    └── LeadershipLostError             leadership changed while the proposal was open   indefinite
+
+A replicated apply never raises one of these: command errors become result values (see
+`state.py`); these errors live at the edges (proposing, reading, configuring).
+"""
+
+from __future__ import annotations
+
+
+class VeristoreError(Exception):
+    """Root of all veristore_py errors."""
+
+    code = "veristore_error"
+    definite = False
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(detail or self.code)
+        self.detail = detail or self.code
+
+
+class ConfigError(VeristoreError):
+    """Settings are invalid; `problems` lists every one of them."""
+
+    code = "invalid_config"
+    definite = True
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = list(problems)
+
+
+class InvalidCommandError(VeristoreError):
+    """The command or one of its arguments is malformed; nothing was proposed."""
+
+    code = "invalid_request"
+    definite = True
+
+
+class NotLeaderError(VeristoreError):
+    """This node is not the leader; `leader` is the last known leader's Raft address or None."""
+
+    code = "not_leader"
+    definite = True
+
+    def __init__(self, leader: str | None, detail: str = "") -> None:
+        super().__init__(detail or f"not the leader (leader: {leader or 'unknown'})")
+        self.leader = leader
+
+
+class NoLeaderError(VeristoreError):
+    """No leader is known or this leader lost its quorum; nothing was proposed."""
+
+    code = "no_leader"
+    definite = True
+
+
+class OverloadedError(VeristoreError):
+    """The proposal queue is full; nothing was proposed."""
+
+    code = "overloaded"
+    definite = True
+
+
+class StorageError(VeristoreError):
+    """The LMDB storage failed; the operation may or may not have taken effect."""
+
+    code = "storage_error"
+    definite = False
+
+
+class CommitTimeoutError(VeristoreError):
+    """The proposal was not applied within the deadline; it may still commit later."""
+
+    code = "commit_timeout"
+    definite = False
+
+
+class LeadershipLostError(VeristoreError):
+    """Leadership changed while the proposal was in flight; it may still commit."""
+
+    code = "leadership_lost"
+    definite = False

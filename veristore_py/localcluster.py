@@ -1,0 +1,253 @@
+"""Start, fault and stop a cluster of real node processes on loopback (tests, demo, bench).
+
+Each node is a separate ``python -m <module> serve --config node<i>.toml`` process with its own
+data dir, free ports picked at run time, and a per-cluster random Raft password in a 0600 file.
+`close()` kills and reaps every process it started, whatever state the cluster is in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def free_ports(count: int) -> list[int]:
+    """Return `count` distinct TCP ports that were free on 127.0.0.1 a moment ago."""
+    sockets, ports = [], []
+    for _ in range(count):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.bind(("127.0.0.1", 0))
+        sockets.append(s)
+        ports.append(s.getsockname()[1])
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+@dataclass
+class NodeSpec:
+    """One member: its addresses, directories and (while running) its process."""
+
+    index: int
+    raft: str
+    http: str
+    data_dir: str
+    config_path: str
+    log_path: str
+    process: subprocess.Popen[bytes] | None = None
+    paused: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.http}"
+
+
+@dataclass
+class LocalCluster:
+    """A cluster of `size` node processes under `base_dir` (see module docstring)."""
+
+    base_dir: str
+    size: int = 3
+    module: str = "veristore_py"
+    settings: dict[str, Any] = field(default_factory=dict)
+    api_token: str | None = None
+    password: str | None = None
+    nodes: list[NodeSpec] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        os.makedirs(self.base_dir, exist_ok=True)
+        self.password = self.password or secrets.token_hex(16)
+        self.password_file = os.path.join(self.base_dir, "raft-password")
+        _write_private(self.password_file, self.password)
+        self.token_file = None
+        if self.api_token:
+            self.token_file = os.path.join(self.base_dir, "api-token")
+            _write_private(self.token_file, self.api_token)
+        ports = free_ports(2 * self.size)
+        for i in range(self.size):
+            node_dir = os.path.join(self.base_dir, f"node{i}")
+            os.makedirs(node_dir, exist_ok=True)
+            self.nodes.append(NodeSpec(
+                index=i, raft=f"127.0.0.1:{ports[2 * i]}", http=f"127.0.0.1:{ports[2 * i + 1]}",
+                data_dir=os.path.join(node_dir, "data"),
+                config_path=os.path.join(node_dir, "node.toml"),
+                log_path=os.path.join(node_dir, "node.log"),
+            ))
+        for node in self.nodes:
+            self._write_config(node)
+
+    def _write_config(self, node: NodeSpec) -> None:
+        lines = [
+            f"raft_address = {_toml_value(node.raft)}",
+            f"http_address = {_toml_value(node.http)}",
+            f"data_dir = {_toml_value(node.data_dir)}",
+            f"password_file = {_toml_value(self.password_file)}",
+            'log_format = "json"',
+        ]
+        if self.token_file:
+            lines.append(f"api_token_file = {_toml_value(self.token_file)}")
+        for key, value in self.settings.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        for other in self.nodes:
+            if other is not node:
+                lines += ["[[peers]]", f"raft = {_toml_value(other.raft)}",
+                          f"http = {_toml_value(other.http)}"]
+        with open(node.config_path, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+
+    # -- processes -------------------------------------------------------------------------
+
+    @property
+    def urls(self) -> list[str]:
+        return [n.url for n in self.nodes]
+
+    def start(self) -> LocalCluster:
+        for node in self.nodes:
+            self.start_node(node.index)
+        return self
+
+    def start_node(self, i: int, extra_args: list[str] | None = None,
+                   env: dict[str, str] | None = None) -> None:
+        node = self.nodes[i]
+        if node.process is not None and node.process.poll() is None:
+            return
+        log = open(node.log_path, "ab")  # noqa: SIM115 (closed when the child exits)
+        node.process = subprocess.Popen(
+            [sys.executable, "-m", self.module, "serve", "--config", node.config_path,
+             *(extra_args or [])],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})}, start_new_session=True,
+        )
+        log.close()
+        node.paused = False
+
+    def kill(self, i: int, sig: int = signal.SIGKILL) -> None:
+        """Send `sig` (default SIGKILL) to node `i` and reap it."""
+        node = self.nodes[i]
+        if node.process is None:
+            return
+        if node.paused:
+            self.resume(i)
+        with contextlib.suppress(ProcessLookupError):
+            node.process.send_signal(sig)
+        try:
+            node.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            node.process.kill()
+            node.process.wait()
+        node.process = None
+
+    def stop_node(self, i: int) -> None:
+        """Graceful stop (SIGTERM), then reap."""
+        self.kill(i, signal.SIGTERM)
+
+    def restart(self, i: int) -> None:
+        self.kill(i)
+        self.start_node(i)
+
+    def pause(self, i: int) -> None:
+        node = self.nodes[i]
+        if node.process is not None:
+            node.process.send_signal(signal.SIGSTOP)
+            node.paused = True
+
+    def resume(self, i: int) -> None:
+        node = self.nodes[i]
+        if node.process is not None:
+            node.process.send_signal(signal.SIGCONT)
+            node.paused = False
+
+    def close(self) -> None:
+        """Kill and reap every node process (safe to call twice)."""
+        for node in self.nodes:
+            self.kill(node.index)
+
+    def remove(self) -> None:
+        self.close()
+        shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- observation -----------------------------------------------------------------------
+
+    def running(self) -> list[int]:
+        return [n.index for n in self.nodes
+                if n.process is not None and n.process.poll() is None and not n.paused]
+
+    def status(self, i: int, timeout: float = 1.0) -> dict[str, Any] | None:
+        """Node `i`'s /v1/status, or None if it does not answer."""
+        try:
+            with urllib.request.urlopen(self.nodes[i].url + "/v1/status", timeout=timeout) as r:
+                return json.loads(r.read())
+        except (OSError, urllib.error.URLError, ValueError):
+            return None
+
+    def wait_for_leader(self, timeout: float = 30.0, among: list[int] | None = None) -> int:
+        """Wait until one running node leads with a quorum lease and all running nodes agree."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            candidates = among if among is not None else self.running()
+            views = {i: self.status(i) for i in candidates}
+            leaders = [i for i, v in views.items()
+                       if v and v["state"] == "leader" and v["has_quorum"]]
+            if len(leaders) == 1:
+                leader_raft = self.nodes[leaders[0]].raft
+                if all(v and v["leader"] == leader_raft for v in views.values()):
+                    return leaders[0]
+            time.sleep(0.05)
+        raise TimeoutError(f"no agreed leader within {timeout}s; see logs under {self.base_dir}")
+
+    def check_alive(self) -> None:
+        """Raise, with its log tail, if a node we started has exited on its own."""
+        for node in self.nodes:
+            if node.process is not None and node.process.poll() is not None:
+                code = node.process.returncode
+                node.process = None
+                tail = self.log_text(node.index)[-2000:]
+                raise RuntimeError(f"node {node.index} exited with {code}:\n{tail}")
+
+    def wait_caught_up(self, i: int, index: int, timeout: float = 30.0) -> dict[str, Any]:
+        """Wait until node `i` has applied log index `index`."""
+        deadline = time.monotonic() + timeout
+        view = None
+        while time.monotonic() < deadline:
+            view = self.status(i)
+            if view and view["applied_index"] >= index:
+                return view
+            time.sleep(0.05)
+        raise TimeoutError(f"node {i} did not reach index {index}: {view}")
+
+    def log_text(self, i: int) -> str:
+        with open(self.nodes[i].log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+
+def _write_private(path: str, content: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(content + "\n")

@@ -1,0 +1,244 @@
+"""The Raft node: a PySyncObj `SyncObj` with an LMDB journal, LMDB state and group commit.
+
+Thin glue. Everything a command does is decided by the pure machine (`state.py`) and written
+by `storage.py`; this module wires PySyncObj to them:
+
+- one ``@replicated`` method, `apply_entry(entry)`, whose argument is a msgpack batch
+  (`codec.py`); PySyncObj frames it in its own (password-authenticated) protocol;
+- `DurableTransport` fsyncs the journal before any message leaves the node (see `journal.py`);
+- `SnapshotManager` compacts the log without fork or pickle (see `snapshot.py`);
+- `GroupCommitter` turns concurrent `submit()` calls into few entries (see `group_commit.py`);
+- leader-only operations check a quorum lease: a leader that has not heard from a majority
+  within `leader_lease_s` refuses to decide (`NoLeaderError`), and PySyncObj demotes it after
+  `leader_fallback_s` (its own default is 30 s).
+
+A failing LMDB write inside `apply_entry` (disk gone, not map full) is re-raised on purpose:
+PySyncObj then retries the same entry on the next tick and the node stops applying (and stops
+being ready) instead of skipping an entry and diverging from its peers.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import Future
+from typing import Any
+
+import structlog
+from pysyncobj import SyncObj, SyncObjConf, replicated
+from pysyncobj.transport import TCPTransport
+
+from .codec import decode_batch
+from .config import NodeSettings
+from .errors import InvalidCommandError, LeadershipLostError, NoLeaderError, NotLeaderError
+from .group_commit import GroupCommitter
+from .journal import LmdbJournal, install_journal_factory
+from .snapshot import SnapshotManager
+from .state import KVMachine, Machine, Result
+from .storage import StateStore
+
+log = structlog.get_logger(__name__)
+
+_STATE_NAMES = {0: "follower", 1: "candidate", 2: "leader"}
+
+
+class DurableTransport(TCPTransport):
+    """TCP transport that makes the journal durable before sending anything."""
+
+    def send(self, node: Any, message: Any) -> bool:
+        self._syncObj.sync_journal()
+        return bool(super().send(node, message))
+
+
+class VeristoreNode(SyncObj):
+    """One member of a veristore cluster (runs PySyncObj's tick thread in the background)."""
+
+    def __init__(self, settings: NodeSettings, machine: Machine | None = None) -> None:
+        install_journal_factory()
+        self.settings = settings
+        os.makedirs(settings.data_dir, exist_ok=True)
+        self._journal = LmdbJournal(os.path.join(settings.data_dir, "journal"),
+                                    settings.map_size_bytes)
+        self.store = StateStore(os.path.join(settings.data_dir, "state"), machine or KVMachine(),
+                                settings.map_size_bytes)
+        self.snapshots = SnapshotManager(self.store)
+        self.committer: GroupCommitter | None = None
+        self._log = log.bind(node=settings.raft_address)
+        self._stopped = False
+        conf = SyncObjConf(
+            password=settings.resolved_password(),
+            journalFile=self._journal,
+            fullDumpFile=os.path.join(settings.data_dir, "snapshot.bin"),
+            serializer=self.snapshots.serialize,
+            deserializer=self.snapshots.deserialize,
+            serializeChecker=self.snapshots.check,
+            appendEntriesUseBatch=False,
+            appendEntriesPeriod=settings.heartbeat_s,
+            raftMinTimeout=settings.election_min_s,
+            raftMaxTimeout=settings.election_max_s,
+            leaderFallbackTimeout=settings.leader_fallback_s,
+            connectionTimeout=settings.connection_timeout_s,
+            connectionRetryTime=settings.connection_retry_s,
+            logCompactionMinEntries=settings.compaction_min_entries,
+            logCompactionMinTime=settings.compaction_min_time_s,
+            dynamicMembershipChange=settings.dynamic_membership,
+            commandsWaitLeader=False,
+            onStateChanged=self._on_state_changed,
+        )
+        self.committer = GroupCommitter(
+            self._propose,
+            max_commands=settings.max_batch_commands,
+            max_bytes=settings.max_batch_bytes,
+            max_inflight=settings.max_inflight_entries,
+            max_queue=settings.max_queued_commands,
+            window_s=settings.batch_window_ms / 1000.0,
+            commit_timeout_s=settings.commit_timeout_s,
+        )
+        super().__init__(settings.raft_address, [p.raft for p in settings.peers], conf,
+                         transportClass=DurableTransport)
+
+    # -- replication -----------------------------------------------------------------------
+
+    @replicated
+    def apply_entry(self, entry: bytes) -> list[Result] | None:
+        """Apply one batch entry (runs on every replica, in log order). Never raises for input."""
+        index = self.raftLastApplied + 1  # PySyncObj bumps raftLastApplied after this returns
+        try:
+            batch = decode_batch(entry)
+        except InvalidCommandError as exc:
+            self._log.error("entry_undecodable", index=index, error=str(exc))
+            return None
+        return self.store.apply_entry(index, batch.stamp_ms, batch.commands)
+
+    def _propose(self, entry: bytes, callback: Any) -> None:
+        self.apply_entry(entry, callback=callback)
+
+    def sync_journal(self) -> None:
+        """fsync the journal if anything was written since the last sync (tick thread)."""
+        self._journal.sync()
+
+    def submit(self, command: Any) -> Future[Any]:
+        """Propose `command` on this leader; the future resolves to its apply result.
+
+        Raises NotLeaderError / NoLeaderError (definite) when this node may not decide.
+        """
+        self.require_leader()
+        assert self.committer is not None
+        return self.committer.submit(command)
+
+    # -- leadership ------------------------------------------------------------------------
+
+    def _on_state_changed(self, old: int, new: int) -> None:
+        self._log.info("raft_state_changed", old=_STATE_NAMES.get(old), new=_STATE_NAMES.get(new),
+                       term=self.raftCurrentTerm)
+        if new == 2:
+            self._log.info("leader_elected", term=self.raftCurrentTerm)
+        if old == 2 and new != 2 and self.committer is not None:
+            self.committer.fail_all(LeadershipLostError("leadership lost with the command in flight"))
+
+    def leader_address(self) -> str | None:
+        """Raft address of the last known leader (may be stale), or None."""
+        leader = self._getLeader()
+        return None if leader is None else str(leader.address)
+
+    def is_leader(self) -> bool:
+        return bool(self._isLeader())
+
+    def has_quorum_lease(self) -> bool:
+        """True if this leader heard from a majority within `leader_lease_s`."""
+        if not self._isLeader():
+            return False
+        responses = getattr(self, "_SyncObj__lastResponseTime", {})
+        horizon = time.monotonic() - self.settings.leader_lease_s
+        others = self.otherNodes
+        fresh = sum(1 for node in others if responses.get(node, 0.0) > horizon)
+        return fresh + 1 > (len(others) + 1) / 2
+
+    def require_leader(self) -> None:
+        """Raise unless this node leads and holds a quorum lease."""
+        if self._stopped:
+            raise NoLeaderError("node is stopping")
+        if not self._isLeader():
+            leader = self.leader_address()
+            if leader is None:
+                raise NoLeaderError("no leader is known (election in progress?)")
+            raise NotLeaderError(leader)
+        if not self.has_quorum_lease():
+            raise NoLeaderError("this leader has not heard from a majority recently")
+
+    def leader_caught_up(self) -> bool:
+        """True once this leader has applied an entry of its own term (lease reads are safe)."""
+        noop = getattr(self, "_SyncObj__noopIDx", None)
+        return noop is not None and self.raftLastApplied >= noop
+
+    # -- reads and introspection -----------------------------------------------------------
+
+    def read_local(self, command: Any) -> Result:
+        """Answer a read-only command from local state (stale on followers)."""
+        return self.store.read(command)
+
+    def status(self) -> dict[str, Any]:
+        """Who leads, term, commit/applied indexes, members and their connectivity."""
+        for _ in range(5):
+            try:
+                raw = self.getStatus()
+                break
+            except RuntimeError:  # a dict changed size under us (tick thread); try again
+                continue
+        else:
+            raw = {}
+        leader = self.leader_address()
+        members = [{"raft": self.settings.raft_address, "http": self.settings.http_address,
+                    "self": True, "connected": True}]
+        for node in sorted(self.otherNodes, key=lambda n: n.id):
+            members.append({
+                "raft": node.address,
+                "http": self.settings.peer_http(node.address),
+                "self": False,
+                "connected": self.isNodeConnected(node),
+                "match_index": raw.get("match_idx_server_" + node.id),
+            })
+        committer = self.committer
+        return {
+            "raft_address": self.settings.raft_address,
+            "http_address": self.settings.http_address,
+            "state": _STATE_NAMES.get(raw.get("state", -1), "unknown"),
+            "leader": leader,
+            "leader_http": self.settings.peer_http(leader) if leader else None,
+            "term": self.raftCurrentTerm,
+            "commit_index": self.raftCommitIndex,
+            "applied_index": self.raftLastApplied,
+            "store_applied_index": self.store.applied_index,
+            "has_quorum": self.has_quorum_lease() if self._isLeader() else bool(raw.get("has_quorum")),
+            "ready": self.is_ready(),
+            "log_len": raw.get("log_len"),
+            "journal_syncs": self._journal.syncs,
+            "snapshots_built": self.snapshots.built,
+            "snapshots_installed": self.snapshots.installed,
+            "members": members,
+            "group_commit": None if committer is None else {
+                "entries": committer.stats.entries,
+                "commands": committer.stats.commands,
+                "largest_batch": committer.stats.largest_batch,
+                "timeouts": committer.stats.timeouts,
+                "pending": committer.pending,
+            },
+        }
+
+    def is_ready(self) -> bool:
+        """Member of a cluster with a known leader, and caught up with what it has committed."""
+        return (not self._stopped and self.leader_address() is not None
+                and self.raftLastApplied >= self.raftCommitIndex and bool(self.isReady()))
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop proposing, stop Raft, wait for snapshots and close LMDB (idempotent)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.committer is not None:
+            self.committer.close()
+        self.destroy_synchronous()  # PySyncObj closes the journal (`_destroy`) on the way out
+        self.snapshots.wait()
+        self.store.close()

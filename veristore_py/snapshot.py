@@ -1,0 +1,147 @@
+"""Log compaction and snapshot install through PySyncObj's custom serializer hooks.
+
+PySyncObj 0.3.17 calls, from its tick thread:
+- ``serializer(tmp_path, (last_entry, prev_entry, cluster))`` to compact the log;
+- ``serializeChecker()`` every tick until it reports SUCCESS or FAILED, then drops journal
+  entries before ``prev_entry``;
+- ``deserializer(path) -> (last_entry, prev_entry, cluster)`` at start-up (if a dump exists)
+  and when a leader has streamed its dump file to this follower.
+
+`SnapshotManager.serialize` pins a consistent LMDB read view *in the tick thread* (so the view
+matches the applied index exactly) and copies it on a background thread, so a large state never
+stalls heartbeats. Because PySyncObj renames ``tmp_path`` right after the serializer returns and
+we have not written it yet, that rename fails and PySyncObj marks its own state "failed"; it
+then defers to `check()`, which is authoritative. The finished file is fsynced and renamed into
+place before `check()` reports SUCCESS, so the journal is only compacted behind a durable
+snapshot. No fork, no pickle, no LMDB handle crosses a process boundary.
+
+File format: ``MAGIC`` | u32 header length | msgpack header | compacted LMDB data file.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from typing import IO, Any
+
+import structlog
+from pysyncobj import SERIALIZER_STATE
+from pysyncobj.node import TCPNode
+
+from .codec import pack, unpack
+from .errors import StorageError
+from .storage import StateStore, _fsync_dir
+
+log = structlog.get_logger(__name__)
+
+MAGIC = b"VERISNAP\x00\x01"
+_LEN = struct.Struct(">I")
+
+
+def read_header(f: IO[bytes]) -> dict[str, Any]:
+    """Read and check a snapshot header; leave `f` at the start of the LMDB copy."""
+    if f.read(len(MAGIC)) != MAGIC:
+        raise StorageError("not a veristore snapshot (bad magic)")
+    raw_len = f.read(_LEN.size)
+    if len(raw_len) != _LEN.size:
+        raise StorageError("truncated snapshot header")
+    (length,) = _LEN.unpack(raw_len)
+    header = unpack(f.read(length))
+    if not isinstance(header, dict) or "applied" not in header:
+        raise StorageError("snapshot header is malformed")
+    return header
+
+
+def _entry(raw: Any) -> tuple[bytes, int, int]:
+    command, index, term = raw
+    return bytes(command), int(index), int(term)
+
+
+class SnapshotManager:
+    """Serializer, checker and deserializer for `SyncObjConf` (see module docstring)."""
+
+    def __init__(self, store: StateStore) -> None:
+        self._store = store
+        self._lock = threading.Lock()
+        self._state = SERIALIZER_STATE.NOT_SERIALIZING
+        self._generation = 0
+        self._thread: threading.Thread | None = None
+        self.built = 0
+        self.installed = 0
+
+    def serialize(self, tmp_path: str, data: Any) -> None:
+        """Start writing a snapshot of the current state (PySyncObj `serializer`)."""
+        last, prev, cluster = data
+        final = tmp_path[: -len(".tmp")] if tmp_path.endswith(".tmp") else tmp_path
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        view = self._store.open_snapshot()
+        header = {
+            "applied": view.applied_index,
+            "last": list(last),
+            "prev": list(prev),
+            "cluster": sorted(getattr(n, "address", str(n)) for n in cluster),
+        }
+        with self._lock:
+            self._state = SERIALIZER_STATE.SERIALIZING
+            generation = self._generation
+        self._thread = threading.Thread(
+            target=self._build, args=(final, header, view, generation), name="snapshot",
+            daemon=True)
+        self._thread.start()
+
+    def _build(self, final: str, header: dict[str, Any], view: Any, generation: int) -> None:
+        building = final + ".building"
+        outcome = SERIALIZER_STATE.FAILED
+        try:
+            with open(building, "wb") as f:
+                raw = pack(header)
+                f.write(MAGIC + _LEN.pack(len(raw)) + raw)
+                self._store.write_snapshot(view, f)
+                f.flush()
+                os.fsync(f.fileno())
+            with self._lock:
+                if generation != self._generation:  # a leader's snapshot replaced ours
+                    os.remove(building)
+                else:
+                    os.replace(building, final)
+                    _fsync_dir(os.path.dirname(os.path.abspath(final)))
+                    outcome = SERIALIZER_STATE.SUCCESS
+                    self.built += 1
+                    log.info("snapshot_built", applied=header["applied"],
+                             last_index=header["last"][1], bytes=os.path.getsize(final))
+        except Exception as exc:
+            log.error("snapshot_failed", error=repr(exc))
+        finally:
+            self._store.close_snapshot(view)
+            with self._lock:
+                self._state = outcome
+
+    def check(self) -> int:
+        """Report the background build's state (PySyncObj `serializeChecker`)."""
+        with self._lock:
+            state = self._state
+            if state in (SERIALIZER_STATE.SUCCESS, SERIALIZER_STATE.FAILED):
+                self._state = SERIALIZER_STATE.NOT_SERIALIZING
+            return state
+
+    def deserialize(self, path: str) -> tuple[Any, Any, list[TCPNode]]:
+        """Load the dump at `path`, installing its state if it is ahead of ours."""
+        with self._lock:
+            self._generation += 1
+        with open(path, "rb") as f:
+            header = read_header(f)
+            if header["applied"] > self._store.applied_index:
+                log.info("snapshot_installing", applied=header["applied"],
+                         local_applied=self._store.applied_index)
+                self._store.install_snapshot(f)
+                self.installed += 1
+        cluster = [TCPNode(address) for address in header["cluster"]]
+        return _entry(header["last"]), _entry(header["prev"]), cluster
+
+    def wait(self) -> None:
+        """Wait for a background build to finish (shutdown, tests)."""
+        thread = self._thread
+        if thread is not None:
+            thread.join()

@@ -1,0 +1,269 @@
+"""LMDB state store: applies decoded entries through a pure machine, one write txn per entry.
+
+Contract:
+- `apply_entry(index, ...)` writes every mutation of the entry *and* the applied index in one
+  LMDB write transaction, so after any crash the store reflects a whole prefix of the log.
+  Entries at or below the recorded applied index are skipped: replay is idempotent.
+- `MapFullError` grows the map and retries the entry (the pure machine recomputes the same
+  mutations); nothing half-applied is ever visible.
+- The environment is opened with ``sync=False``: commits reach the page cache and survive
+  kill -9, and `sync()` makes them durable. The Raft journal (not this store) is the source of
+  durability for acknowledged writes; the store is synced before the journal is compacted.
+- Snapshots: `open_snapshot()` pins a consistent read view; `write_snapshot()` streams a
+  compacted copy of that view; `install_snapshot()` atomically swaps in a received copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+import lmdb
+import structlog
+
+from .codec import pack, unpack
+from .errors import StorageError
+from .state import ApplyContext, Machine, Result, error
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_MAP_SIZE = 1 << 30
+MAX_MAP_SIZE = 1 << 40
+_APPLIED_KEY = b"applied_index"
+
+
+class _TxnReader:
+    """`state.Reader` over one LMDB transaction (a write txn sees its own earlier writes)."""
+
+    __slots__ = ("_txn", "_db")
+
+    def __init__(self, txn: lmdb.Transaction, db: Any) -> None:
+        self._txn = txn
+        self._db = db
+
+    def get(self, key: bytes) -> bytes | None:
+        return self._txn.get(key, db=self._db)
+
+    def scan(self, prefix: bytes, start: bytes, limit: int) -> list[tuple[bytes, bytes]]:
+        rows: list[tuple[bytes, bytes]] = []
+        cursor = self._txn.cursor(db=self._db)
+        if not cursor.set_range(max(start, prefix)):
+            return rows
+        for key, value in cursor:
+            if not key.startswith(prefix) or len(rows) >= limit:
+                break
+            rows.append((key, value))
+        return rows
+
+
+@dataclass(slots=True)
+class SnapshotView:
+    """A pinned, consistent read view of the store at `applied_index`."""
+
+    txn: lmdb.Transaction
+    applied_index: int
+
+
+class StateStore:
+    """The replicated state of one node, kept in an LMDB environment at `path`."""
+
+    def __init__(self, path: str, machine: Machine, map_size: int = DEFAULT_MAP_SIZE) -> None:
+        self.path = path
+        self.machine = machine
+        self._map_size = map_size
+        # Readers (HTTP threads, snapshot copies) hold this shared; a map resize needs it alone.
+        self._gate = threading.Condition()
+        self._readers = 0
+        _recover_swap(path)
+        self._open()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        os.makedirs(self.path, exist_ok=True)
+        try:
+            self._env = lmdb.open(
+                self.path, map_size=self._map_size, max_dbs=4, sync=False, metasync=True,
+                readahead=False, writemap=False,
+            )
+            self._data = self._env.open_db(b"data")
+            self._meta = self._env.open_db(b"meta")
+        except lmdb.Error as exc:
+            raise StorageError(f"cannot open state store at {self.path}: {exc}") from exc
+        info = self._env.info()
+        self._map_size = max(self._map_size, info["map_size"])
+        with self._env.begin(db=self._meta) as txn:
+            raw = txn.get(_APPLIED_KEY, db=self._meta)
+        self._applied = 0 if raw is None else unpack(raw)
+
+    def close(self) -> None:
+        """Flush and close the environment."""
+        with self._exclusive():
+            self._env.sync(True)
+            self._env.close()
+
+    @property
+    def applied_index(self) -> int:
+        """The Raft index of the last entry applied to this store."""
+        return self._applied
+
+    def sync(self) -> None:
+        """Make every committed transaction durable (fsync)."""
+        self._env.sync(True)
+
+    # -- applying --------------------------------------------------------------------------
+
+    def apply_entry(self, index: int, stamp_ms: int, commands: list[Any]) -> list[Result] | None:
+        """Apply `commands` of log entry `index` atomically; None if already applied.
+
+        Never raises for bad commands (they yield error results). Raises StorageError only if
+        LMDB itself fails, in which case nothing of the entry was written.
+        """
+        if index <= self._applied:
+            return None
+        while True:
+            try:
+                results = self._apply_once(index, stamp_ms, commands)
+            except lmdb.MapFullError:
+                self._grow()
+                continue
+            except lmdb.Error as exc:
+                raise StorageError(f"applying entry {index} failed: {exc}") from exc
+            self._applied = index
+            return results
+
+    def _apply_once(self, index: int, stamp_ms: int, commands: list[Any]) -> list[Result]:
+        results: list[Result] = []
+        with self._env.begin(write=True, db=self._data) as txn:
+            reader = _TxnReader(txn, self._data)
+            for position, command in enumerate(commands):
+                ctx = ApplyContext(index=index, position=position, stamp_ms=stamp_ms)
+                try:
+                    outcome = self.machine.apply(command, reader, ctx)
+                except Exception as exc:  # a bug in a machine must not stall replication
+                    log.error("machine_raised", index=index, position=position, error=repr(exc))
+                    outcome = error("internal_error", f"machine raised {type(exc).__name__}")
+                for key, value in outcome.mutations:
+                    if value is None:
+                        txn.delete(key, db=self._data)
+                    else:
+                        txn.put(key, value, db=self._data)
+                results.append(outcome.result)
+            txn.put(_APPLIED_KEY, pack(index), db=self._meta)
+        return results
+
+    def _grow(self) -> None:
+        new_size = min(self._map_size * 2, MAX_MAP_SIZE)
+        if new_size == self._map_size:
+            raise StorageError(f"state store reached the maximum map size {MAX_MAP_SIZE}")
+        with self._exclusive():
+            self._env.set_mapsize(new_size)
+        log.info("state_map_grown", path=self.path, old=self._map_size, new=new_size)
+        self._map_size = new_size
+
+    # -- reading ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _shared(self) -> Iterator[None]:
+        with self._gate:
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._gate:
+                self._readers -= 1
+                self._gate.notify_all()
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        with self._gate:
+            self._gate.wait_for(lambda: self._readers == 0)
+            yield
+
+    def read(self, command: Any) -> Result:
+        """Run a read-only command against the current local state (no log involved)."""
+        with self._shared(), self._env.begin(db=self._data) as txn:
+            ctx = ApplyContext(index=self._applied, position=0, stamp_ms=0)
+            return self.machine.apply(command, _TxnReader(txn, self._data), ctx).result
+
+    def digest(self) -> str:
+        """Return a SHA-256 over every (key, value) pair: equal state, equal digest."""
+        h = hashlib.sha256()
+        with self._shared(), self._env.begin(db=self._data) as txn:
+            for key, value in txn.cursor(db=self._data):
+                h.update(len(key).to_bytes(4, "big") + key + len(value).to_bytes(4, "big") + value)
+        return h.hexdigest()
+
+    def items(self) -> list[tuple[bytes, bytes]]:
+        """Return every stored pair (tests and debugging; not for large stores)."""
+        with self._shared(), self._env.begin(db=self._data) as txn:
+            return list(txn.cursor(db=self._data))
+
+    # -- snapshots -------------------------------------------------------------------------
+
+    def open_snapshot(self) -> SnapshotView:
+        """Pin a consistent read view of the current state (release with `close_snapshot`)."""
+        with self._gate:
+            self._readers += 1
+        txn = self._env.begin(db=self._meta)
+        raw = txn.get(_APPLIED_KEY, db=self._meta)
+        return SnapshotView(txn=txn, applied_index=0 if raw is None else unpack(raw))
+
+    def close_snapshot(self, view: SnapshotView) -> None:
+        """Release a view from `open_snapshot`."""
+        view.txn.abort()
+        with self._gate:
+            self._readers -= 1
+            self._gate.notify_all()
+
+    def write_snapshot(self, view: SnapshotView, out: IO[bytes]) -> None:
+        """Append a compacted LMDB copy of `view` to `out` at its current position."""
+        out.flush()
+        self._env.copyfd(out.fileno(), compact=True, txn=view.txn)
+
+    def install_snapshot(self, src: IO[bytes]) -> None:
+        """Replace the whole state with the LMDB copy that `src` holds from its position on.
+
+        Crash-safe: the copy is written and fsynced beside the store, then swapped in by
+        renames; `_recover_swap` finishes or undoes an interrupted swap on the next open.
+        """
+        incoming = self.path + ".incoming"
+        shutil.rmtree(incoming, ignore_errors=True)
+        os.makedirs(incoming)
+        with open(os.path.join(incoming, "data.mdb"), "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+            dst.flush()
+            os.fsync(dst.fileno())
+        with self._exclusive():
+            self._env.close()
+            old = self.path + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(self.path, old)
+            os.rename(incoming, self.path)
+            _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+            shutil.rmtree(old, ignore_errors=True)
+            self._open()
+        log.info("snapshot_installed", path=self.path, applied_index=self._applied)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _recover_swap(path: str) -> None:
+    """Finish or undo a snapshot swap that a crash interrupted."""
+    old, incoming = path + ".old", path + ".incoming"
+    if not os.path.exists(path) and os.path.exists(old):
+        os.rename(old, path)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(incoming, ignore_errors=True)
