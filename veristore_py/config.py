@@ -69,6 +69,9 @@ class NodeSettings:
     batch_window_ms: float = 0.0
     commit_timeout_s: float = 5.0
     max_queued_commands: int = 100_000
+    # Idempotency records let clients retry writes safely; they are kept this long.
+    idempotency_retention_s: float = 3600.0
+    idempotency_prune_interval_s: float = 60.0
     # Storage.
     map_size_bytes: int = 1 << 30
     dynamic_membership: bool = True
@@ -149,6 +152,10 @@ class NodeSettings:
             problems.append("max_batch_commands must be < 65536")
         if self.commit_timeout_s <= 0 or self.batch_window_ms < 0:
             problems.append("commit_timeout_s must be > 0 and batch_window_ms >= 0")
+        if self.idempotency_retention_s < self.commit_timeout_s * 2:
+            problems.append("idempotency_retention_s must be at least twice commit_timeout_s")
+        if self.idempotency_prune_interval_s <= 0:
+            problems.append("idempotency_prune_interval_s must be > 0")
         if self.map_size_bytes < 1 << 20:
             problems.append("map_size_bytes must be at least 1 MiB")
         if self.log_format not in ("auto", "json", "console"):

@@ -16,6 +16,7 @@ Failure mapping (what the caller may assume):
 from __future__ import annotations
 
 import collections
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -164,7 +165,7 @@ class GroupCommitter:
             self.stats.batch_sizes[len(commands)] += 1
             entry = encode_batch(self._wall_clock_ms(), commands)
             try:
-                self._propose(entry, lambda res, err, pid=proposal_id: self._done(pid, res, err))
+                self._propose(entry, functools.partial(self._done, proposal_id))
             except Exception as exc:  # translate at the boundary; never kill the thread
                 log.error("propose_failed", error=repr(exc))
                 self._done(proposal_id, None, FAIL_REASON.MISSING_LEADER)

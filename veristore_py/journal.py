@@ -69,7 +69,10 @@ class LmdbJournal(Journal):
                 self._entries.append((bytes(value[_TERM.size:]), index, term))
             raw_term = txn.get(_META_TERM, db=self._meta)
             raw_commit = txn.get(_META_COMMIT, db=self._meta)
-        self._term, self._voted_for = (0, None) if raw_term is None else unpack(raw_term)
+        self._term: int = 0
+        self._voted_for: str | None = None
+        if raw_term is not None:
+            self._term, self._voted_for = unpack(raw_term)
         self._commit_index = 1 if raw_commit is None else unpack(raw_commit)
         self._commit_saved = True
 

@@ -20,6 +20,7 @@ being ready) instead of skipping an entry and diverging from its peers.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from concurrent.futures import Future
 from typing import Any
@@ -96,6 +97,25 @@ class VeristoreNode(SyncObj):
         )
         super().__init__(settings.raft_address, [p.raft for p in settings.peers], conf,
                          transportClass=DurableTransport)
+        self._wake = threading.Event()
+        self._housekeeper = threading.Thread(target=self._housekeeping, name="housekeeping",
+                                             daemon=True)
+        self._housekeeper.start()
+
+    def _housekeeping(self) -> None:
+        """On the leader, periodically propose pruning of expired idempotency records.
+
+        The cut-off is the leader's clock, carried inside the command (replicas read no clock).
+        """
+        while not self._wake.wait(self.settings.idempotency_prune_interval_s):
+            if not (self.is_leader() and self.has_quorum_lease()):
+                continue
+            cutoff_ms = time.time_ns() // 1_000_000 - int(self.settings.idempotency_retention_s * 1000)
+            try:
+                self.submit({"op": "prune_idem", "before_ms": cutoff_ms}).result(
+                    self.settings.commit_timeout_s + 1)
+            except Exception as exc:  # retried next round; leadership may have moved
+                self._log.warning("idempotency_prune_failed", error=repr(exc))
 
     # -- replication -----------------------------------------------------------------------
 
@@ -103,6 +123,9 @@ class VeristoreNode(SyncObj):
     def apply_entry(self, entry: bytes) -> list[Result] | None:
         """Apply one batch entry (runs on every replica, in log order). Never raises for input."""
         index = self.raftLastApplied + 1  # PySyncObj bumps raftLastApplied after this returns
+        if not self.otherNodes:
+            # Alone, a leader commits without sending anything, so the send hook never syncs.
+            self.sync_journal()
         try:
             batch = decode_batch(entry)
         except InvalidCommandError as exc:
@@ -237,6 +260,7 @@ class VeristoreNode(SyncObj):
         if self._stopped:
             return
         self._stopped = True
+        self._wake.set()
         if self.committer is not None:
             self.committer.close()
         self.destroy_synchronous()  # PySyncObj closes the journal (`_destroy`) on the way out

@@ -146,7 +146,7 @@ class KVMachine:
         return outcome
 
 
-def _replay(reader: Reader, idem: bytes, op: str, key: bytes | None) -> Outcome | None:
+def _replay(reader: Reader, idem: bytes, op: Any, key: bytes | None) -> Outcome | None:
     raw = reader.get(IDEM_PREFIX + idem)
     if raw is None:
         return None

@@ -48,7 +48,8 @@ class _TxnReader:
         self._db = db
 
     def get(self, key: bytes) -> bytes | None:
-        return self._txn.get(key, db=self._db)
+        value = self._txn.get(key, db=self._db)
+        return None if value is None else bytes(value)
 
     def scan(self, prefix: bytes, start: bytes, limit: int) -> list[tuple[bytes, bytes]]:
         rows: list[tuple[bytes, bytes]] = []
@@ -56,9 +57,10 @@ class _TxnReader:
         if not cursor.set_range(max(start, prefix)):
             return rows
         for key, value in cursor:
+            key = bytes(key)
             if not key.startswith(prefix) or len(rows) >= limit:
                 break
-            rows.append((key, value))
+            rows.append((key, bytes(value)))
         return rows
 
 
