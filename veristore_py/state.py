@@ -68,7 +68,13 @@ class Outcome:
 
 
 class Machine(Protocol):
-    """A deterministic, total state machine over a byte-keyed store."""
+    """A deterministic, total state machine over a byte-keyed store.
+
+    A machine may also keep a working copy of the state in memory (for fast queries). It then
+    defines ``rebuild(items)``, which the store calls with every stored (key, value) pair at
+    open, after a snapshot install and after a write it had to abort, so the memory copy
+    always equals what the store holds.
+    """
 
     def apply(self, command: Any, reader: Reader, ctx: ApplyContext) -> Outcome: ...
 

@@ -103,6 +103,14 @@ class StateStore:
         with self._env.begin(db=self._meta) as txn:
             raw = txn.get(_APPLIED_KEY, db=self._meta)
         self._applied = 0 if raw is None else unpack(raw)
+        self._rebuild_machine()
+
+    def _rebuild_machine(self) -> None:
+        """Give a machine with a memory copy of the state everything the store holds."""
+        rebuild = getattr(self.machine, "rebuild", None)
+        if rebuild is not None:
+            with self._env.begin(db=self._data) as txn:
+                rebuild((bytes(k), bytes(v)) for k, v in txn.cursor(db=self._data))
 
     def close(self) -> None:
         """Flush and close the environment."""
@@ -134,8 +142,10 @@ class StateStore:
                 results = self._apply_once(index, stamp_ms, commands)
             except lmdb.MapFullError:
                 self._grow()
+                self._rebuild_machine()  # the aborted txn's changes are in its memory copy
                 continue
             except lmdb.Error as exc:
+                self._rebuild_machine()
                 raise StorageError(f"applying entry {index} failed: {exc}") from exc
             self._applied = index
             return results

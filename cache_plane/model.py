@@ -1,0 +1,74 @@
+"""Values of the cache_plane domain (frozen, slotted dataclasses; no behaviour beyond views)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+NODE_STATES = ("up", "draining", "down")
+ROUTE_TYPES = ("session", "exact", "prefix", "miss")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """A served model: KV block size in tokens and the hash seed its engines use."""
+
+    id: str
+    code: int
+    block_size: int = 16
+    hash_seed: str = "vllm-none-hash"
+    epoch: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeView:
+    """An inference node as the policy sees it."""
+
+    id: str
+    slot: int
+    address: str
+    models: tuple[str, ...]
+    capacity_blocks: int
+    max_active: int
+    state: str = "up"
+    active: int = 0
+    queue: int = 0
+    used_blocks: int = 0
+    labels: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def free_blocks(self) -> int:
+        return max(self.capacity_blocks - self.used_blocks, 0)
+
+    @property
+    def load(self) -> float:
+        """Active plus queued requests per allowed active request."""
+        return (self.active + self.queue) / max(self.max_active, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One node's line in a decision's score breakdown."""
+
+    node_id: str
+    overlap_blocks: int
+    weighted_overlap: float
+    load: float
+    free_blocks: int
+    evict_blocks: int
+    score: float
+    eligible: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDecision:
+    """Where a request goes and why (or why it was rejected)."""
+
+    node_id: str | None
+    route_type: str | None
+    matched_blocks: int
+    total_blocks: int
+    evict: tuple[int, ...] = ()          # model_code << 64 | block to evict, LRU first
+    candidates: tuple[Candidate, ...] = field(default=())
+    rejected: str | None = None          # reason code when node_id is None
+    detail: str = ""

@@ -1,0 +1,130 @@
+"""Routing, admission, placement and eviction planning. PURE functions over the index.
+
+Order of decision (the seed router's, made load-aware):
+1. session affinity: the session's node, if it is eligible and not overloaded;
+2. otherwise every eligible node is scored: tier-weighted reusable prefix as a fraction of the
+   prompt, minus `load_weight` x load (active + queued per allowed active request);
+3. a prompt with no reuse anywhere is a miss, placed by the same score (least loaded wins),
+   then fewest evictions, then most free blocks.
+A node is eligible when it is up, serves the model, is below its max active requests, and
+can hold the prompt's new blocks after evicting unpinned least-recently-used blocks (never the
+blocks this prompt reuses, never blocks pinned by active requests).
+Rejections say why: no node serves the model, none is up, all are busy, the prompt can never
+fit, or no node has room right now.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .index import PrefixIndex
+from .model import Candidate, ModelSpec, NodeView, RouteDecision
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    """Weights of the scorer; defaults favour reuse until a node is clearly busier."""
+
+    load_weight: float = 0.5
+    session_max_load: float = 1.0
+
+
+DEFAULT_POLICY = PolicyConfig()
+
+
+def route_type(matched: int, total: int) -> str:
+    if total and matched == total:
+        return "exact"
+    return "prefix" if matched else "miss"
+
+
+def plan_eviction(index: PrefixIndex, slot: int, count: int, is_pinned: Callable[[int, int], bool],
+                  keep: frozenset[tuple[int, int]] = frozenset()) -> list[tuple[int, int]] | None:
+    """The `count` least recently used unpinned (model, block) pairs on `slot`, or None."""
+    if count <= 0:
+        return []
+    victims = []
+    for model, block in index.lru_order(slot):
+        if (model, block) in keep or is_pinned(slot, model << 64 | block):
+            continue
+        victims.append((model, block))
+        if len(victims) == count:
+            return victims
+    return None
+
+
+def decide(model: ModelSpec, blocks: Sequence[int], nodes: Sequence[NodeView], index: PrefixIndex,
+           is_pinned: Callable[[int, int], bool], pinned_count: Callable[[int], int],
+           session_node: str | None = None, config: PolicyConfig = DEFAULT_POLICY) -> RouteDecision:
+    """Choose a node for a prompt of `blocks` (chained hashes) of `model`; see module docstring."""
+    total = len(blocks)
+    serving = [n for n in nodes if model.id in n.models and n.state != "down"]
+    if not serving:
+        return _reject(total, "no_node_for_model", f"no node serves model {model.id!r}")
+    matches = index.match(model.code, blocks)
+    candidates: list[Candidate] = []
+    for node in sorted(serving, key=lambda n: n.id):
+        match = matches.get(node.slot)
+        overlap = match.blocks if match else 0
+        weighted = match.weighted if match else 0.0
+        new_blocks = total - overlap
+        evict = max(new_blocks - node.free_blocks, 0)
+        reason = ""
+        if node.state != "up":
+            reason = "draining"
+        elif node.active >= node.max_active:
+            reason = "busy"
+        elif total > node.capacity_blocks:
+            reason = "too_small"
+        elif evict and evict > _evictable(node, blocks[:overlap], model.code, is_pinned,
+                                          pinned_count):
+            reason = "no_room"
+        score = (weighted / total if total else 0.0) - config.load_weight * node.load
+        candidates.append(Candidate(node.id, overlap, round(weighted, 4), round(node.load, 4),
+                                    node.free_blocks, evict, round(score, 6), not reason, reason))
+    eligible = [c for c in candidates if c.eligible]
+    by_id = {n.id: n for n in serving}
+    if not eligible:
+        reasons = {c.reason for c in candidates}
+        if reasons <= {"draining"}:
+            return _reject(total, "no_node_up", "every node serving the model is draining",
+                           candidates)
+        if "too_small" in reasons and reasons <= {"too_small", "draining"}:
+            return _reject(total, "prompt_too_large",
+                           f"{total} blocks exceed every node's KV capacity", candidates)
+        if "no_room" not in reasons:
+            return _reject(total, "all_nodes_busy", "every node is at its max active requests",
+                           candidates)
+        return _reject(total, "no_room", "no node can free enough unpinned blocks", candidates)
+    chosen = None
+    kind = None
+    if session_node is not None:
+        session = next((c for c in eligible if c.node_id == session_node), None)
+        if session is not None and by_id[session.node_id].load < config.session_max_load:
+            chosen, kind = session, "session"
+    if chosen is None:
+        chosen = min(eligible, key=lambda c: (-c.score, c.evict_blocks, c.load, -c.free_blocks,
+                                              c.node_id))
+        kind = route_type(chosen.overlap_blocks, total)
+    node = by_id[chosen.node_id]
+    keep = frozenset((model.code, b) for b in blocks[:chosen.overlap_blocks])
+    victims = plan_eviction(index, node.slot, chosen.evict_blocks, is_pinned, keep)
+    if victims is None:  # pinned_count was optimistic (pins on blocks of other models)
+        return _reject(total, "no_room", "chosen node cannot free enough unpinned blocks",
+                       candidates)
+    evict_keys = tuple(m << 64 | b for m, b in victims)
+    return RouteDecision(node.id, kind, chosen.overlap_blocks, total, evict_keys,
+                         tuple(candidates))
+
+
+def _evictable(node: NodeView, reused: Sequence[int], model_code: int,
+               is_pinned: Callable[[int, int], bool], pinned_count: Callable[[int], int]) -> int:
+    """Blocks `node` could evict: not pinned, and not among the blocks this prompt reuses."""
+    unpinned_reused = sum(1 for b in reused if not is_pinned(node.slot, model_code << 64 | b))
+    return node.used_blocks - pinned_count(node.slot) - unpinned_reused
+
+
+def _reject(total: int, code: str, detail: str,
+            candidates: Sequence[Candidate] = ()) -> RouteDecision:
+    return RouteDecision(None, None, 0, total, (), tuple(candidates), code, detail)

@@ -1,0 +1,156 @@
+"""CachePlaneMachine on a real LMDB store, driven at random against a simple reference model.
+
+Invariants: no node holds more blocks than its capacity; the index and every node's LRU agree;
+no block lives on a down node; every active request sits on an up node that was eligible.
+`reopen` restarts the store from disk (the machine rebuilds from LMDB) and must change nothing.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from cache_plane.index import _entries
+from cache_plane.machine import CachePlaneMachine
+from veristore_py.storage import StateStore
+
+NODES = st.sampled_from(["n1", "n2", "n3"])
+PROMPTS = st.lists(st.integers(0, 6), min_size=1, max_size=6).map(
+    lambda xs: [hash(tuple(xs[: i + 1])) & 0xFFFF for i in range(len(xs))])  # chained-ish
+LEASE = 1_000
+
+
+class CacheMachineModel(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.dir = tempfile.mkdtemp()
+        self.store = StateStore(self.dir + "/s", CachePlaneMachine(), map_size=1 << 20)
+        self.index = 0
+        self.now = 0
+        self.ref_nodes: dict[str, str] = {}       # node -> up/draining/down
+        self.ref_requests: dict[str, str] = {}    # request -> node
+        self.capacity = {"n1": 6, "n2": 9, "n3": 12}
+        self.apply({"op": "cp.register_model", "model": "m", "block_size": 16})
+
+    def teardown(self):
+        self.store.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    @property
+    def m(self) -> CachePlaneMachine:
+        return self.store.machine
+
+    def apply(self, cmd):
+        self.index += 1
+        return self.store.apply_entry(self.index, self.now, [cmd])[0]
+
+    @rule(node=NODES)
+    def join(self, node):
+        out = self.apply({"op": "cp.register_node", "node": node, "address": node,
+                          "models": ["m"], "capacity_blocks": self.capacity[node],
+                          "max_active": 3, "now_ms": self.now, "lease_ms": LEASE})
+        assert out["ok"]
+        self.ref_nodes[node] = "up"
+
+    @rule(node=NODES)
+    def heartbeat(self, node):
+        out = self.apply({"op": "cp.heartbeat", "node": node, "active": 0, "queue": 0,
+                          "now_ms": self.now, "lease_ms": LEASE})
+        assert out["ok"] == (node in self.ref_nodes)
+        if node in self.ref_nodes and self.ref_nodes[node] == "down":
+            self.ref_nodes[node] = "up"
+
+    @rule(node=NODES)
+    def leave(self, node):
+        out = self.apply({"op": "cp.remove_node", "node": node})
+        assert out["ok"] == (node in self.ref_nodes)
+        self.ref_nodes.pop(node, None)
+        self.ref_requests = {r: n for r, n in self.ref_requests.items() if n != node}
+
+    @rule(node=NODES)
+    def drain(self, node):
+        self.apply({"op": "cp.drain", "node": node})
+        if self.ref_nodes.get(node) == "up":
+            self.ref_nodes[node] = "draining"
+
+    @rule(blocks=PROMPTS, session=st.sampled_from([None, "s1", "s2"]))
+    def route(self, blocks, session):
+        rid = f"r{self.index}"
+        cmd = {"op": "cp.route", "model": "m", "blocks": blocks, "request_id": rid,
+               "now_ms": self.now, "request_ttl_ms": 5 * LEASE}
+        if session:
+            cmd["session_id"] = session
+        out = self.apply(cmd)
+        assert out["ok"]
+        if out["routed"]:
+            assert self.ref_nodes.get(out["node_id"]) == "up"
+            self.ref_requests[rid] = out["node_id"]
+        else:
+            assert out["rejected"]
+
+    @rule(data=st.data(), ok=st.booleans())
+    def complete(self, data, ok):
+        if not self.ref_requests:
+            return
+        rid = data.draw(st.sampled_from(sorted(self.ref_requests)))
+        out = self.apply({"op": "cp.complete", "request_id": rid, "node": self.ref_requests[rid],
+                          "status": "ok" if ok else "failed", "output_blocks": [70_000 + self.index]})
+        assert out["ok"] and not out.get("duplicate")
+        del self.ref_requests[rid]
+
+    @rule(node=NODES, blocks=st.lists(st.integers(0, 70_000), max_size=5),
+          kind=st.sampled_from(["stored", "removed"]))
+    def kv_event(self, node, blocks, kind):
+        out = self.apply({"op": "cp.kv_events", "node": node, "seq": self.index,
+                          "events": [{"type": kind, "block_hashes": blocks}]})
+        assert out["ok"] == (self.ref_nodes.get(node, "down") != "down")
+
+    @rule(step=st.integers(1, 2 * LEASE))
+    def tick(self, step):
+        self.now += step
+        out = self.apply({"op": "cp.expire", "now_ms": self.now})
+        for node in out["nodes_down"]:
+            self.ref_nodes[node] = "down"
+        self.ref_requests = {r: n for r, n in self.ref_requests.items()
+                             if r in self.m.requests}
+
+    @rule()
+    def reopen(self):
+        """Crash-restart from disk: the rebuilt machine equals the live one."""
+        before = (self.store.digest(), {n: list(self.m.index.lru_order(r.slot))
+                                        for n, r in self.m.nodes.items()})
+        self.store.close()
+        self.store = StateStore(self.dir + "/s", CachePlaneMachine(), map_size=1 << 20)
+        after = (self.store.digest(), {n: list(self.m.index.lru_order(r.slot))
+                                       for n, r in self.m.nodes.items()})
+        assert before == after
+
+    @invariant()
+    def capacity_respected(self):
+        for rec in self.m.nodes.values():
+            assert self.m.index.used(rec.slot) <= rec.capacity_blocks
+
+    @invariant()
+    def index_and_lru_agree(self):
+        from_lru = {(slot, key >> 64, key & ((1 << 64) - 1))
+                    for slot, lru in self.m.index._lru.items() for key in lru}
+        from_holders = {(e >> 2, model, block) for model, table in self.m.index._holders.items()
+                        for block, value in table.items() for e in _entries(value)}
+        assert from_lru == from_holders
+
+    @invariant()
+    def nothing_on_down_nodes_and_reference_agrees(self):
+        assert {n: r.state for n, r in self.m.nodes.items()} == self.ref_nodes
+        for rec in self.m.nodes.values():
+            if rec.state == "down":
+                assert self.m.index.used(rec.slot) == 0
+        assert {r: q.node for r, q in self.m.requests.items()} == self.ref_requests
+
+
+CacheMachineModel.TestCase.settings = settings(max_examples=150, stateful_step_count=50,
+                                               deadline=None)
+TestCacheMachine = CacheMachineModel.TestCase

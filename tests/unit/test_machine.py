@@ -1,0 +1,187 @@
+"""CachePlaneMachine: each decision path, driven directly (pure, dict-backed store)."""
+
+from __future__ import annotations
+
+from cache_plane.machine import CachePlaneMachine
+from tests.conftest import DictReader
+from veristore_py.state import ApplyContext
+
+LEASE = 10_000
+
+
+class Harness:
+    """A machine plus a dict store, applying commands at increasing indexes."""
+
+    def __init__(self):
+        self.m = CachePlaneMachine()
+        self.store = DictReader()
+        self.index = 0
+
+    def __call__(self, **cmd):
+        self.index += 1
+        out = self.m.apply(cmd, self.store, ApplyContext(self.index, 0, 0))
+        self.store.write(out.mutations)
+        return out.result
+
+    def node(self, node, capacity=100, max_active=4, models=("m",), now=0):
+        return self(op="cp.register_node", node=node, address=f"{node}:8000", models=list(models),
+                    capacity_blocks=capacity, max_active=max_active, now_ms=now, lease_ms=LEASE)
+
+    def route(self, blocks, rid, session=None, now=0, model="m"):
+        cmd = dict(op="cp.route", model=model, blocks=list(blocks), request_id=rid, now_ms=now)
+        if session:
+            cmd["session_id"] = session
+        return self(**cmd)
+
+
+def cluster(nodes=("a", "b"), capacity=100, max_active=4):
+    h = Harness()
+    h(op="cp.register_model", model="m", block_size=16)
+    for n in nodes:
+        h.node(n, capacity, max_active)
+    return h
+
+
+def test_miss_is_placed_on_least_loaded_node_then_exact_hit_returns_there():
+    """A cold prompt is a miss; the same prompt again is an exact hit on the same node."""
+    h = cluster()
+    h(op="cp.heartbeat", node="a", active=3, queue=0, now_ms=0, lease_ms=LEASE)
+    first = h.route(range(10), "r1")
+    assert first["route_type"] == "miss" and first["node_id"] == "b"
+    h(op="cp.complete", request_id="r1", node="b", status="ok")
+    again = h.route(range(10), "r2")
+    assert again["route_type"] == "exact" and again["node_id"] == "b"
+    assert again["matched_blocks"] == 10 and again["matched_tokens"] == 160
+
+
+def test_prefix_hit_reports_matched_blocks_and_breakdown():
+    """A prompt sharing a prefix goes to the holder; candidates explain every node's score."""
+    h = cluster()
+    h.route(range(8), "r1")
+    hit = h.route([*range(6), 100, 101], "r2")
+    assert hit["route_type"] == "prefix" and hit["matched_blocks"] == 6
+    by_node = {c["node_id"]: c for c in hit["candidates"]}
+    assert by_node[hit["node_id"]]["overlap_blocks"] == 6 and len(by_node) == 2
+
+
+def test_session_affinity_wins_until_node_overloaded():
+    """A session sticks to its node; when that node is at max active it moves."""
+    h = cluster(max_active=2)
+    s1 = h.route([1, 2], "r1", session="s")
+    s2 = h.route([9, 9, 9], "r2", session="s")
+    assert s2["route_type"] == "session" and s2["node_id"] == s1["node_id"]
+    s3 = h.route([7, 7], "r3", session="s")  # node now has 2 active = max
+    assert s3["node_id"] != s1["node_id"]
+
+
+def test_rejections_name_the_reason():
+    """No node for the model, all busy, prompt too large: each has its own reason."""
+    h = cluster(nodes=("a",), capacity=5, max_active=1)
+    h(op="cp.register_model", model="other")
+    assert h.route([1], "x", model="other")["rejected"] == "no_node_for_model"
+    assert h.route(range(6), "y")["rejected"] == "prompt_too_large"
+    h.route([1], "z")
+    assert h.route([2], "w")["rejected"] == "all_nodes_busy"
+    assert h(op="cp.route", model="nope", blocks=[1], request_id="q", now_ms=0)["error"] == "unknown_model"
+
+
+def test_eviction_on_full_node_takes_lru_and_spares_active_blocks():
+    """A full node evicts its least recently used unpinned blocks, never an active request's."""
+    h = cluster(nodes=("a",), capacity=6, max_active=10)
+    h.route([1, 2, 3], "old")
+    h(op="cp.complete", request_id="old", node="a", status="ok")
+    h.route([10, 11, 12], "active")          # pinned: request still running
+    third = h.route([20, 21], "new")
+    assert third["evicted_blocks"] == 2 and third["routed"]
+    held = {b for _, b in h.m.index.lru_order(h.m.nodes["a"].slot)}
+    assert {10, 11, 12} <= held and {20, 21} <= held and not {1, 2} & held
+    assert h.m.index.used(0) <= 6
+
+
+def test_pinned_everything_means_no_room():
+    """When every block on the only node is pinned, a new prompt is rejected for room."""
+    h = cluster(nodes=("a",), capacity=4, max_active=10)
+    h.route([1, 2, 3, 4], "busy")
+    assert h.route([5], "more")["rejected"] == "no_room"
+
+
+def test_lease_expiry_drops_node_blocks_and_sessions():
+    """A node whose heartbeat lease lapsed is down, with no blocks and no sessions."""
+    h = cluster()
+    r = h.route([1, 2, 3], "r1", session="s")
+    node = r["node_id"]
+    h(op="cp.heartbeat", node=("b" if node == "a" else "a"), active=0, queue=0, now_ms=5_000,
+      lease_ms=LEASE)
+    out = h(op="cp.expire", now_ms=LEASE + 1)
+    assert out["nodes_down"] == [node]
+    assert h.m.nodes[node].state == "down" and h.m.index.used(h.m.nodes[node].slot) == 0
+    assert "s" not in h.m.sessions and "r1" not in h.m.requests
+    assert h.route([1, 2, 3], "r2")["node_id"] != node
+
+
+def test_duplicate_reports_apply_once():
+    """A retried completion or KV-event batch changes nothing the second time."""
+    h = cluster(nodes=("a",))
+    h.route([1, 2], "r1")
+    first = h(op="cp.complete", request_id="r1", node="a", status="ok", output_blocks=[3])
+    again = h(op="cp.complete", request_id="r1", node="a", status="ok", output_blocks=[3])
+    assert first["output_blocks_added"] == 1 and again["duplicate"]
+    ev = dict(op="cp.kv_events", node="a", seq=5, events=[{"type": "stored", "block_hashes": [9]}])
+    assert h(**ev)["stored"] == 1 and h(**ev)["duplicate"]
+    assert h.m.nodes["a"].active == 0
+
+
+def test_kv_events_store_remove_clear():
+    """Stored, removed and cleared events update the node's blocks and tiers."""
+    h = cluster(nodes=("a",))
+    h(op="cp.kv_events", node="a", seq=1, events=[
+        {"type": "stored", "block_hashes": [1, 2], "tier": "cpu"},
+        {"type": "removed", "block_hashes": [2]}])
+    assert h.m.index.holders(0, 1) == [(0, 1)] and h.m.index.holders(0, 2) == []
+    h(op="cp.kv_events", node="a", seq=2, events=[{"type": "cleared"}])
+    assert h.m.index.used(0) == 0
+
+
+def test_invalidate_model_drops_its_blocks_and_bumps_epoch():
+    """A new model version forgets every cached block of the model."""
+    h = cluster()
+    h.route([1, 2], "r1")
+    out = h(op="cp.invalidate_model", model="m")
+    assert out["epoch"] == 1 and out["dropped_blocks"] == 2
+    assert h.route([1, 2], "r2")["route_type"] == "miss"
+
+
+def test_invalid_commands_change_nothing():
+    """Malformed commands return errors and leave the state (and store) untouched."""
+    h = cluster()
+    before = dict(h.store.data)
+    for cmd in [
+        dict(op="cp.route", model="m", blocks=[-1], request_id="x", now_ms=0),
+        dict(op="cp.route", model="m", blocks="abc", request_id="x", now_ms=0),
+        dict(op="cp.route", model="m", blocks=[1], now_ms=0),
+        dict(op="cp.register_node", node="c", address="c:1", models=[], capacity_blocks=1,
+             max_active=1, now_ms=0, lease_ms=1),
+        dict(op="cp.kv_events", node="a", seq=1, events=[{"type": "exploded"}]),
+        dict(op="cp.complete", request_id="x", node="a", status="weird"),
+        dict(op="cp.heartbeat", node="zzz", active=0, queue=0, now_ms=0, lease_ms=1),
+    ]:
+        result = h(**cmd)
+        assert result["ok"] is False and result["error"] in ("invalid_command", "unknown_node")
+        meta_free = {k: v for k, v in h.store.data.items() if k != b"cp/meta"}
+        assert meta_free == {k: v for k, v in before.items() if k != b"cp/meta"}
+
+
+def test_rebuild_from_store_reproduces_state():
+    """A machine rebuilt from the stored keys makes the same next decision."""
+    h = cluster(nodes=("a", "b", "c"), capacity=8)
+    for i in range(12):
+        routed = h.route([i % 3, 100 + i, 200 + i], f"r{i}", session=f"s{i % 2}")
+        if i % 2 and routed["routed"]:
+            h(op="cp.complete", request_id=f"r{i}", node=routed["node_id"], status="ok")
+    twin = CachePlaneMachine()
+    twin.rebuild(sorted(h.store.data.items()))
+    for node in h.m.nodes:
+        assert list(twin.index.lru_order(twin.nodes[node].slot)) == \
+            list(h.m.index.lru_order(h.m.nodes[node].slot))
+    probe = dict(op="cp.route", model="m", blocks=[1, 101, 7], request_id="p", now_ms=1)
+    assert twin.decide(probe) == h.m.decide(probe)
