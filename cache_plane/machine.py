@@ -50,6 +50,17 @@ class _Invalid(Exception):
     """Internal: a field failed validation (never escapes `apply`)."""
 
 
+class _Rejected(Exception):
+    """Internal: the command refers to something that does not exist (never escapes `apply`).
+
+    Like `_Invalid`, raised only before a handler changes anything.
+    """
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+
+
 @dataclass(slots=True)
 class NodeRecord:
     id: str
@@ -178,6 +189,8 @@ class CachePlaneMachine:
             result = handler(command, ctx, mutations)
         except _Invalid as exc:
             return error("invalid_command", str(exc))
+        except _Rejected as exc:
+            return error(exc.code, str(exc))
         mutations.append((META_KEY, self._meta_wire()))
         return Outcome(tuple(mutations), result)
 
@@ -406,7 +419,7 @@ class CachePlaneMachine:
         node_id = _str(cmd, "node")
         rec = self.nodes.get(node_id or "")
         if rec is None:
-            raise _NotFound(f"node {node_id!r} is not registered")
+            raise _Rejected("unknown_node", f"node {node_id!r} is not registered")
         return rec
 
     def _heartbeat(self, cmd: Mapping[str, Any], ctx: ApplyContext, m: list[Mutation]) -> Result:
@@ -414,10 +427,7 @@ class CachePlaneMachine:
         queue = _int(cmd, "queue", 0, 1 << 30)
         now = _int(cmd, "now_ms", 0, 1 << 62)
         lease = _int(cmd, "lease_ms", 1, 1 << 40)
-        try:
-            rec = self._known_node(cmd)
-        except _NotFound as exc:
-            return error("unknown_node", str(exc)).result
+        rec = self._known_node(cmd)
         rec.active, rec.queue, rec.lease_until_ms = active, queue, now + lease
         if rec.state == "down":
             rec.state = "up"
@@ -425,20 +435,14 @@ class CachePlaneMachine:
         return {"ok": True, "node": rec.id, "state": rec.state}
 
     def _drain(self, cmd: Mapping[str, Any], ctx: ApplyContext, m: list[Mutation]) -> Result:
-        try:
-            rec = self._known_node(cmd)
-        except _NotFound as exc:
-            return error("unknown_node", str(exc)).result
+        rec = self._known_node(cmd)
         if rec.state == "up":
             rec.state = "draining"
         self._save_node(m, rec)
         return {"ok": True, "node": rec.id, "state": rec.state}
 
     def _remove_node(self, cmd: Mapping[str, Any], ctx: ApplyContext, m: list[Mutation]) -> Result:
-        try:
-            rec = self._known_node(cmd)
-        except _NotFound as exc:
-            return error("unknown_node", str(exc)).result
+        rec = self._known_node(cmd)
         self._drop_node_state(m, rec)
         del self.nodes[rec.id]
         m.append((b"cp/node/" + rec.id.encode(), None))
@@ -561,10 +565,7 @@ class CachePlaneMachine:
             if tier not in ("gpu", "cpu", "disk"):
                 raise _Invalid(f"events[{i}].tier must be gpu, cpu or disk")
             parsed.append((event["type"], _hashes(event, "block_hashes"), TIER_CODES[tier]))
-        try:
-            rec = self._known_node(cmd)
-        except _NotFound as exc:
-            return error("unknown_node", str(exc)).result
+        rec = self._known_node(cmd)
         model_id = cmd.get("model") or rec.models[0]
         model = self.models.get(model_id) if isinstance(model_id, str) else None
         if model is None:
@@ -593,10 +594,6 @@ class CachePlaneMachine:
         self._save_node(m, rec)
         return {"ok": True, "seq": seq, "stored": stored, "removed": removed,
                 "ignored_full": ignored, "missed_batches": gap}
-
-
-class _NotFound(Exception):
-    pass
 
 
 def decision_result(decision: RouteDecision, model: ModelSpec, request_id: str) -> Result:
