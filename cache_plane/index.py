@@ -5,7 +5,9 @@ Data layout, chosen for memory (the target is under 300 bytes per indexed block)
 - ``_holders[model][block_hash]`` is either one small int ``slot * 4 + tier`` (the common
   case: one holder; Python caches small ints, so the value costs nothing) or a tuple of them.
 - ``_lru[slot]`` is an insertion-ordered dict per node whose keys are
-  ``model_code << 64 | block_hash``; the first key is the least recently used block.
+  ``model_code << 64 | block_hash`` and whose values are the leader's time (ms) of the last
+  touch; the first key is the least recently used block. Blocks touched by one command share
+  one int object, so the time costs next to nothing.
 
 Nodes and models get small integer codes (`slot`, `model_code`) in the order they first
 appear; the replicated machine assigns them, so every replica has the same codes.
@@ -47,7 +49,7 @@ class PrefixIndex:
 
     def __init__(self) -> None:
         self._holders: dict[int, dict[int, Holders]] = {}
-        self._lru: dict[int, dict[int, None]] = {}
+        self._lru: dict[int, dict[int, int]] = {}
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -98,14 +100,27 @@ class PrefixIndex:
         for key in self._lru.get(slot, {}):
             yield key >> 64, key & _MASK64
 
+    def idle_since(self, slot: int, before_ms: int) -> list[tuple[int, int]]:
+        """(model, block) on `slot` last touched before `before_ms`, walking from the LRU end.
+
+        Stops at the first block touched later; with a leader clock that went backwards (a new
+        leader) some idle blocks may wait for a later call, none is dropped too early.
+        """
+        idle = []
+        for key, touched in self._lru.get(slot, {}).items():
+            if touched >= before_ms:
+                break
+            idle.append((key >> 64, key & _MASK64))
+        return idle
+
     def size(self) -> int:
         """Total (node, block) entries."""
         return sum(len(lru) for lru in self._lru.values())
 
     # -- updates ---------------------------------------------------------------------------
 
-    def add(self, model: int, block: int, slot: int, tier: int) -> bool:
-        """Record that `slot` holds `block` at `tier` and make it most recent; True if new."""
+    def add(self, model: int, block: int, slot: int, tier: int, at_ms: int = 0) -> bool:
+        """Record that `slot` holds `block` at `tier`, most recent as of `at_ms`; True if new."""
         table = self._holders.setdefault(model, {})
         entry = slot << 2 | tier
         value = table.get(block)
@@ -119,18 +134,8 @@ class PrefixIndex:
         lru = self._lru.setdefault(slot, {})
         key = model << 64 | block
         lru.pop(key, None)
-        lru[key] = None
+        lru[key] = at_ms
         return new
-
-    def touch(self, model: int, block: int, slot: int) -> bool:
-        """Make `block` most recent on `slot`; False if the node does not hold it."""
-        lru = self._lru.get(slot)
-        key = model << 64 | block
-        if lru is None or key not in lru:
-            return False
-        del lru[key]
-        lru[key] = None
-        return True
 
     def remove(self, model: int, block: int, slot: int) -> bool:
         """Forget that `slot` holds `block`; False if it did not."""

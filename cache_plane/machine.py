@@ -14,10 +14,11 @@ changes anything, so an invalid command leaves no trace; no handler raises.
 
 Store keys (all under ``cp/``)::
 
-    cp/meta                               counters, next slot / model code, LRU sequence
+    cp/meta                               counters, next slot / model code, LRU sequence,
+                                          last leader time seen
     cp/model/<id>                         [code, block_size, hash_seed, epoch]
     cp/node/<id>                          NodeRecord fields
-    cp/blk/<slot:u16><model:u16><hash:u64> [tier, lru_seq]
+    cp/blk/<slot:u16><model:u16><hash:u64> [tier, lru_seq, touched_ms]
     cp/sess/<id>                          [node_id, expires_ms]
     cp/req/<id>                           [node_id, model_code, blocks, pending, expires_ms]
 """
@@ -171,6 +172,7 @@ class CachePlaneMachine:
         self.pins: dict[int, dict[int, int]] = {}
         self.stats = Stats()
         self.seq = 0
+        self.now = 0
         self.next_slot = 0
         self.next_model = 0
 
@@ -185,6 +187,9 @@ class CachePlaneMachine:
         if handler is None:
             return self.kv.apply(command, reader, ctx)
         mutations: list[Mutation] = []
+        now = command.get("now_ms", self.now)
+        if isinstance(now, int) and not isinstance(now, bool) and now >= 0:
+            self.now = now  # the leader's clock, stamped into the command
         try:
             result = handler(command, ctx, mutations)
         except _Invalid as exc:
@@ -197,13 +202,13 @@ class CachePlaneMachine:
     def rebuild(self, items: Iterable[tuple[bytes, bytes]]) -> None:
         """Reconstruct the memory state from every stored (key, value) pair."""
         self.reset()
-        blocks: list[tuple[int, int, int, int, int]] = []
+        blocks: list[tuple[int, int, int, int, int, int]] = []
         for key, raw in items:
             if not key.startswith(PREFIX):
                 continue
             value = unpack(raw)
             if key == META_KEY:
-                self.next_slot, self.next_model, self.seq, stats = value
+                self.next_slot, self.next_model, self.seq, stats, self.now = value
                 self.stats = Stats(*stats)
             elif key.startswith(b"cp/model/"):
                 model_id = key[9:].decode()
@@ -213,15 +218,15 @@ class CachePlaneMachine:
                 self.nodes[node_id] = NodeRecord.from_wire(node_id, value)
             elif key.startswith(_BLK):
                 slot, model, block = _BLK_KEY.unpack(key[len(_BLK):])
-                blocks.append((value[1], slot, model, block, value[0]))
+                blocks.append((value[1], slot, model, block, value[0], value[2]))
             elif key.startswith(b"cp/sess/"):
                 self.sessions[key[8:].decode()] = (value[0], value[1])
             elif key.startswith(b"cp/req/"):
                 node, model, req_blocks, pending, expires = value
                 self.requests[key[7:].decode()] = RequestRecord(
                     node, model, tuple(req_blocks), tuple(pending), expires)
-        for _seq, slot, model, block, tier in sorted(blocks):
-            self.index.add(model, block, slot, tier)
+        for _seq, slot, model, block, tier, touched in sorted(blocks):
+            self.index.add(model, block, slot, tier, touched)
         for request in self.requests.values():
             self._pin_all(self.nodes[request.node].slot, request.model, request.blocks, +1)
 
@@ -256,7 +261,7 @@ class CachePlaneMachine:
     # -- internals: meta, blocks, pins -----------------------------------------------------
 
     def _meta_wire(self) -> bytes:
-        return pack([self.next_slot, self.next_model, self.seq, self.stats.wire()])
+        return pack([self.next_slot, self.next_model, self.seq, self.stats.wire(), self.now])
 
     def _is_pinned(self, slot: int, key: int) -> bool:
         return key in self.pins.get(slot, ())
@@ -275,9 +280,9 @@ class CachePlaneMachine:
                 pins.pop(key, None)
 
     def _put_block(self, m: list[Mutation], model: int, block: int, slot: int, tier: int) -> None:
-        self.index.add(model, block, slot, tier)
+        self.index.add(model, block, slot, tier, self.now)
         self.seq += 1
-        m.append((block_key(slot, model, block), pack([tier, self.seq])))
+        m.append((block_key(slot, model, block), pack([tier, self.seq, self.now])))
 
     def _touch_block(self, m: list[Mutation], model: int, block: int, slot: int) -> None:
         tier = self.index.tier(model, block, slot)
@@ -451,6 +456,7 @@ class CachePlaneMachine:
     def _expire(self, cmd: Mapping[str, Any], ctx: ApplyContext, m: list[Mutation]) -> Result:
         """Leader-proposed expiry at the leader's `now_ms`: leases, sessions, requests."""
         now = _int(cmd, "now_ms", 0, 1 << 62)
+        block_ttl = _int(cmd, "block_ttl_ms", 0, 1 << 62, 0)
         downed = []
         for node_id in sorted(self.nodes):
             rec = self.nodes[node_id]
@@ -466,8 +472,15 @@ class CachePlaneMachine:
         expired_requests = sorted(r for r, req in self.requests.items() if req.expires_ms <= now)
         for rid in expired_requests:
             self._drop_request(m, rid, confirm=False)
+        idle = 0
+        if block_ttl:
+            for node_id in sorted(self.nodes):
+                slot = self.nodes[node_id].slot
+                for model, block in self.index.idle_since(slot, now - block_ttl):
+                    if not self._is_pinned(slot, model << 64 | block):
+                        idle += self._del_block(m, model, block, slot)
         return {"ok": True, "nodes_down": downed, "sessions_expired": len(expired_sessions),
-                "requests_expired": len(expired_requests)}
+                "requests_expired": len(expired_requests), "blocks_expired": idle}
 
     def _route_inputs(self, cmd: Mapping[str, Any]) -> tuple[ModelSpec | None, list[int], str | None]:
         model_id = _str(cmd, "model")
@@ -487,7 +500,8 @@ class CachePlaneMachine:
         if request_id in self.requests:
             return error("duplicate_request", f"request {request_id!r} is already routed").result
         decision = self._decide(model, blocks, session, now)
-        result = decision_result(decision, model, request_id)
+        result = decision_result(decision, model, request_id,
+                                 self.nodes[decision.node_id].address if decision.node_id else None)
         if decision.node_id is None:
             reason = decision.rejected or "rejected"
             self.stats.rejections[reason] = self.stats.rejections.get(reason, 0) + 1
@@ -596,13 +610,15 @@ class CachePlaneMachine:
                 "ignored_full": ignored, "missed_batches": gap}
 
 
-def decision_result(decision: RouteDecision, model: ModelSpec, request_id: str) -> Result:
+def decision_result(decision: RouteDecision, model: ModelSpec, request_id: str,
+                    address: str | None) -> Result:
     """The JSON-friendly result of a route decision."""
     return {
         "ok": True,
         "request_id": request_id,
         "routed": decision.node_id is not None,
         "node_id": decision.node_id,
+        "address": address,
         "route_type": decision.route_type,
         "rejected": decision.rejected,
         "detail": decision.detail,

@@ -185,3 +185,16 @@ def test_rebuild_from_store_reproduces_state():
             list(h.m.index.lru_order(h.m.nodes[node].slot))
     probe = dict(op="cp.route", model="m", blocks=[1, 101, 7], request_id="p", now_ms=1)
     assert twin.decide(probe) == h.m.decide(probe)
+
+
+def test_block_ttl_expires_idle_unpinned_blocks_only():
+    """cp.expire with block_ttl_ms drops blocks idle past the TTL, never an active request's."""
+    h = cluster(nodes=("a",), max_active=10)
+    h.route([1, 2], "old", now=1_000)
+    h(op="cp.complete", request_id="old", node="a", status="ok")
+    h.route([3, 4], "active", now=1_000)
+    h.route([5], "fresh", now=9_000)
+    h(op="cp.heartbeat", node="a", active=2, queue=0, now_ms=9_000, lease_ms=LEASE)
+    out = h(op="cp.expire", now_ms=9_500, block_ttl_ms=5_000)
+    held = {b for _, b in h.m.index.lru_order(0)}
+    assert out["blocks_expired"] == 2 and held == {3, 4, 5}
