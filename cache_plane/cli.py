@@ -1,71 +1,292 @@
-"""`cache-plane` command line.
+"""`cache-plane`: run, start, inspect and try a cache_plane cluster.
 
-Today it offers `demo`: start a local three-node veristore cluster on loopback (free ports,
-fresh data dirs, a random Raft password), write and read through the leader, kill the leader
-with SIGKILL, show that a new leader serves the same data, and shut everything down. The
-routing demo replaces the body of `demo` once the cache_plane domain lands.
+  cache-plane serve --config FILE          run one cluster member (Raft + HTTP API)
+  cache-plane cluster up [--nodes 3] [--dir DIR]   local cluster on loopback (development)
+  cache-plane cluster down [--dir DIR]     stop it
+  cache-plane status [--endpoint URL]      members, leader, term, indexes, node table
+  cache-plane route --model M --prompt TEXT [--endpoint URL]   a decision and its breakdown
+  cache-plane demo                         local cluster + simulated fleet + short workload
+
+Settings for `serve`: TOML file, then CACHE_PLANE_* environment variables, then flags
+(see cache_plane/settings.py); every problem is reported at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
+import random
+import signal
+import statistics
 import sys
 import tempfile
 import time
+from typing import Any
 
-from veristore_py.client import VeristoreClient
+from veristore_py.errors import ConfigError, VeristoreError
 from veristore_py.localcluster import LocalCluster
 
+from .client import CachePlaneClient
+from .hashing import block_hashes
+from .sim.engine import SimEngine
 
-async def _demo_traffic(cluster: LocalCluster, writes: int) -> list[tuple[str, str]]:
-    rows: list[tuple[str, str]] = []
-    async with VeristoreClient(cluster.urls) as client:
-        started = time.perf_counter()
-        for i in range(writes):
-            await client.put(f"demo/{i:04d}", f"value-{i}")
-        elapsed = time.perf_counter() - started
-        rows.append(("sequential writes", f"{writes} in {elapsed * 1000:.0f} ms "
-                                          f"({elapsed / writes * 1000:.2f} ms each)"))
-        got = await client.get("demo/0000")
-        rows.append(("read demo/0000", str(got and got["value"])))
-        leader = cluster.wait_for_leader()
-        cluster.kill(leader)
-        killed_at = time.perf_counter()
-        await client.put("demo/after-failover", "ok")
-        rows.append(("killed leader (SIGKILL)", f"node {leader}"))
-        rows.append(("first write after kill", f"{time.perf_counter() - killed_at:.2f} s"))
-        scan = await client.scan("demo/", limit=1000)
-        rows.append(("keys readable after failover", str(len(scan["items"]))))
-    return rows
+DEFAULT_ENDPOINT = "http://127.0.0.1:8000"
+STATE_FILE = "cluster.json"
 
 
-def demo(args: argparse.Namespace) -> int:
+# -- serve ----------------------------------------------------------------------------------
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from veristore_py.server import serve
+
+    from .api import create_app
+    from .machine import CachePlaneMachine
+    from .policy import PolicyConfig
+    from .settings import load
+
+    overrides = {"raft_address": args.raft_address, "http_address": args.http_address,
+                 "data_dir": args.data_dir, "peers": args.peer,
+                 "password_file": args.password_file, "api_token_file": args.api_token_file,
+                 "log_format": args.log_format}
+    try:
+        node_settings, service_settings = load(args.config, overrides=overrides)
+    except ConfigError as exc:
+        print("invalid configuration:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 2
+    machine = CachePlaneMachine(PolicyConfig(service_settings.load_weight,
+                                             service_settings.session_max_load))
+    serve(node_settings,
+          lambda node, settings, token: create_app(node, settings, token, service_settings),
+          machine)
+    return 0
+
+
+# -- cluster up / down ----------------------------------------------------------------------
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    state_path = os.path.join(args.dir, STATE_FILE)
+    if args.action == "up":
+        if os.path.exists(state_path):
+            print(f"a cluster is already described in {state_path}; run 'cluster down' first",
+                  file=sys.stderr)
+            return 1
+        cluster = LocalCluster(args.dir, size=args.nodes, module="cache_plane")
+        cluster.start()
+        try:
+            leader = cluster.wait_for_leader()
+        except (TimeoutError, RuntimeError) as exc:
+            cluster.close()
+            print(f"cluster did not come up: {exc}", file=sys.stderr)
+            return 1
+        state = {"urls": cluster.urls, "pids": [n.process.pid for n in cluster.nodes
+                                                if n.process is not None],
+                 "leader": cluster.urls[leader]}
+        with open(state_path, "w") as f:
+            json.dump(state, f, indent=2)
+        print(f"{args.nodes} members up; leader {state['leader']}")
+        for url in cluster.urls:
+            print(f"  {url}")
+        print(f"stop with: cache-plane cluster down --dir {args.dir}")
+        return 0
+    try:
+        with open(state_path) as f:
+            state = json.load(f)
+    except FileNotFoundError:
+        print(f"no cluster described in {state_path}", file=sys.stderr)
+        return 1
+    for pid in state["pids"]:
+        _stop_pid(pid)
+    os.remove(state_path)
+    print(f"stopped {len(state['pids'])} members")
+    return 0
+
+
+def _stop_pid(pid: int, grace: float = 10.0) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+# -- status / route -------------------------------------------------------------------------
+
+def cmd_status(args: argparse.Namespace) -> int:
+    async def fetch() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        async with CachePlaneClient([args.endpoint], token=args.token) as c:
+            return await c.cluster(args.endpoint), await c.nodes()
+
+    try:
+        cluster, nodes = asyncio.run(fetch())
+    except VeristoreError as exc:
+        print(f"error: {exc.detail}", file=sys.stderr)
+        return 1
+    print(f"leader {cluster['leader_http'] or 'unknown'} (raft {cluster['leader']}), "
+          f"term {cluster['term']}, commit {cluster['commit_index']}, "
+          f"applied {cluster['applied_index']}")
+    print(f"{'member':<22} {'http':<22} {'connected':<10} {'match':>8}")
+    for m in cluster["members"]:
+        print(f"{m['raft']:<22} {m['http'] or '?':<22} {str(m['connected']):<10} "
+              f"{m.get('match_index') if m.get('match_index') is not None else '-':>8}")
+    print(f"\n{'node':<16} {'state':<9} {'active':>6} {'queue':>6} {'used':>8} {'capacity':>9}"
+          f"  models")
+    for n in nodes:
+        print(f"{n['node_id']:<16} {n['state']:<9} {n['active_requests']:>6} {n['queue_depth']:>6}"
+              f" {n['used_blocks']:>8} {n['capacity_blocks']:>9}  {','.join(n['models'])}")
+    return 0
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    async def ask() -> dict[str, Any]:
+        async with CachePlaneClient([args.endpoint], token=args.token) as c:
+            return await c.route(args.model, prompt=args.prompt, session_id=args.session,
+                                 dry_run=args.dry_run)
+
+    try:
+        r = asyncio.run(ask())
+    except VeristoreError as exc:
+        print(f"error: {exc.detail}", file=sys.stderr)
+        return 1
+    print(f"node {r['node_id']} ({r['address']}), route {r['route_type']}, "
+          f"matched {r['matched_blocks']}/{r['total_blocks']} blocks "
+          f"({r['matched_tokens']} tokens), evicted {r['evicted_blocks']}, "
+          f"term {r['term']}, index {r['index']}{' (dry run)' if r['dry_run'] else ''}")
+    print(f"{'candidate':<16} {'overlap':>8} {'load':>6} {'free':>8} {'evict':>6} {'score':>8}  note")
+    for c in r["candidates"]:
+        print(f"{c['node_id']:<16} {c['overlap_blocks']:>8} {c['load']:>6.2f} "
+              f"{c['free_blocks']:>8} {c['evict_blocks']:>6} {c['score']:>8.3f}  {c['reason']}")
+    return 0
+
+
+# -- demo -----------------------------------------------------------------------------------
+
+async def _demo_workload(cluster: LocalCluster, requests: int, rng: random.Random) -> list[tuple[str, str]]:
+    model, block = "demo-llm", 16
+    engines = [SimEngine(f"gpu-{i}", capacity_blocks=1200, block_size=block) for i in range(4)]
+    systems = [[rng.randrange(32_000) for _ in range(2048)] for _ in range(4)]
+    latencies, ttfts, cold_ttfts = [], [], []
+    kinds: dict[str, int] = {}
+    reused_tokens = prompt_tokens = 0
+    failover_ms = None
+    async with CachePlaneClient(cluster.urls, timeout=15) as client:
+        await client.register_model(model, block_size=block)
+        for e in engines:
+            await client.register_node(e.node_id, f"10.0.0.{engines.index(e) + 1}:8000", [model],
+                                       e.capacity_blocks, max_active=16)
+        for i in range(requests):
+            if i == requests // 2:
+                leader = cluster.wait_for_leader()
+                cluster.kill(leader)
+                killed = time.perf_counter()
+            system = systems[min(int(rng.expovariate(1.2)), len(systems) - 1)]
+            tokens = system + [rng.randrange(32_000) for _ in range(rng.randrange(100, 600))]
+            started = time.perf_counter()
+            decision = await client.route(model, token_ids=tokens)
+            latencies.append(time.perf_counter() - started)
+            if i == requests // 2:
+                failover_ms = (time.perf_counter() - killed) * 1000
+            kinds[decision["route_type"]] = kinds.get(decision["route_type"], 0) + 1
+            engine = next(e for e in engines if e.node_id == decision["node_id"])
+            blocks = block_hashes(tokens, block)
+            reused, _stored, _evicted = engine.admit(blocks)
+            ttfts.append(engine.ttft_ms(len(tokens), reused))
+            cold_ttfts.append(engine.ttft_ms(len(tokens), 0))
+            reused_tokens += reused * block
+            prompt_tokens += len(tokens)
+            await client.complete(decision["request_id"], engine.node_id)
+            if i % 10 == 9:  # the fleet keeps its leases alive, as real engines would
+                for e in engines:
+                    await client.heartbeat(e.node_id, active_requests=0)
+        stats = await client.stats()
+    latencies.sort()
+    return [
+        ("requests routed", f"{requests} (4 shared 2k-token system prompts + unique suffixes)"),
+        ("route types", ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))),
+        ("prompt tokens reused", f"{reused_tokens:,} of {prompt_tokens:,} "
+                                 f"({reused_tokens / prompt_tokens:.0%})"),
+        ("cluster block hit rate", f"{stats['block_hit_rate']:.0%}"),
+        ("modeled TTFT, mean", f"{statistics.fmean(ttfts):.0f} ms with reuse vs "
+                               f"{statistics.fmean(cold_ttfts):.0f} ms cold"),
+        ("route latency p50 / p99", f"{latencies[len(latencies) // 2] * 1000:.1f} ms / "
+                                    f"{latencies[int(len(latencies) * 0.99)] * 1000:.1f} ms"),
+        ("leader killed mid-run", f"next route answered after {failover_ms:.0f} ms, "
+                                  f"index intact (hit rate kept)"),
+    ]
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
     base = args.dir or tempfile.mkdtemp(prefix="cache-plane-demo-")
-    cluster = LocalCluster(base, size=3)
-    print(f"starting a 3-node cluster under {base} ...")
+    cluster = LocalCluster(base, size=3, module="cache_plane")
+    print(f"starting a 3-member cache-plane cluster under {base} ...")
     try:
         cluster.start()
         t0 = time.perf_counter()
         leader = cluster.wait_for_leader()
-        print(f"leader elected: node {leader} after {time.perf_counter() - t0:.2f} s")
-        rows = asyncio.run(_demo_traffic(cluster, args.writes))
+        print(f"leader elected: member {leader} after {time.perf_counter() - t0:.2f} s; "
+              f"4 simulated GPU nodes joining")
+        rows = asyncio.run(_demo_workload(cluster, args.requests, random.Random(args.seed)))
     finally:
         cluster.close()
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"  {key:<{width}}  {value}")
-    print("cluster stopped; all node processes reaped")
+    print("cluster stopped; all member processes reaped")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cache-plane", description="llm-serving-cache control plane")
+    parser = argparse.ArgumentParser(prog="cache-plane", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="run a local 3-node cluster, write, fail over, shut down")
+
+    p = sub.add_parser("serve", help="run one cluster member (Raft + HTTP API)")
+    p.add_argument("--config", help="TOML settings file")
+    p.add_argument("--raft-address")
+    p.add_argument("--http-address")
+    p.add_argument("--data-dir")
+    p.add_argument("--peer", action="append", metavar="RAFT=HTTP")
+    p.add_argument("--password-file")
+    p.add_argument("--api-token-file")
+    p.add_argument("--log-format", choices=["auto", "json", "console"])
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("cluster", help="start or stop a local development cluster")
+    p.add_argument("action", choices=["up", "down"])
+    p.add_argument("--nodes", type=int, default=3)
+    p.add_argument("--dir", default=".cluster", help="data and state directory (default .cluster)")
+    p.set_defaults(func=cmd_cluster)
+
+    for name, func, help_text in (("status", cmd_status, "members, leader, indexes, node table"),
+                                  ("route", cmd_route, "ask where a prompt would go")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--endpoint", default=DEFAULT_ENDPOINT)
+        p.add_argument("--token", default=os.environ.get("CACHE_PLANE_API_TOKEN"))
+        if name == "route":
+            p.add_argument("--model", required=True)
+            p.add_argument("--prompt", required=True)
+            p.add_argument("--session")
+            p.add_argument("--dry-run", action="store_true")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("demo", help="local cluster + simulated fleet + short workload")
     p.add_argument("--dir", help="keep cluster data here instead of a temp dir")
-    p.add_argument("--writes", type=int, default=200, help="sequential writes to make (default 200)")
-    p.set_defaults(func=demo)
+    p.add_argument("--requests", type=int, default=80)
+    p.add_argument("--seed", type=int, default=1)
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -20,7 +20,8 @@ Store keys (all under ``cp/``)::
     cp/node/<id>                          NodeRecord fields
     cp/blk/<slot:u16><model:u16><hash:u64> [tier, lru_seq, touched_ms]
     cp/sess/<id>                          [node_id, expires_ms]
-    cp/req/<id>                           [node_id, model_code, blocks, pending, expires_ms]
+    cp/req/<id>                           [node_id, model_code, blocks, pending, expires_ms,
+                                           route_type, matched_blocks]
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ class RequestRecord:
     blocks: tuple[int, ...]
     pending: tuple[int, ...]
     expires_ms: int
+    route_type: str = "miss"
+    matched: int = 0
 
 
 @dataclass(slots=True)
@@ -222,9 +225,9 @@ class CachePlaneMachine:
             elif key.startswith(b"cp/sess/"):
                 self.sessions[key[8:].decode()] = (value[0], value[1])
             elif key.startswith(b"cp/req/"):
-                node, model, req_blocks, pending, expires = value
+                node, model, req_blocks, pending, expires, kind, matched = value
                 self.requests[key[7:].decode()] = RequestRecord(
-                    node, model, tuple(req_blocks), tuple(pending), expires)
+                    node, model, tuple(req_blocks), tuple(pending), expires, kind, matched)
         for _seq, slot, model, block, tier, touched in sorted(blocks):
             self.index.add(model, block, slot, tier, touched)
         for request in self.requests.values():
@@ -497,11 +500,12 @@ class CachePlaneMachine:
         session_ttl = _int(cmd, "session_ttl_ms", 1, 1 << 40, 600_000)
         if model is None:
             return error("unknown_model", f"model {cmd.get('model')!r} is not registered").result
-        if request_id in self.requests:
-            return error("duplicate_request", f"request {request_id!r} is already routed").result
+        if request_id in self.requests:  # a retried route: answer with the original decision
+            return self._replay_route(request_id, model, len(blocks), ctx)
         decision = self._decide(model, blocks, session, now)
         result = decision_result(decision, model, request_id,
                                  self.nodes[decision.node_id].address if decision.node_id else None)
+        result["index"] = ctx.index
         if decision.node_id is None:
             reason = decision.rejected or "rejected"
             self.stats.rejections[reason] = self.stats.rejections.get(reason, 0) + 1
@@ -519,21 +523,33 @@ class CachePlaneMachine:
             else:
                 self._touch_block(m, model.code, block, slot)
         self._pin_all(slot, model.code, blocks, +1)
-        request = RequestRecord(rec.id, model.code, tuple(blocks), tuple(pending), now + ttl)
+        kind = decision.route_type or "miss"
+        request = RequestRecord(rec.id, model.code, tuple(blocks), tuple(pending), now + ttl,
+                                kind, decision.matched_blocks)
         self.requests[request_id] = request
         m.append((b"cp/req/" + request_id.encode(),
-                  pack([rec.id, model.code, list(blocks), pending, request.expires_ms])))
+                  pack([rec.id, model.code, list(blocks), pending, request.expires_ms, kind,
+                        decision.matched_blocks])))
         if session is not None:
             self.sessions[session] = (rec.id, now + session_ttl)
             m.append((b"cp/sess/" + session.encode(), pack([rec.id, now + session_ttl])))
         rec.active += 1
         self._save_node(m, rec)
-        kind = decision.route_type or "miss"
         self.stats.routes[kind] = self.stats.routes.get(kind, 0) + 1
         self.stats.blocks_requested += len(blocks)
         self.stats.blocks_reused += decision.matched_blocks
         self.stats.tokens_reused += decision.matched_blocks * model.block_size
         return result
+
+    def _replay_route(self, request_id: str, model: ModelSpec, total: int,
+                      ctx: ApplyContext) -> Result:
+        request = self.requests[request_id]
+        rec = self.nodes[request.node]
+        return {"ok": True, "request_id": request_id, "routed": True, "duplicate": True,
+                "node_id": rec.id, "address": rec.address, "route_type": request.route_type,
+                "rejected": None, "detail": "", "matched_blocks": request.matched,
+                "matched_tokens": request.matched * model.block_size, "total_blocks": total,
+                "evicted_blocks": 0, "candidates": [], "index": ctx.index}
 
     def _complete(self, cmd: Mapping[str, Any], ctx: ApplyContext, m: list[Mutation]) -> Result:
         """Completion report: confirm (or drop) the request's pending blocks, add output blocks."""

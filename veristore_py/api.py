@@ -85,9 +85,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             return error_response(503, "no_leader", exc.detail, True, {"Retry-After": "1"})
         return error_response(307, exc.code, exc.detail, True, {"Location": url}, leader=url)
     except VeristoreError as exc:
-        status = _STATUS.get(type(exc), 503)
+        # Domain errors may carry their own HTTP status and extra body fields.
+        status = getattr(exc, "status", None) or _STATUS.get(type(exc), 503)
         headers = {"Retry-After": "1"} if status == 503 else None
-        return error_response(status, exc.code, exc.detail, exc.definite, headers)
+        return error_response(status, exc.code, exc.detail, exc.definite, headers,
+                              **getattr(exc, "extra", {}))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -13,6 +13,7 @@ from .api import create_app
 from .config import NodeSettings
 from .logs import configure_logging
 from .node import VeristoreNode
+from .state import Machine
 
 log = structlog.get_logger(__name__)
 
@@ -41,10 +42,11 @@ async def run_node(settings: NodeSettings, node: VeristoreNode, app: web.Applica
     log.info("node_stopped")
 
 
-def serve(settings: NodeSettings, app_factory: AppFactory = create_app) -> None:
-    """Start a node with `settings` and block until it is told to stop."""
+def serve(settings: NodeSettings, app_factory: AppFactory = create_app,
+          machine: Machine | None = None) -> None:
+    """Start a node with `settings` (and `machine`) and block until it is told to stop."""
     configure_logging(settings.log_format, settings.log_level, node=settings.raft_address)
-    node = VeristoreNode(settings)
+    node = VeristoreNode(settings, machine)
     app = app_factory(node, settings, settings.resolved_api_token())
     try:
         asyncio.run(run_node(settings, node, app))

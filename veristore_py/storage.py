@@ -82,6 +82,9 @@ class StateStore:
         # Readers (HTTP threads, snapshot copies) hold this shared; a map resize needs it alone.
         self._gate = threading.Condition()
         self._readers = 0
+        # Held while an entry is applied or the machine rebuilt: readers of a machine's memory
+        # copy (e.g. an HTTP thread computing a dry-run decision) take it via `locked()`.
+        self.lock = threading.RLock()
         _recover_swap(path)
         self._open()
 
@@ -109,7 +112,7 @@ class StateStore:
         """Give a machine with a memory copy of the state everything the store holds."""
         rebuild = getattr(self.machine, "rebuild", None)
         if rebuild is not None:
-            with self._env.begin(db=self._data) as txn:
+            with self.lock, self._env.begin(db=self._data) as txn:
                 rebuild((bytes(k), bytes(v)) for k, v in txn.cursor(db=self._data))
 
     def close(self) -> None:
@@ -137,6 +140,10 @@ class StateStore:
         """
         if index <= self._applied:
             return None
+        with self.lock:
+            return self._apply_locked(index, stamp_ms, commands)
+
+    def _apply_locked(self, index: int, stamp_ms: int, commands: list[Any]) -> list[Result]:
         while True:
             try:
                 results = self._apply_once(index, stamp_ms, commands)

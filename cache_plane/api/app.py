@@ -1,0 +1,247 @@
+"""aiohttp application of a cache_plane member: routes, metrics, docs, housekeeping.
+
+Every member serves every endpoint. Mutations and routing go to the leader (followers answer
+307 with the leader's URL; 503 + Retry-After while no leader is known). GET endpoints answer
+from the member's own replica. Errors are JSON ``{"error", "detail", "definite"}``.
+The generic KV API of veristore (``/v1/kv``) and ``/v1/status``, ``/v1/digest`` are mounted
+too. See `openapi.py` for the schemas and `docs/api.md` for a walkthrough.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from veristore_py import api as kv_api
+from veristore_py.config import NodeSettings
+from veristore_py.node import VeristoreNode
+
+from ..service import CachePlaneService
+from ..settings import ServiceSettings
+from .openapi import document
+from .validation import VALIDATORS
+
+SERVICE = web.AppKey("service", CachePlaneService)
+METRICS = web.AppKey("metrics", "Metrics")
+OPENAPI = web.AppKey("openapi", dict)
+
+
+class Metrics:
+    """Prometheus metrics of one app (own registry, so tests can build many apps)."""
+
+    def __init__(self, service: CachePlaneService) -> None:
+        self.registry = CollectorRegistry()
+        self.latency = Histogram(
+            "cache_plane_http_request_duration_seconds", "HTTP request latency",
+            ["method", "route", "status"], registry=self.registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+        self.routes = Counter("cache_plane_routes", "Committed route decisions",
+                              ["route_type"], registry=self.registry)
+        self.rejections = Counter("cache_plane_route_rejections", "Rejected route requests",
+                                  ["reason"], registry=self.registry)
+        self.registry.register(_StateCollector(service))
+
+
+class _StateCollector:
+    """Raft and cache state, read at scrape time."""
+
+    def __init__(self, service: CachePlaneService) -> None:
+        self.service = service
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Any:
+        node = self.service.node
+        status = node.status()
+        for name, value, doc in (
+            ("raft_term", status["term"], "Current Raft term"),
+            ("raft_commit_index", status["commit_index"], "Raft commit index"),
+            ("raft_applied_index", status["applied_index"], "Raft applied index"),
+            ("raft_is_leader", int(status["state"] == "leader"), "1 on the leader"),
+            ("raft_has_quorum", int(bool(status["has_quorum"])), "Leader heard from a majority"),
+        ):
+            yield GaugeMetricFamily(f"cache_plane_{name}", doc, value=value)
+        gc = status["group_commit"] or {}
+        yield GaugeMetricFamily("cache_plane_group_commit_entries", "Raft entries proposed",
+                                value=gc.get("entries", 0))
+        yield GaugeMetricFamily("cache_plane_group_commit_commands", "Commands proposed",
+                                value=gc.get("commands", 0))
+        stats = self.service.stats()
+        yield GaugeMetricFamily("cache_plane_block_hit_ratio", "Reused / requested prompt blocks",
+                                value=stats["block_hit_rate"])
+        yield GaugeMetricFamily("cache_plane_indexed_blocks", "Indexed (node, block) entries",
+                                value=stats["indexed_blocks"])
+        yield GaugeMetricFamily("cache_plane_evictions", "Blocks evicted (total)",
+                                value=stats["evictions"])
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: kv_api.Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    finally:
+        route = request.match_info.route.resource
+        name = route.canonical if route is not None else "unmatched"
+        request.app[METRICS].latency.labels(request.method, name, str(status)).observe(
+            time.perf_counter() - started)
+
+
+async def _body(request: web.Request, schema: str, *, optional: bool = False) -> dict[str, Any]:
+    return VALIDATORS[schema](await kv_api.read_json(request, optional=optional))
+
+
+def _svc(request: web.Request) -> CachePlaneService:
+    return request.app[SERVICE]
+
+
+async def register_node(request: web.Request) -> web.Response:
+    return web.json_response(await _svc(request).register_node(await _body(request, "RegisterNode")))
+
+
+async def list_nodes(request: web.Request) -> web.Response:
+    return web.json_response({"nodes": _svc(request).nodes()})
+
+
+async def get_node(request: web.Request) -> web.Response:
+    return web.json_response(_svc(request).node_info(request.match_info["node_id"]))
+
+
+async def heartbeat(request: web.Request) -> web.Response:
+    body = await _body(request, "Heartbeat", optional=True)
+    return web.json_response(await _svc(request).heartbeat(request.match_info["node_id"], body))
+
+
+async def drain(request: web.Request) -> web.Response:
+    return web.json_response(await _svc(request).drain(request.match_info["node_id"]))
+
+
+async def remove_node(request: web.Request) -> web.Response:
+    return web.json_response(await _svc(request).remove_node(request.match_info["node_id"]))
+
+
+async def register_model(request: web.Request) -> web.Response:
+    return web.json_response(await _svc(request).register_model(await _body(request, "RegisterModel")))
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return web.json_response({"models": _svc(request).models()})
+
+
+async def invalidate_model(request: web.Request) -> web.Response:
+    return web.json_response(await _svc(request).invalidate_model(request.match_info["model_id"]))
+
+
+async def route(request: web.Request) -> web.Response:
+    metrics = request.app[METRICS]
+    try:
+        result = await _svc(request).route(await _body(request, "Route"))
+    except Exception as exc:
+        if getattr(exc, "extra", {}).get("candidates") is not None:
+            metrics.rejections.labels(getattr(exc, "code", "rejected")).inc()
+        raise
+    if not result["dry_run"]:
+        metrics.routes.labels(result["route_type"]).inc()
+    return web.json_response(result)
+
+
+async def complete(request: web.Request) -> web.Response:
+    return web.json_response(await _svc(request).complete(await _body(request, "Complete")))
+
+
+async def kv_events(request: web.Request) -> web.Response:
+    return web.json_response(await _svc(request).kv_events(await _body(request, "KVEvents")))
+
+
+async def cluster(request: web.Request) -> web.Response:
+    return web.json_response(_svc(request).node.status())
+
+
+async def stats(request: web.Request) -> web.Response:
+    return web.json_response(_svc(request).stats())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(request.app[OPENAPI])
+
+
+async def docs(request: web.Request) -> web.Response:
+    """A self-contained page listing the endpoints (no CDN, no scripts)."""
+    rows = []
+    for path, ops in request.app[OPENAPI]["paths"].items():
+        for method, op in ops.items():
+            if method == "parameters":
+                continue
+            body = op.get("requestBody", {}).get("content", {}).get("application/json", {})
+            schema = body.get("schema", {}).get("$ref", "").rsplit("/", 1)[-1]
+            rows.append(f"<tr><td><code>{method.upper()}</code></td><td><code>{html.escape(path)}"
+                        f"</code></td><td>{html.escape(op['summary'])}</td><td>{schema}</td></tr>")
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>cache-plane API</title>"
+            "<style>body{font-family:sans-serif;margin:2em}td{padding:4px 12px}</style></head>"
+            "<body><h1>llm-serving-cache API</h1><p>Machine-readable spec: "
+            "<a href='/openapi.json'>/openapi.json</a></p><table>"
+            + "".join(rows) + "</table></body></html>")
+    return web.Response(text=page, content_type="text/html")
+
+
+async def _housekeeping(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(app[SERVICE].housekeeping())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def create_app(node: VeristoreNode, settings: NodeSettings, api_token: str | None,
+               service_settings: ServiceSettings | None = None) -> web.Application:
+    """Build the aiohttp application of one cache_plane member."""
+    service = CachePlaneService(node, service_settings or ServiceSettings())
+    app = web.Application(client_max_size=kv_api.MAX_BODY_BYTES * 8)
+    app[kv_api.NODE] = node
+    app[kv_api.SETTINGS] = settings
+    if api_token:
+        app[kv_api.API_TOKEN] = api_token
+    app[SERVICE] = service
+    app[METRICS] = Metrics(service)
+    app[OPENAPI] = document()
+    app.middlewares.append(metrics_middleware)
+    kv_api.add_error_middleware(app)
+    r = app.router
+    r.add_post("/v1/nodes", register_node)
+    r.add_get("/v1/nodes", list_nodes)
+    r.add_get("/v1/nodes/{node_id}", get_node)
+    r.add_delete("/v1/nodes/{node_id}", remove_node)
+    r.add_post("/v1/nodes/{node_id}/heartbeat", heartbeat)
+    r.add_post("/v1/nodes/{node_id}/drain", drain)
+    r.add_post("/v1/models", register_model)
+    r.add_get("/v1/models", list_models)
+    r.add_post("/v1/models/{model_id}/invalidate", invalidate_model)
+    r.add_post("/v1/route", route)
+    r.add_post("/v1/complete", complete)
+    r.add_post("/v1/kv-events", kv_events)
+    r.add_get("/v1/cluster", cluster)
+    r.add_get("/v1/stats", stats)
+    r.add_get("/metrics", metrics)
+    r.add_get("/openapi.json", openapi)
+    r.add_get("/docs", docs)
+    kv_api.add_kv_routes(app)
+    kv_api.add_status_routes(app)
+    app.cleanup_ctx.append(_housekeeping)
+    return app

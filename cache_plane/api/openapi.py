@@ -1,0 +1,124 @@
+"""The OpenAPI 3.1 document of the cache_plane API; its schemas also validate request bodies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+U64 = {"type": "integer", "minimum": 0, "maximum": 2**64 - 1}
+TOKEN = {"type": "integer", "minimum": 0, "maximum": 2**32 - 1}
+ID = {"type": "string", "minLength": 1, "maxLength": 256}
+
+
+def _obj(required: list[str], **props: Any) -> dict[str, Any]:
+    return {"type": "object", "required": required, "properties": props,
+            "additionalProperties": False}
+
+
+SCHEMAS: dict[str, dict[str, Any]] = {
+    "RegisterNode": _obj(
+        ["node_id", "address", "models", "capacity_blocks"],
+        node_id=ID, address=ID,
+        models={"type": "array", "items": ID, "minItems": 1, "maxItems": 64},
+        capacity_blocks={"type": "integer", "minimum": 1, "maximum": 2**31},
+        max_active={"type": "integer", "minimum": 1, "maximum": 2**20},
+        labels={"type": "object", "additionalProperties": {"type": "string", "maxLength": 256},
+                "maxProperties": 64},
+    ),
+    "Heartbeat": _obj(
+        [], active_requests={"type": "integer", "minimum": 0, "maximum": 2**30},
+        queue_depth={"type": "integer", "minimum": 0, "maximum": 2**30},
+        used_blocks={"type": "integer", "minimum": 0, "maximum": 2**31},
+    ),
+    "RegisterModel": _obj(
+        ["model_id"], model_id=ID,
+        block_size={"type": "integer", "minimum": 1, "maximum": 65536},
+        hash_seed={"type": "string", "maxLength": 256},
+    ),
+    "Route": _obj(
+        ["model"], model=ID, session_id=ID, request_id=ID,
+        token_ids={"type": "array", "items": TOKEN, "maxItems": 2**20},
+        block_hashes={"type": "array", "items": U64, "maxItems": 2**17},
+        prompt={"type": "string", "maxLength": 2**22},
+        max_tokens={"type": "integer", "minimum": 0, "maximum": 2**24},
+        dry_run={"type": "boolean"},
+    ),
+    "Complete": _obj(
+        ["request_id", "node_id"], request_id=ID, node_id=ID,
+        status={"enum": ["ok", "failed", "cancelled"]},
+        block_hashes={"type": "array", "items": U64, "maxItems": 2**17},
+        output_tokens={"type": "integer", "minimum": 0},
+    ),
+    "KVEvents": _obj(
+        ["node_id", "seq", "events"], node_id=ID, model=ID,
+        seq={"type": "integer", "minimum": 0, "maximum": 2**62},
+        events={"type": "array", "maxItems": 10_000, "items": _obj(
+            ["type"], type={"enum": ["stored", "removed", "cleared"]},
+            block_hashes={"type": "array", "items": U64, "maxItems": 2**17},
+            parent_hash={"anyOf": [U64, {"type": "null"}]},
+            tier={"enum": ["gpu", "cpu", "disk"]},
+        )},
+    ),
+    "Error": _obj(["error", "detail", "definite"], error={"type": "string"},
+                  detail={"type": "string"}, definite={"type": "boolean"}),
+}
+
+
+def _op(summary: str, body: str | None = None, *, mutating: bool = True,
+        codes: tuple[int, ...] = ()) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "responses": {
+        "200": {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}},
+    }}
+    for code in (400, 401, 404, 409, 413, 503, 504, *codes):
+        if code == 401 and not mutating:
+            continue
+        op["responses"][str(code)] = {"description": "error", "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    if mutating:
+        op["responses"]["307"] = {"description": "not the leader: repeat at Location"}
+        op["security"] = [{"bearer": []}]
+    if body:
+        op["requestBody"] = {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{body}"}}}}
+    return op
+
+
+def _id_param(name: str) -> list[dict[str, Any]]:
+    return [{"name": name, "in": "path", "required": True, "schema": ID}]
+
+
+def document() -> dict[str, Any]:
+    """Build the OpenAPI document served at /openapi.json."""
+    paths: dict[str, Any] = {
+        "/v1/nodes": {"post": _op("Register or update an inference node", "RegisterNode"),
+                      "get": _op("List inference nodes", mutating=False)},
+        "/v1/nodes/{node_id}": {"get": _op("One inference node", mutating=False),
+                                "delete": _op("Remove a node and forget its blocks"),
+                                "parameters": _id_param("node_id")},
+        "/v1/nodes/{node_id}/heartbeat": {"post": _op("Report load, renew the lease", "Heartbeat"),
+                                          "parameters": _id_param("node_id")},
+        "/v1/nodes/{node_id}/drain": {"post": _op("Stop routing new requests to a node"),
+                                      "parameters": _id_param("node_id")},
+        "/v1/models": {"post": _op("Register a model (block size, hash seed)", "RegisterModel"),
+                       "get": _op("List models", mutating=False)},
+        "/v1/models/{model_id}/invalidate": {"post": _op("New model version: drop its blocks"),
+                                             "parameters": _id_param("model_id")},
+        "/v1/route": {"post": _op("Choose the node for a request (dry_run: no state change)",
+                                  "Route")},
+        "/v1/complete": {"post": _op("Report a request's completion (cache fill)", "Complete")},
+        "/v1/kv-events": {"post": _op("Engine KV events, idempotent per (node_id, seq)",
+                                      "KVEvents")},
+        "/v1/cluster": {"get": _op("Members, leader, term, indexes, health", mutating=False)},
+        "/v1/stats": {"get": _op("Hit rates, reuse, evictions, rejections", mutating=False)},
+        "/health/live": {"get": _op("Process is up", mutating=False)},
+        "/health/ready": {"get": _op("Member with a known leader, caught up", mutating=False)},
+        "/metrics": {"get": _op("Prometheus metrics", mutating=False)},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "llm-serving-cache control plane", "version": "0.1.0",
+                 "description": "KV-cache aware routing for LLM inference fleets. Writes go to "
+                                "the Raft leader (followers answer 307)."},
+        "paths": paths,
+        "components": {"schemas": SCHEMAS,
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    }

@@ -1,0 +1,76 @@
+"""asyncio client for a cache_plane cluster (routers, gateways, inference-node agents).
+
+Built on `veristore_py.client.VeristoreClient`: it follows 307s to the leader, retries on
+leader change and times out cleanly. Every mutating call is safe to retry: routes carry a
+request id (generated unless given; a repeated id returns the original decision), completions
+are keyed by request id, KV events by (node, seq), registrations and heartbeats are
+idempotent by nature.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+from urllib.parse import quote
+
+from veristore_py.client import VeristoreClient
+
+
+class CachePlaneClient(VeristoreClient):
+    """`async with CachePlaneClient(["http://127.0.0.1:8000", ...], token=...) as c: ...`"""
+
+    async def register_model(self, model_id: str, block_size: int = 16,
+                             hash_seed: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"model_id": model_id, "block_size": block_size}
+        if hash_seed is not None:
+            body["hash_seed"] = hash_seed
+        return await self.request("POST", "/v1/models", json=body)
+
+    async def register_node(self, node_id: str, address: str, models: list[str],
+                            capacity_blocks: int, max_active: int = 64,
+                            labels: dict[str, str] | None = None) -> dict[str, Any]:
+        return await self.request("POST", "/v1/nodes", json={
+            "node_id": node_id, "address": address, "models": models,
+            "capacity_blocks": capacity_blocks, "max_active": max_active,
+            "labels": labels or {}})
+
+    async def heartbeat(self, node_id: str, active_requests: int = 0,
+                        queue_depth: int = 0) -> dict[str, Any]:
+        return await self.request("POST", f"/v1/nodes/{quote(node_id, safe='')}/heartbeat",
+                                  json={"active_requests": active_requests,
+                                        "queue_depth": queue_depth})
+
+    async def route(self, model: str, *, token_ids: list[int] | None = None,
+                    block_hashes: list[int] | None = None, prompt: str | None = None,
+                    session_id: str | None = None, request_id: str | None = None,
+                    dry_run: bool = False) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": model, "request_id": request_id or uuid.uuid4().hex}
+        for name, value in (("token_ids", token_ids), ("block_hashes", block_hashes),
+                            ("prompt", prompt), ("session_id", session_id)):
+            if value is not None:
+                body[name] = value
+        if dry_run:
+            body["dry_run"] = True
+        return await self.request("POST", "/v1/route", json=body)
+
+    async def complete(self, request_id: str, node_id: str, status: str = "ok",
+                       block_hashes: list[int] | None = None) -> dict[str, Any]:
+        return await self.request("POST", "/v1/complete", json={
+            "request_id": request_id, "node_id": node_id, "status": status,
+            "block_hashes": block_hashes or []})
+
+    async def kv_events(self, node_id: str, seq: int, events: list[dict[str, Any]],
+                        model: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"node_id": node_id, "seq": seq, "events": events}
+        if model is not None:
+            body["model"] = model
+        return await self.request("POST", "/v1/kv-events", json=body)
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        return (await self.request("GET", "/v1/nodes"))["nodes"]
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.request("GET", "/v1/stats")
+
+    async def cluster(self, endpoint: str | None = None) -> dict[str, Any]:
+        return await self.request("GET", "/v1/cluster", endpoint=endpoint)

@@ -1,0 +1,249 @@
+"""Leader-side orchestration: turn API calls into stamped, replicated commands (the shell).
+
+The service stamps what the pure machine must not compute itself: the leader's clock
+(`now_ms`), request ids, lease and TTL lengths. It hashes prompts into block hashes with the
+model's block size and seed, proposes commands through the node's group committer, and maps
+machine results to errors. It also runs the leader's housekeeping: `cp.expire` every
+`expire_interval_s`, carrying the leader's clock (Patroni's `_expire` pattern).
+
+Reads of the machine's memory state (node tables, dry-run decisions) happen under the store's
+lock, on the leader after its quorum check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import structlog
+
+from veristore_py.api import propose
+from veristore_py.errors import InvalidCommandError, VeristoreError
+from veristore_py.node import VeristoreNode
+
+from . import hashing
+from .machine import CachePlaneMachine, decision_result
+from .model import RouteDecision
+from .settings import ServiceSettings
+
+log = structlog.get_logger(__name__)
+
+# Machine error codes -> HTTP status (400 and 503 are the defaults for the rest).
+ERROR_STATUS = {
+    "unknown_model": 404,
+    "unknown_node": 404,
+    "duplicate_request": 409,
+    "node_mismatch": 409,
+    "node_down": 409,
+    "invalid_command": 400,
+}
+# Admission rejections -> HTTP status.
+REJECTION_STATUS = {
+    "prompt_too_large": 413,
+    "no_node_for_model": 503,
+    "no_node_up": 503,
+    "all_nodes_busy": 503,
+    "no_room": 503,
+}
+
+
+class CachePlaneError(VeristoreError):
+    """A request the machine refused; carries the HTTP status and extra body fields."""
+
+    definite = True
+
+    def __init__(self, code: str, detail: str, status: int, **extra: Any) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.status = status
+        self.extra = extra
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class CachePlaneService:
+    """API operations of one cluster member (see module docstring)."""
+
+    def __init__(self, node: VeristoreNode, settings: ServiceSettings) -> None:
+        self.node = node
+        self.settings = settings
+        machine = node.store.machine
+        if not isinstance(machine, CachePlaneMachine):
+            raise TypeError("the node must run a CachePlaneMachine")
+        self.machine = machine
+
+    # -- proposing -------------------------------------------------------------------------
+
+    async def submit(self, command: dict[str, Any]) -> dict[str, Any]:
+        """Propose `command` (stamped with the leader's clock) and return its result."""
+        command.setdefault("now_ms", now_ms())
+        try:
+            return await propose(self.node, command)
+        except InvalidCommandError as exc:  # the machine answered {"ok": False, ...}
+            code, _, detail = exc.detail.partition(": ")
+            raise CachePlaneError(code, detail or code, ERROR_STATUS.get(code, 400)) from None
+
+    # -- nodes and models ------------------------------------------------------------------
+
+    async def register_node(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await self.submit({
+            "op": "cp.register_node", "node": body["node_id"], "address": body["address"],
+            "models": body["models"], "capacity_blocks": body["capacity_blocks"],
+            "max_active": body.get("max_active", 64), "labels": body.get("labels", {}),
+            "lease_ms": self.settings.node_lease_ms,
+        })
+
+    async def heartbeat(self, node_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        return await self.submit({
+            "op": "cp.heartbeat", "node": node_id, "active": body.get("active_requests", 0),
+            "queue": body.get("queue_depth", 0), "lease_ms": self.settings.node_lease_ms,
+        })
+
+    async def drain(self, node_id: str) -> dict[str, Any]:
+        return await self.submit({"op": "cp.drain", "node": node_id})
+
+    async def remove_node(self, node_id: str) -> dict[str, Any]:
+        return await self.submit({"op": "cp.remove_node", "node": node_id})
+
+    async def register_model(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await self.submit({
+            "op": "cp.register_model", "model": body["model_id"],
+            "block_size": body.get("block_size", 16),
+            "hash_seed": body.get("hash_seed", hashing.DEFAULT_SEED),
+        })
+
+    async def invalidate_model(self, model_id: str) -> dict[str, Any]:
+        return await self.submit({"op": "cp.invalidate_model", "model": model_id})
+
+    def nodes(self) -> list[dict[str, Any]]:
+        with self.node.store.lock:
+            return [self._node_json(rec.id) for rec in sorted(self.machine.nodes.values(),
+                                                              key=lambda r: r.id)]
+
+    def node_info(self, node_id: str) -> dict[str, Any]:
+        with self.node.store.lock:
+            if node_id not in self.machine.nodes:
+                raise CachePlaneError("unknown_node", f"node {node_id!r} is not registered", 404)
+            return self._node_json(node_id)
+
+    def _node_json(self, node_id: str) -> dict[str, Any]:
+        rec = self.machine.nodes[node_id]
+        used = self.machine.index.used(rec.slot)
+        return {"node_id": rec.id, "address": rec.address, "models": list(rec.models),
+                "state": rec.state, "capacity_blocks": rec.capacity_blocks,
+                "used_blocks": used, "free_blocks": max(rec.capacity_blocks - used, 0),
+                "max_active": rec.max_active, "active_requests": rec.active,
+                "queue_depth": rec.queue, "labels": dict(rec.labels),
+                "lease_until_ms": rec.lease_until_ms}
+
+    def models(self) -> list[dict[str, Any]]:
+        with self.node.store.lock:
+            return [{"model_id": m.id, "block_size": m.block_size, "hash_seed": m.hash_seed,
+                     "epoch": m.epoch} for m in sorted(self.machine.models.values(),
+                                                       key=lambda m: m.id)]
+
+    # -- routing ---------------------------------------------------------------------------
+
+    def _blocks(self, body: dict[str, Any]) -> list[int]:
+        """The request's block hashes, from whichever prompt form it carries."""
+        with self.node.store.lock:
+            model = self.machine.models.get(body["model"])
+        if model is None:
+            raise CachePlaneError("unknown_model", f"model {body['model']!r} is not registered",
+                                  404)
+        forms = [k for k in ("token_ids", "block_hashes", "prompt") if k in body]
+        if len(forms) != 1:
+            raise CachePlaneError("invalid_request",
+                                  "give exactly one of 'token_ids', 'block_hashes', 'prompt'", 400)
+        if "block_hashes" in body:
+            return list(body["block_hashes"])
+        if "token_ids" in body:
+            if len(body["token_ids"]) > self.settings.max_prompt_tokens:
+                raise CachePlaneError("prompt_too_large", "too many tokens", 413)
+            return hashing.block_hashes(body["token_ids"], model.block_size, model.hash_seed)
+        return hashing.text_block_hashes(body["prompt"], model.block_size, model.hash_seed)
+
+    async def route(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Decide (and unless dry-run, commit) where a request goes."""
+        blocks = await asyncio.to_thread(self._blocks, body)
+        request_id = body.get("request_id") or uuid.uuid4().hex
+        command: dict[str, Any] = {
+            "op": "cp.route", "model": body["model"], "blocks": blocks,
+            "request_id": request_id, "now_ms": now_ms(),
+            "request_ttl_ms": self.settings.request_ttl_ms,
+            "session_ttl_ms": self.settings.session_ttl_ms,
+        }
+        if body.get("session_id"):
+            command["session_id"] = body["session_id"]
+        if body.get("dry_run"):
+            self.node.require_leader()
+            with self.node.store.lock:
+                decision = self.machine.decide(command)
+                index = self.node.store.applied_index
+                if not isinstance(decision, RouteDecision):
+                    raise CachePlaneError(str(decision["error"]), str(decision["detail"]),
+                                          ERROR_STATUS.get(str(decision["error"]), 400))
+                model = self.machine.models[body["model"]]
+                address = (self.machine.nodes[decision.node_id].address
+                           if decision.node_id else None)
+            result = decision_result(decision, model, request_id, address)
+        else:
+            result = await self.submit(command)
+            index = result.get("index", self.node.store.applied_index)
+        result = {**result, "term": self.node.raftCurrentTerm, "index": index,
+                  "dry_run": bool(body.get("dry_run"))}
+        result.pop("ok", None)
+        if not result["routed"]:
+            code = result["rejected"]
+            raise CachePlaneError(code, result["detail"], REJECTION_STATUS.get(code, 503),
+                                  candidates=result["candidates"], request_id=request_id)
+        return result
+
+    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await self.submit({
+            "op": "cp.complete", "request_id": body["request_id"], "node": body["node_id"],
+            "status": body.get("status", "ok"), "output_blocks": body.get("block_hashes", []),
+        })
+
+    async def kv_events(self, body: dict[str, Any]) -> dict[str, Any]:
+        command = {"op": "cp.kv_events", "node": body["node_id"], "seq": body["seq"],
+                   "events": body["events"]}
+        if "model" in body:
+            command["model"] = body["model"]
+        return await self.submit(command)
+
+    # -- introspection ---------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        with self.node.store.lock:
+            s = self.machine.stats
+            routed = sum(s.routes.values())
+            return {
+                "routes": dict(s.routes), "routes_total": routed,
+                "rejections": dict(s.rejections),
+                "blocks_requested": s.blocks_requested, "blocks_reused": s.blocks_reused,
+                "block_hit_rate": s.blocks_reused / s.blocks_requested if s.blocks_requested else 0.0,
+                "tokens_reused": s.tokens_reused, "evictions": s.evictions,
+                "indexed_blocks": self.machine.index.size(),
+                "nodes": len(self.machine.nodes), "active_requests": len(self.machine.requests),
+            }
+
+    # -- housekeeping ----------------------------------------------------------------------
+
+    async def housekeeping(self) -> None:
+        """On the leader, propose expiry with the leader's clock every interval (forever)."""
+        while True:
+            await asyncio.sleep(self.settings.expire_interval_s)
+            if not (self.node.is_leader() and self.node.has_quorum_lease()):
+                continue
+            try:
+                out = await self.submit({"op": "cp.expire", "now_ms": now_ms(),
+                                         "block_ttl_ms": self.settings.block_ttl_ms})
+                if out.get("nodes_down"):
+                    log.warning("nodes_declared_down", nodes=out["nodes_down"])
+            except VeristoreError as exc:
+                log.info("expire_not_committed", error=exc.detail)

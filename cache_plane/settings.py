@@ -1,0 +1,102 @@
+"""Settings of a cache_plane node: the veristore node settings plus the domain's own.
+
+A `cache-plane serve` config file is a veristore node file (see `veristore_py/config.py`) with
+an optional ``[cache_plane]`` table::
+
+    raft_address = "10.0.0.1:7000"
+    http_address = "10.0.0.1:8000"
+    data_dir = "/var/lib/cache-plane"
+    password_file = "/etc/cache-plane/raft-password"
+    api_token_file = "/etc/cache-plane/api-token"
+    [[peers]]
+    raft = "10.0.0.2:7000"
+    http = "10.0.0.2:8000"
+    [cache_plane]
+    node_lease_ms = 10000
+
+Environment variables use the ``CACHE_PLANE_`` prefix for both (``CACHE_PLANE_DATA_DIR``,
+``CACHE_PLANE_NODE_LEASE_MS``); flags override both. Every problem is reported at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from veristore_py.config import NodeSettings, load_settings
+from veristore_py.errors import ConfigError
+
+ENV_PREFIX = "CACHE_PLANE_"
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSettings:
+    """Domain settings; the leader stamps these TTLs into the commands it proposes."""
+
+    node_lease_ms: int = 10_000        # an inference node silent this long is declared down
+    request_ttl_ms: int = 30_000       # pending blocks of an unreported request expire
+    session_ttl_ms: int = 600_000      # session affinity lasts this long after the last route
+    block_ttl_ms: int = 0              # drop blocks idle this long (0: only LRU evicts)
+    expire_interval_s: float = 1.0     # how often the leader proposes expiry
+    load_weight: float = 0.5           # score penalty per unit of load
+    session_max_load: float = 1.0      # session affinity holds while load is below this
+    max_prompt_tokens: int = 1 << 20
+
+    def validate(self) -> list[str]:
+        problems = []
+        for name in ("node_lease_ms", "request_ttl_ms", "session_ttl_ms", "max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                problems.append(f"cache_plane.{name} must be >= 1")
+        if self.block_ttl_ms < 0:
+            problems.append("cache_plane.block_ttl_ms must be >= 0")
+        if self.expire_interval_s <= 0:
+            problems.append("cache_plane.expire_interval_s must be > 0")
+        if self.load_weight < 0 or self.session_max_load <= 0:
+            problems.append("cache_plane.load_weight must be >= 0 and session_max_load > 0")
+        return problems
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(ServiceSettings)}
+
+
+def load(path: str | None, env: Mapping[str, str] | None = None,
+         overrides: Mapping[str, Any] | None = None) -> tuple[NodeSettings, ServiceSettings]:
+    """Load and validate both settings objects; raise ConfigError with every problem."""
+    env = dict(os.environ if env is None else env)
+    problems: list[str] = []
+    try:
+        node = load_settings(path, env=env, overrides=overrides, env_prefix=ENV_PREFIX)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+        node = None
+    raw: dict[str, Any] = {}
+    if node is not None:
+        table = node.extra.get("cache_plane", {})
+        if not isinstance(table, Mapping):
+            problems.append("[cache_plane] must be a table")
+            table = {}
+        raw.update(table)
+    for key, value in env.items():
+        name = key[len(ENV_PREFIX):].lower()
+        if key.startswith(ENV_PREFIX) and name in _FIELDS:
+            raw[name] = value
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name not in _FIELDS:
+            problems.append(f"unknown setting cache_plane.{name}")
+            continue
+        kind = type(_FIELDS[name].default)
+        try:
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            values[name] = kind(value)
+        except (TypeError, ValueError):
+            problems.append(f"cache_plane.{name} must be a {kind.__name__}")
+    service = ServiceSettings(**values)
+    problems.extend(service.validate())
+    if problems or node is None:
+        raise ConfigError(problems)
+    return node, service

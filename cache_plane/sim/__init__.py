@@ -1,0 +1,1 @@
+"""Simulated inference nodes and workloads (demo, tests, benchmarks)."""
