@@ -137,6 +137,19 @@ class PrefixIndex:
         lru[key] = at_ms
         return new
 
+    def touch(self, model: int, block: int, slot: int, at_ms: int) -> int | None:
+        """Make a held block most recent as of `at_ms`; return its tier (None: not held)."""
+        lru = self._lru.get(slot)
+        key = model << 64 | block
+        if lru is None or key not in lru:
+            return None
+        del lru[key]
+        lru[key] = at_ms
+        for entry in _entries(self._holders[model][block]):
+            if entry >> 2 == slot:
+                return entry & 3
+        return None  # pragma: no cover (holders and LRU agree)
+
     def remove(self, model: int, block: int, slot: int) -> bool:
         """Forget that `slot` holds `block`; False if it did not."""
         lru = self._lru.get(slot)

@@ -18,7 +18,7 @@ Store keys (all under ``cp/``)::
                                           last leader time seen
     cp/model/<id>                         [code, block_size, hash_seed, epoch]
     cp/node/<id>                          NodeRecord fields
-    cp/blk/<slot:u16><model:u16><hash:u64> [tier, lru_seq, touched_ms]
+    cp/blk/<slot:u16><model:u16><hash:u64> <tier:u8><lru_seq:u64><touched_ms:u64>
     cp/sess/<id>                          [node_id, expires_ms]
     cp/req/<id>                           [node_id, model_code, blocks, pending, expires_ms,
                                            route_type, matched_blocks]
@@ -42,6 +42,7 @@ PREFIX = b"cp/"
 META_KEY = b"cp/meta"
 _BLK = b"cp/blk/"
 _BLK_KEY = struct.Struct(">HHQ")
+_BLK_VALUE = struct.Struct(">BQQ")  # tier, lru_seq, touched_ms (fixed layout: hot path)
 MASK64 = (1 << 64) - 1
 MAX_PROMPT_BLOCKS = 1 << 17
 MAX_SLOTS = 1 << 16
@@ -209,6 +210,11 @@ class CachePlaneMachine:
         for key, raw in items:
             if not key.startswith(PREFIX):
                 continue
+            if key.startswith(_BLK):
+                slot, model, block = _BLK_KEY.unpack(key[len(_BLK):])
+                tier, seq, touched = _BLK_VALUE.unpack(raw)
+                blocks.append((seq, slot, model, block, tier, touched))
+                continue
             value = unpack(raw)
             if key == META_KEY:
                 self.next_slot, self.next_model, self.seq, stats, self.now = value
@@ -219,9 +225,6 @@ class CachePlaneMachine:
             elif key.startswith(b"cp/node/"):
                 node_id = key[8:].decode()
                 self.nodes[node_id] = NodeRecord.from_wire(node_id, value)
-            elif key.startswith(_BLK):
-                slot, model, block = _BLK_KEY.unpack(key[len(_BLK):])
-                blocks.append((value[1], slot, model, block, value[0], value[2]))
             elif key.startswith(b"cp/sess/"):
                 self.sessions[key[8:].decode()] = (value[0], value[1])
             elif key.startswith(b"cp/req/"):
@@ -285,12 +288,13 @@ class CachePlaneMachine:
     def _put_block(self, m: list[Mutation], model: int, block: int, slot: int, tier: int) -> None:
         self.index.add(model, block, slot, tier, self.now)
         self.seq += 1
-        m.append((block_key(slot, model, block), pack([tier, self.seq, self.now])))
+        m.append((block_key(slot, model, block), _BLK_VALUE.pack(tier, self.seq, self.now)))
 
     def _touch_block(self, m: list[Mutation], model: int, block: int, slot: int) -> None:
-        tier = self.index.tier(model, block, slot)
+        tier = self.index.touch(model, block, slot, self.now)
         if tier is not None:
-            self._put_block(m, model, block, slot, tier)
+            self.seq += 1
+            m.append((block_key(slot, model, block), _BLK_VALUE.pack(tier, self.seq, self.now)))
 
     def _del_block(self, m: list[Mutation], model: int, block: int, slot: int) -> bool:
         if self.index.remove(model, block, slot):

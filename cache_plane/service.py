@@ -169,7 +169,9 @@ class CachePlaneService:
 
     async def route(self, body: dict[str, Any]) -> dict[str, Any]:
         """Decide (and unless dry-run, commit) where a request goes."""
-        blocks = await asyncio.to_thread(self._blocks, body)
+        # Hashing holds the GIL (cbor2), so a thread would not help; it is bounded by
+        # max_prompt_tokens and done inline.
+        blocks = self._blocks(body)
         request_id = body.get("request_id") or uuid.uuid4().hex
         command: dict[str, Any] = {
             "op": "cp.route", "model": body["model"], "blocks": blocks,

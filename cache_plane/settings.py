@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -73,12 +74,17 @@ def load(path: str | None, env: Mapping[str, str] | None = None,
         problems.extend(exc.problems)
         node = None
     raw: dict[str, Any] = {}
-    if node is not None:
-        table = node.extra.get("cache_plane", {})
-        if not isinstance(table, Mapping):
-            problems.append("[cache_plane] must be a table")
-            table = {}
-        raw.update(table)
+    table: Any = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                table = tomllib.load(f).get("cache_plane", {})
+        except (OSError, tomllib.TOMLDecodeError):
+            table = {}  # already reported by the node settings
+    if not isinstance(table, Mapping):
+        problems.append("[cache_plane] must be a table")
+        table = {}
+    raw.update(table)
     for key, value in env.items():
         name = key[len(ENV_PREFIX):].lower()
         if key.startswith(ENV_PREFIX) and name in _FIELDS:
@@ -88,7 +94,7 @@ def load(path: str | None, env: Mapping[str, str] | None = None,
         if name not in _FIELDS:
             problems.append(f"unknown setting cache_plane.{name}")
             continue
-        kind = type(_FIELDS[name].default)
+        kind: type = type(_FIELDS[name].default)
         try:
             if isinstance(value, bool):
                 raise ValueError("expected a number")

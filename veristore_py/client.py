@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from typing import Any
+from typing import Any, Self
 from urllib.parse import quote
 
 import aiohttp
@@ -61,7 +61,7 @@ class VeristoreClient:
         self._leader: str | None = None
         self._session: aiohttp.ClientSession | None = None
 
-    async def __aenter__(self) -> VeristoreClient:
+    async def __aenter__(self) -> Self:
         self._session = aiohttp.ClientSession(headers=self._headers)
         return self
 

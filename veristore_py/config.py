@@ -129,7 +129,7 @@ class NodeSettings:
             problems.append("give password or password_file, not both")
         if not (self.password or self.password_file):
             public = [a for a in [self.raft_address, *(p.raft for p in self.peers)]
-                      if a and not _is_loopback(a)]
+                      if _split_address(a) is not None and not _is_loopback(a)]
             if public:
                 problems.append(
                     f"a Raft password is required when binding or peering beyond loopback "

@@ -72,6 +72,7 @@ class LocalCluster:
     settings: dict[str, Any] = field(default_factory=dict)
     api_token: str | None = None
     password: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
     nodes: list[NodeSpec] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -136,7 +137,7 @@ class LocalCluster:
             [sys.executable, "-m", self.module, "serve", "--config", node.config_path,
              *(extra_args or [])],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})}, start_new_session=True,
+            env={**os.environ, **self.env, **(env or {})}, start_new_session=True,
         )
         log.close()
         node.paused = False

@@ -30,7 +30,6 @@ from .openapi import document
 from .validation import VALIDATORS
 
 SERVICE = web.AppKey("service", CachePlaneService)
-METRICS = web.AppKey("metrics", "Metrics")
 OPENAPI = web.AppKey("openapi", dict)
 
 
@@ -48,6 +47,9 @@ class Metrics:
         self.rejections = Counter("cache_plane_route_rejections", "Rejected route requests",
                                   ["reason"], registry=self.registry)
         self.registry.register(_StateCollector(service))
+
+
+METRICS = web.AppKey("metrics", Metrics)
 
 
 class _StateCollector:

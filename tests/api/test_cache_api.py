@@ -1,0 +1,169 @@
+"""The cache_plane HTTP API on a real single-member cluster (real Raft, LMDB, HTTP)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cache_plane.api import create_app
+from cache_plane.hashing import block_hashes
+from cache_plane.machine import CachePlaneMachine
+from veristore_py.config import NodeSettings
+from veristore_py.localcluster import free_ports
+from veristore_py.node import VeristoreNode
+
+TOKEN = "t0ken"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    raft, http = free_ports(2)
+    settings = NodeSettings(raft_address=f"127.0.0.1:{raft}", http_address=f"127.0.0.1:{http}",
+                            data_dir=str(tmp_path_factory.mktemp("cp") / "data")).validate()
+    n = VeristoreNode(settings, CachePlaneMachine())
+    deadline = time.monotonic() + 10
+    while not (n.is_leader() and n.leader_caught_up()):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    yield n
+    n.stop()
+
+
+@pytest.fixture
+async def client(node, aiohttp_client):
+    c = await aiohttp_client(create_app(node, node.settings, TOKEN))
+    await c.post("/v1/models", json={"model_id": "llama", "block_size": 4}, headers=AUTH)
+    for i, cap in enumerate((50, 50)):
+        await c.post("/v1/nodes", json={"node_id": f"gpu{i}", "address": f"10.0.0.{i}:8000",
+                                        "models": ["llama"], "capacity_blocks": cap,
+                                        "max_active": 8}, headers=AUTH)
+    return c
+
+
+async def post(client, path, body):
+    r = await client.post(path, json=body, headers=AUTH)
+    return r.status, await r.json()
+
+
+async def test_route_miss_then_prefix_hit_with_breakdown(client):
+    """Token ids are hashed server-side; a shared prefix routes back to its holder."""
+    tokens = list(range(40))
+    status, first = await post(client, "/v1/route", {"model": "llama", "token_ids": tokens,
+                                                     "request_id": "api-r1"})
+    assert status == 200 and first["route_type"] in ("miss", "prefix", "exact")
+    assert {"node_id", "address", "matched_blocks", "matched_tokens", "total_blocks",
+            "evicted_blocks", "candidates", "term", "index"} <= set(first)
+    await post(client, "/v1/complete", {"request_id": "api-r1", "node_id": first["node_id"]})
+    status, hit = await post(client, "/v1/route", {
+        "model": "llama", "block_hashes": block_hashes(tokens[:32], 4) + [7, 8]})
+    assert status == 200 and hit["node_id"] == first["node_id"]
+    assert hit["matched_blocks"] == 8 and hit["matched_tokens"] == 32
+    assert len(hit["candidates"]) == 2
+
+
+async def test_retried_route_returns_the_same_decision(client):
+    """Repeating a request id answers with the original decision (safe retries)."""
+    body = {"model": "llama", "prompt": "x" * 400, "request_id": "same-id"}
+    _, a = await post(client, "/v1/route", body)
+    _, b = await post(client, "/v1/route", body)
+    assert b["node_id"] == a["node_id"] and b["duplicate"] is True
+
+
+async def test_dry_run_changes_nothing(client):
+    """dry_run answers with a decision but commits nothing."""
+    before = await (await client.get("/v1/stats")).json()
+    status, r = await post(client, "/v1/route", {"model": "llama", "token_ids": list(range(8)),
+                                                 "dry_run": True})
+    after = await (await client.get("/v1/stats")).json()
+    assert status == 200 and r["dry_run"] and before["routes_total"] == after["routes_total"]
+
+
+async def test_nodes_models_heartbeat_drain_delete(client):
+    """Node lifecycle over HTTP."""
+    assert (await post(client, "/v1/nodes/gpu1/heartbeat", {"active_requests": 2,
+                                                            "queue_depth": 1}))[0] == 200
+    node = await (await client.get("/v1/nodes/gpu1")).json()
+    assert node["active_requests"] == 2 and node["queue_depth"] == 1
+    assert (await post(client, "/v1/nodes/gpu1/drain", {}))[1]["state"] == "draining"
+    r = await client.delete("/v1/nodes/gpu1", headers=AUTH)
+    assert r.status == 200
+    assert (await client.get("/v1/nodes/gpu1")).status == 404
+    models = await (await client.get("/v1/models")).json()
+    assert models["models"][0]["model_id"] == "llama"
+    assert (await post(client, "/v1/models/llama/invalidate", {}))[1]["epoch"] >= 1
+
+
+async def test_kv_events_idempotent_per_seq(client):
+    """The same (node, seq) batch applies once."""
+    body = {"node_id": "gpu0", "seq": 100, "events": [
+        {"type": "stored", "block_hashes": [11, 12], "tier": "cpu"}]}
+    assert (await post(client, "/v1/kv-events", body))[1]["stored"] == 2
+    assert (await post(client, "/v1/kv-events", body))[1]["duplicate"] is True
+
+
+@pytest.mark.parametrize("path, body, status, code", [
+    ("/v1/route", {"model": "nope", "token_ids": [1]}, 404, "unknown_model"),
+    ("/v1/route", {"model": "llama"}, 400, "invalid_request"),
+    ("/v1/route", {"model": "llama", "token_ids": [1], "prompt": "x"}, 400, "invalid_request"),
+    ("/v1/route", {"model": "llama", "token_ids": [-1]}, 400, "invalid_request"),
+    ("/v1/route", {"model": "llama", "block_hashes": [2**64]}, 400, "invalid_request"),
+    ("/v1/route", {"model": "llama", "token_ids": "abc"}, 400, "invalid_request"),
+    ("/v1/route", {"model": "llama", "block_hashes": list(range(60))}, 413, "prompt_too_large"),
+    ("/v1/nodes", {"node_id": "x"}, 400, "invalid_request"),
+    ("/v1/nodes", {"node_id": "x", "address": "a", "models": ["ghost"], "capacity_blocks": 1},
+     404, "unknown_model"),
+    ("/v1/nodes/ghost/heartbeat", {}, 404, "unknown_node"),
+    ("/v1/complete", {"request_id": "r"}, 400, "invalid_request"),
+    ("/v1/kv-events", {"node_id": "gpu0", "seq": 1, "events": [{"type": "boom"}]}, 400,
+     "invalid_request"),
+    ("/v1/models", {"model_id": "m", "block_size": 0}, 400, "invalid_request"),
+])
+async def test_each_error_class_is_a_clear_4xx(client, path, body, status, code):
+    """Bad input gets the right status and an error naming the problem."""
+    got, payload = await post(client, path, body)
+    assert (got, payload["error"]) == (status, code) and payload["detail"]
+
+
+async def test_auth_metrics_openapi_docs_health(client):
+    """Token required on mutations; metrics, spec, docs and health are served."""
+    assert (await client.post("/v1/models", json={"model_id": "z"})).status == 401
+    metrics = await (await client.get("/metrics")).text()
+    assert "cache_plane_http_request_duration_seconds_bucket" in metrics
+    assert "cache_plane_raft_term" in metrics
+    spec = await (await client.get("/openapi.json")).json()
+    assert spec["openapi"].startswith("3.1") and "/v1/route" in spec["paths"]
+    assert "llm-serving-cache API" in await (await client.get("/docs")).text()
+    assert (await client.get("/health/ready")).status == 200
+    cluster = await (await client.get("/v1/cluster")).json()
+    assert cluster["state"] == "leader"
+
+
+JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=4),
+    max_leaves=12)
+FIELDS = st.sampled_from(["model", "token_ids", "block_hashes", "prompt", "session_id",
+                          "request_id", "dry_run", "node_id", "seq", "events", "models",
+                          "address", "capacity_blocks", "status", "model_id", "block_size"])
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=st.sampled_from(["/v1/route", "/v1/nodes", "/v1/complete", "/v1/kv-events",
+                             "/v1/models", "/v1/nodes/gpu0/heartbeat", "/v1/kv/k",
+                             "/v1/kv/k/cas"]),
+       body=st.one_of(JSONISH, st.dictionaries(FIELDS, JSONISH, max_size=6)),
+       raw=st.booleans())
+async def test_fuzzed_bodies_never_get_a_5xx(client, path, body, raw):
+    """Random JSON (and non-JSON) bodies get a 2xx or 4xx, never a 500."""
+    import json as _json
+
+    data = _json.dumps(body).encode()[::-1] if raw else _json.dumps(body).encode()
+    method = client.put if path == "/v1/kv/k" else client.post
+    r = await method(path, data=data, headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status < 500, await r.text()

@@ -1,0 +1,43 @@
+"""The `cache-plane` CLI against real processes: cluster up, status, route, cluster down."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def cli(*args, timeout=90):
+    return subprocess.run([sys.executable, "-m", "cache_plane", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_cluster_up_status_route_down_leaves_no_process(tmp_path):
+    """A local cluster starts, answers status and route, and stops with nothing left behind."""
+    up = cli("cluster", "up", "--dir", str(tmp_path))
+    assert up.returncode == 0, up.stderr
+    with open(tmp_path / "cluster.json") as f:
+        state = json.load(f)
+    try:
+        status = cli("status", "--endpoint", state["urls"][0])
+        assert status.returncode == 0 and "leader http://" not in status.stdout
+        assert "term" in status.stdout
+        route = cli("route", "--endpoint", state["urls"][1], "--model", "m", "--prompt", "hi")
+        assert route.returncode == 1 and "unknown_model" in route.stderr
+    finally:
+        down = cli("cluster", "down", "--dir", str(tmp_path))
+    assert down.returncode == 0
+    for pid in state["pids"]:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_serve_reports_every_config_problem(tmp_path):
+    """`serve` with a bad config exits 2 and lists each problem."""
+    out = cli("serve", "--raft-address", "bad", "--data-dir", str(tmp_path))
+    assert out.returncode == 2 and "raft_address" in out.stderr and "http_address" in out.stderr
