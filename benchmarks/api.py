@@ -147,7 +147,9 @@ def main() -> int:
     # The benchmark's nodes do not heartbeat; a long lease keeps them up for the whole run.
     cluster = LocalCluster(tempfile.mkdtemp(prefix="bench-api-"), module="cache_plane",
                            api_token=token, settings={"log_level": "warning"},
-                           env={"CACHE_PLANE_NODE_LEASE_MS": str(3_600_000)})
+                           env={"CACHE_PLANE_NODE_LEASE_MS": str(3_600_000),
+                                **{k: v for k, v in os.environ.items()
+                                   if k.startswith("CACHE_PLANE_")}})
     try:
         cluster.start()
         cluster.wait_for_leader()

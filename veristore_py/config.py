@@ -65,7 +65,7 @@ class NodeSettings:
     # Group commit.
     max_batch_commands: int = 512
     max_batch_bytes: int = 1 << 20
-    max_inflight_entries: int = 4
+    max_inflight_entries: int = 1
     batch_window_ms: float = 0.0
     commit_timeout_s: float = 5.0
     max_queued_commands: int = 100_000

@@ -34,7 +34,7 @@ from .config import NodeSettings
 from .errors import InvalidCommandError, LeadershipLostError, NoLeaderError, NotLeaderError
 from .group_commit import GroupCommitter
 from .journal import LmdbJournal, install_journal_factory
-from .snapshot import SnapshotManager
+from .snapshot import SnapshotManager, prepare_journal
 from .state import KVMachine, Machine, Result
 from .storage import StateStore
 
@@ -63,13 +63,20 @@ class VeristoreNode(SyncObj):
         self.store = StateStore(os.path.join(settings.data_dir, "state"), machine or KVMachine(),
                                 settings.map_size_bytes)
         self.snapshots = SnapshotManager(self.store)
+        dump_path = os.path.join(settings.data_dir, "snapshot.bin")
+        try:
+            prepare_journal(self._journal, dump_path)
+        except Exception:
+            self._journal.close()
+            self.store.close()
+            raise
         self.committer: GroupCommitter | None = None
         self._log = log.bind(node=settings.raft_address)
         self._stopped = False
         conf = SyncObjConf(
             password=settings.resolved_password(),
             journalFile=self._journal,
-            fullDumpFile=os.path.join(settings.data_dir, "snapshot.bin"),
+            fullDumpFile=dump_path,
             serializer=self.snapshots.serialize,
             deserializer=self.snapshots.deserialize,
             serializeChecker=self.snapshots.check,
@@ -132,6 +139,15 @@ class VeristoreNode(SyncObj):
             self._log.error("entry_undecodable", index=index, error=str(exc))
             return None
         return self.store.apply_entry(index, batch.stamp_ms, batch.commands)
+
+    def _setCodeVersion(self, args: Any, callback: Any) -> None:  # noqa: N802 (PySyncObj's name)
+        """Refuse PySyncObj's `set_version` admin command.
+
+        A VERSION entry this code cannot run makes PySyncObj skip bumping its applied counter,
+        which would shift the log index `apply_entry` derives; versioning is done with command
+        ops inside our msgpack batches instead.
+        """
+        callback(None, "set_version is not supported by veristore")
 
     def _propose(self, entry: bytes, callback: Any) -> None:
         self.apply_entry(entry, callback=callback)

@@ -53,6 +53,36 @@ def read_header(f: IO[bytes]) -> dict[str, Any]:
     return header
 
 
+def prepare_journal(journal: Any, dump_path: str) -> None:
+    """Make the journal agree with the dump file before PySyncObj starts (call before it does).
+
+    A crash after a snapshot was renamed into place but before PySyncObj compacted the journal
+    leaves a journal that still starts before the snapshot's ``prev`` entry. PySyncObj's
+    start-up would then *clear* the journal down to ``[prev, last]`` and drop every entry after
+    ``last``, entries this node may already have acknowledged. Finishing the compaction here
+    (drop the entries before ``prev``, fsync) keeps them.
+
+    Raises StorageError if the dump exists but cannot be read: starting without it would
+    leave the node unable to apply anything, silently.
+    """
+    if not os.path.exists(dump_path):
+        return
+    try:
+        with open(dump_path, "rb") as f:
+            header = read_header(f)
+    except (OSError, StorageError, ValueError) as exc:
+        raise StorageError(f"snapshot {dump_path} is unreadable ({exc}); restore it from a "
+                           f"backup or remove the node's data dir and let it catch up") from exc
+    prev, last = _entry(header["prev"]), _entry(header["last"])
+    for position in range(len(journal) - 1):
+        if journal[position][1:] == prev[1:] and journal[position + 1][1:] == last[1:]:
+            if position:
+                journal.deleteEntriesTo(position)
+                journal.sync()
+                log.warning("journal_compaction_finished", dropped_before=prev[1])
+            return
+
+
 def _entry(raw: Any) -> tuple[bytes, int, int]:
     command, index, term = raw
     return bytes(command), int(index), int(term)
@@ -76,7 +106,13 @@ class SnapshotManager:
         final = tmp_path[: -len(".tmp")] if tmp_path.endswith(".tmp") else tmp_path
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
-        view = self._store.open_snapshot()
+        try:
+            view = self._store.open_snapshot()
+        except Exception as exc:  # report FAILED instead of leaving PySyncObj "serializing"
+            log.error("snapshot_failed", error=repr(exc))
+            with self._lock:
+                self._state = SERIALIZER_STATE.FAILED
+            return
         header = {
             "applied": view.applied_index,
             "last": list(last),
@@ -101,6 +137,8 @@ class SnapshotManager:
                 self._store.write_snapshot(view, f)
                 f.flush()
                 os.fsync(f.fileno())
+            # The live state becomes the base the compacted journal builds on: make it durable.
+            self._store.sync()
             with self._lock:
                 if generation != self._generation:  # a leader's snapshot replaced ours
                     os.remove(building)
@@ -130,6 +168,11 @@ class SnapshotManager:
         """Load the dump at `path`, installing its state if it is ahead of ours."""
         with self._lock:
             self._generation += 1
+        # PySyncObj renames a received dump into place without fsync; make it durable before
+        # this node acknowledges the install (the acknowledgement follows this call).
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
         with open(path, "rb") as f:
             header = read_header(f)
             if header["applied"] > self._store.applied_index:

@@ -8,7 +8,8 @@ Contract:
   mutations); nothing half-applied is ever visible.
 - The environment is opened with ``sync=False``: commits reach the page cache and survive
   kill -9, and `sync()` makes them durable. The Raft journal (not this store) is the source of
-  durability for acknowledged writes; the store is synced before the journal is compacted.
+  durability for acknowledged writes; the snapshot builder syncs the store before it reports
+  success, i.e. before PySyncObj compacts the journal behind it.
 - Snapshots: `open_snapshot()` pins a consistent read view; `write_snapshot()` streams a
   compacted copy of that view; `install_snapshot()` atomically swaps in a received copy.
 """
@@ -230,8 +231,14 @@ class StateStore:
         """Pin a consistent read view of the current state (release with `close_snapshot`)."""
         with self._gate:
             self._readers += 1
-        txn = self._env.begin(db=self._meta)
-        raw = txn.get(_APPLIED_KEY, db=self._meta)
+        try:
+            txn = self._env.begin(db=self._meta)
+            raw = txn.get(_APPLIED_KEY, db=self._meta)
+        except Exception:
+            with self._gate:
+                self._readers -= 1
+                self._gate.notify_all()
+            raise
         return SnapshotView(txn=txn, applied_index=0 if raw is None else unpack(raw))
 
     def close_snapshot(self, view: SnapshotView) -> None:
@@ -259,6 +266,7 @@ class StateStore:
             shutil.copyfileobj(src, dst, 1 << 20)
             dst.flush()
             os.fsync(dst.fileno())
+        _fsync_dir(incoming)
         with self._exclusive():
             self._env.close()
             old = self.path + ".old"
