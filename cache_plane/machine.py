@@ -17,7 +17,7 @@ Store keys (all under ``cp/``)::
     cp/meta                               counters, next slot / model code, LRU sequence,
                                           last leader time seen
     cp/model/<id>                         [code, block_size, hash_seed, epoch]
-    cp/node/<id>                          NodeRecord fields
+    cp/node/<id>                          Node fields
     cp/blk/<slot:u16><model:u16><hash:u64> <tier:u8><lru_seq:u64><touched_ms:u64>
     cp/sess/<id>                          [node_id, expires_ms]
     cp/req/<id>                           [node_id, model_code, blocks, pending, expires_ms,
@@ -35,7 +35,7 @@ from veristore_py.codec import pack, unpack
 from veristore_py.state import ApplyContext, KVMachine, Mutation, Outcome, Reader, Result, error
 
 from .index import GPU, PENDING, TIER_CODES, TIER_NAMES, PrefixIndex
-from .model import ModelSpec, NodeView, RouteDecision
+from .model import ModelSpec, Node, RouteDecision
 from .policy import DEFAULT_POLICY, PolicyConfig, decide
 
 PREFIX = b"cp/"
@@ -64,30 +64,15 @@ class _Rejected(Exception):
         self.code = code
 
 
-@dataclass(slots=True)
-class NodeRecord:
-    id: str
-    slot: int
-    address: str
-    models: tuple[str, ...]
-    capacity_blocks: int
-    max_active: int
-    labels: tuple[tuple[str, str], ...] = ()
-    state: str = "up"
-    active: int = 0
-    queue: int = 0
-    lease_until_ms: int = 0
-    last_event_seq: int = -1
+def _node_wire(node: Node) -> list[Any]:
+    return [node.slot, node.address, list(node.models), node.capacity_blocks, node.max_active,
+            [list(p) for p in node.labels], node.state, node.active, node.queue,
+            node.lease_until_ms, node.last_event_seq]
 
-    def wire(self) -> list[Any]:
-        return [self.slot, self.address, list(self.models), self.capacity_blocks, self.max_active,
-                [list(p) for p in self.labels], self.state, self.active, self.queue,
-                self.lease_until_ms, self.last_event_seq]
 
-    @classmethod
-    def from_wire(cls, node_id: str, w: list[Any]) -> NodeRecord:
-        return cls(node_id, w[0], w[1], tuple(w[2]), w[3], w[4], tuple(tuple(p) for p in w[5]),
-                   w[6], w[7], w[8], w[9], w[10])
+def _node_from_wire(node_id: str, w: list[Any]) -> Node:
+    return Node(node_id, w[0], w[1], tuple(w[2]), w[3], w[4], tuple(tuple(p) for p in w[5]),
+                w[6], w[7], w[8], w[9], w[10])
 
 
 @dataclass(slots=True)
@@ -169,7 +154,7 @@ class CachePlaneMachine:
 
     def reset(self) -> None:
         self.models: dict[str, ModelSpec] = {}
-        self.nodes: dict[str, NodeRecord] = {}
+        self.nodes: dict[str, Node] = {}
         self.index = PrefixIndex()
         self.sessions: dict[str, tuple[str, int]] = {}
         self.requests: dict[str, RequestRecord] = {}
@@ -224,7 +209,7 @@ class CachePlaneMachine:
                 self.models[model_id] = ModelSpec(model_id, *value)
             elif key.startswith(b"cp/node/"):
                 node_id = key[8:].decode()
-                self.nodes[node_id] = NodeRecord.from_wire(node_id, value)
+                self.nodes[node_id] = _node_from_wire(node_id, value)
             elif key.startswith(b"cp/sess/"):
                 self.sessions[key[8:].decode()] = (value[0], value[1])
             elif key.startswith(b"cp/req/"):
@@ -237,11 +222,6 @@ class CachePlaneMachine:
             self._pin_all(self.nodes[request.node].slot, request.model, request.blocks, +1)
 
     # -- views -----------------------------------------------------------------------------
-
-    def node_view(self, rec: NodeRecord) -> NodeView:
-        return NodeView(rec.id, rec.slot, rec.address, rec.models, rec.capacity_blocks,
-                        rec.max_active, rec.state, rec.active, rec.queue,
-                        self.index.used(rec.slot), rec.labels)
 
     def decide(self, command: Mapping[str, Any]) -> RouteDecision | Result:
         """Compute a route decision without changing anything (dry run); error dict if invalid."""
@@ -260,9 +240,8 @@ class CachePlaneMachine:
             node_id, expires = self.sessions[session]
             if isinstance(now_ms, int) and expires > now_ms:
                 session_node = node_id
-        views = [self.node_view(n) for n in self.nodes.values()]
-        return decide(model, blocks, views, self.index, self._is_pinned, self._pinned_count,
-                      session_node, self.policy)
+        return decide(model, blocks, list(self.nodes.values()), self.index, self._is_pinned,
+                      self._pinned_count, session_node, self.policy)
 
     # -- internals: meta, blocks, pins -----------------------------------------------------
 
@@ -302,7 +281,7 @@ class CachePlaneMachine:
             return True
         return False
 
-    def _make_room(self, m: list[Mutation], rec: NodeRecord, keep: frozenset[int] = frozenset()) -> bool:
+    def _make_room(self, m: list[Mutation], rec: Node, keep: frozenset[int] = frozenset()) -> bool:
         """Evict the least recently used unpinned block of `rec` if it is full; False if none."""
         if self.index.used(rec.slot) < rec.capacity_blocks:
             return True
@@ -315,8 +294,8 @@ class CachePlaneMachine:
             return True
         return False
 
-    def _save_node(self, m: list[Mutation], rec: NodeRecord) -> None:
-        m.append((b"cp/node/" + rec.id.encode(), pack(rec.wire())))
+    def _save_node(self, m: list[Mutation], rec: Node) -> None:
+        m.append((b"cp/node/" + rec.id.encode(), pack(_node_wire(rec))))
 
     def _drop_request(self, m: list[Mutation], request_id: str, confirm: bool) -> None:
         request = self.requests.pop(request_id)
@@ -334,7 +313,7 @@ class CachePlaneMachine:
         rec.active = max(rec.active - 1, 0)
         self._save_node(m, rec)
 
-    def _drop_node_state(self, m: list[Mutation], rec: NodeRecord) -> None:
+    def _drop_node_state(self, m: list[Mutation], rec: Node) -> None:
         for model, block in self.index.drop_node(rec.slot):
             m.append((block_key(rec.slot, model, block), None))
         self.pins.pop(rec.slot, None)
@@ -414,7 +393,7 @@ class CachePlaneMachine:
         if rec is None:
             if self.next_slot >= MAX_SLOTS:
                 return error("too_many_nodes", "node slot space exhausted").result
-            rec = NodeRecord(node_id, self.next_slot, address, tuple(models), capacity, max_active)
+            rec = Node(node_id, self.next_slot, address, tuple(models), capacity, max_active)
             self.next_slot += 1
             self.nodes[node_id] = rec
         rec.address, rec.models = address, tuple(models)
@@ -427,7 +406,7 @@ class CachePlaneMachine:
         self._save_node(m, rec)
         return {"ok": True, "node": node_id, "slot": rec.slot, "created": created}
 
-    def _known_node(self, cmd: Mapping[str, Any]) -> NodeRecord:
+    def _known_node(self, cmd: Mapping[str, Any]) -> Node:
         node_id = _str(cmd, "node")
         rec = self.nodes.get(node_id or "")
         if rec is None:
@@ -656,4 +635,4 @@ def decision_result(decision: RouteDecision, model: ModelSpec, request_id: str,
     }
 
 
-__all__ = ["CachePlaneMachine", "NodeRecord", "RequestRecord", "decision_result", "TIER_NAMES"]
+__all__ = ["CachePlaneMachine", "RequestRecord", "decision_result", "TIER_NAMES"]

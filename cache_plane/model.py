@@ -19,9 +19,9 @@ class ModelSpec:
     epoch: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class NodeView:
-    """An inference node as the policy sees it."""
+@dataclass(slots=True)
+class Node:
+    """An inference node as the replicated state holds it (the machine mutates it in apply)."""
 
     id: str
     slot: int
@@ -29,15 +29,12 @@ class NodeView:
     models: tuple[str, ...]
     capacity_blocks: int
     max_active: int
+    labels: tuple[tuple[str, str], ...] = ()
     state: str = "up"
     active: int = 0
     queue: int = 0
-    used_blocks: int = 0
-    labels: tuple[tuple[str, str], ...] = ()
-
-    @property
-    def free_blocks(self) -> int:
-        return max(self.capacity_blocks - self.used_blocks, 0)
+    lease_until_ms: int = 0
+    last_event_seq: int = -1
 
     @property
     def load(self) -> float:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .index import PrefixIndex
-from .model import Candidate, ModelSpec, NodeView, RouteDecision
+from .model import Candidate, ModelSpec, Node, RouteDecision
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +54,7 @@ def plan_eviction(index: PrefixIndex, slot: int, count: int, is_pinned: Callable
     return None
 
 
-def decide(model: ModelSpec, blocks: Sequence[int], nodes: Sequence[NodeView], index: PrefixIndex,
+def decide(model: ModelSpec, blocks: Sequence[int], nodes: Sequence[Node], index: PrefixIndex,
            is_pinned: Callable[[int, int], bool], pinned_count: Callable[[int], int],
            session_node: str | None = None, config: PolicyConfig = DEFAULT_POLICY) -> RouteDecision:
     """Choose a node for a prompt of `blocks` (chained hashes) of `model`; see module docstring."""
@@ -68,8 +68,10 @@ def decide(model: ModelSpec, blocks: Sequence[int], nodes: Sequence[NodeView], i
         match = matches.get(node.slot)
         overlap = match.blocks if match else 0
         weighted = match.weighted if match else 0.0
+        used = index.used(node.slot)
+        free = max(node.capacity_blocks - used, 0)
         new_blocks = total - overlap
-        evict = max(new_blocks - node.free_blocks, 0)
+        evict = max(new_blocks - free, 0)
         reason = ""
         if node.state != "up":
             reason = "draining"
@@ -77,12 +79,12 @@ def decide(model: ModelSpec, blocks: Sequence[int], nodes: Sequence[NodeView], i
             reason = "busy"
         elif total > node.capacity_blocks:
             reason = "too_small"
-        elif evict and evict > _evictable(node, blocks[:overlap], model.code, is_pinned,
-                                          pinned_count):
+        elif evict and evict > _evictable(node.slot, used, blocks[:overlap], model.code,
+                                          is_pinned, pinned_count):
             reason = "no_room"
         score = (weighted / total if total else 0.0) - config.load_weight * node.load
         candidates.append(Candidate(node.id, overlap, round(weighted, 4), round(node.load, 4),
-                                    node.free_blocks, evict, round(score, 6), not reason, reason))
+                                    free, evict, round(score, 6), not reason, reason))
     eligible = [c for c in candidates if c.eligible]
     by_id = {n.id: n for n in serving}
     if not eligible:
@@ -118,11 +120,11 @@ def decide(model: ModelSpec, blocks: Sequence[int], nodes: Sequence[NodeView], i
                          tuple(candidates))
 
 
-def _evictable(node: NodeView, reused: Sequence[int], model_code: int,
+def _evictable(slot: int, used: int, reused: Sequence[int], model_code: int,
                is_pinned: Callable[[int, int], bool], pinned_count: Callable[[int], int]) -> int:
-    """Blocks `node` could evict: not pinned, and not among the blocks this prompt reuses."""
-    unpinned_reused = sum(1 for b in reused if not is_pinned(node.slot, model_code << 64 | b))
-    return node.used_blocks - pinned_count(node.slot) - unpinned_reused
+    """Blocks node `slot` could evict: not pinned, and not among the blocks this prompt reuses."""
+    unpinned_reused = sum(1 for b in reused if not is_pinned(slot, model_code << 64 | b))
+    return used - pinned_count(slot) - unpinned_reused
 
 
 def _reject(total: int, code: str, detail: str,
