@@ -167,3 +167,12 @@ async def test_fuzzed_bodies_never_get_a_5xx(client, path, body, raw):
     method = client.put if path == "/v1/kv/k" else client.post
     r = await method(path, data=data, headers={**AUTH, "Content-Type": "application/json"})
     assert r.status < 500, await r.text()
+
+
+def test_openapi_document_is_valid_openapi_31():
+    """The served spec passes an OpenAPI 3.1 validator (so generated clients can trust it)."""
+    from openapi_spec_validator import validate
+
+    from cache_plane.api.openapi import document
+
+    validate(document())
