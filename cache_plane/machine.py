@@ -12,6 +12,13 @@ stamps ``now_ms``, ids and TTLs into each command and nothing here reads a clock
 iterates several nodes does it in node-id order. A handler validates everything before it
 changes anything, so an invalid command leaves no trace; no handler raises.
 
+Touch log: a route touches (LRU) every block it reuses. Instead of rewriting one record per
+block, it appends one ``cp/tl/`` record listing them. `rebuild` replays block records and touch
+records merged by their sequence numbers, which reproduces the live LRU order exactly: a
+touch of a block that was (re)written later is replayed before that block exists and is
+skipped, as it should be. `cp.compact_touches`, proposed by the leader when the log grows,
+folds the oldest touch records back into block records (deduplicated) and deletes them.
+
 Store keys (all under ``cp/``)::
 
     cp/meta                               counters, next slot / model code, LRU sequence,
@@ -19,6 +26,9 @@ Store keys (all under ``cp/``)::
     cp/model/<id>                         [code, block_size, hash_seed, epoch]
     cp/node/<id>                          Node fields
     cp/blk/<slot:u16><model:u16><hash:u64> <tier:u8><lru_seq:u64><touched_ms:u64>
+    cp/tl/<first_seq:u64>                 <slot:u16><model:u16><touched_ms:u64><block:u64>...
+                                          (reserves sequence numbers first .. first + n - 1)
+                                          one route's LRU touches (see "touch log" below)
     cp/sess/<id>                          [node_id, expires_ms]
     cp/req/<id>                           [node_id, model_code, blocks, pending, expires_ms,
                                            route_type, matched_blocks]
@@ -43,6 +53,9 @@ META_KEY = b"cp/meta"
 _BLK = b"cp/blk/"
 _BLK_KEY = struct.Struct(">HHQ")
 _BLK_VALUE = struct.Struct(">BQQ")  # tier, lru_seq, touched_ms (fixed layout: hot path)
+_TL = b"cp/tl/"
+_TL_KEY = struct.Struct(">Q")
+_TL_HEAD = struct.Struct(">HHQ")  # slot, model, touched_ms; then the blocks as big-endian u64
 MASK64 = (1 << 64) - 1
 MAX_PROMPT_BLOCKS = 1 << 17
 MAX_SLOTS = 1 << 16
@@ -104,6 +117,12 @@ def block_key(slot: int, model: int, block: int) -> bytes:
     return _BLK + _BLK_KEY.pack(slot, model, block)
 
 
+def _touch_blocks(raw: bytes) -> tuple[int, ...]:
+    """The block hashes of a touch record."""
+    count = (len(raw) - _TL_HEAD.size) // 8
+    return struct.unpack_from(f">{count}Q", raw, _TL_HEAD.size)
+
+
 # -- field validation ------------------------------------------------------------------------
 
 def _str(cmd: Mapping[str, Any], name: str, *, optional: bool = False) -> str | None:
@@ -150,6 +169,7 @@ class CachePlaneMachine:
             "cp.route": self._route,
             "cp.complete": self._complete,
             "cp.kv_events": self._kv_events,
+            "cp.compact_touches": self._compact_touches,
         }
 
     def reset(self) -> None:
@@ -161,6 +181,8 @@ class CachePlaneMachine:
         self.pins: dict[int, dict[int, int]] = {}
         self.stats = Stats()
         self.seq = 0
+        self.touch_log = 0  # touch records not yet compacted
+        self._reader: Reader | None = None
         self.now = 0
         self.next_slot = 0
         self.next_model = 0
@@ -176,6 +198,7 @@ class CachePlaneMachine:
         if handler is None:
             return self.kv.apply(command, reader, ctx)
         mutations: list[Mutation] = []
+        self._reader = reader
         now = command.get("now_ms", self.now)
         if isinstance(now, int) and not isinstance(now, bool) and now >= 0:
             self.now = now  # the leader's clock, stamped into the command
@@ -185,6 +208,8 @@ class CachePlaneMachine:
             return error("invalid_command", str(exc))
         except _Rejected as exc:
             return error(exc.code, str(exc))
+        finally:
+            self._reader = None  # only valid inside this apply
         mutations.append((META_KEY, self._meta_wire()))
         return Outcome(tuple(mutations), result)
 
@@ -192,6 +217,7 @@ class CachePlaneMachine:
         """Reconstruct the memory state from every stored (key, value) pair."""
         self.reset()
         blocks: list[tuple[int, int, int, int, int, int]] = []
+        touches: list[tuple[int, int, int, int, bytes]] = []
         for key, raw in items:
             if not key.startswith(PREFIX):
                 continue
@@ -199,6 +225,11 @@ class CachePlaneMachine:
                 slot, model, block = _BLK_KEY.unpack(key[len(_BLK):])
                 tier, seq, touched = _BLK_VALUE.unpack(raw)
                 blocks.append((seq, slot, model, block, tier, touched))
+                continue
+            if key.startswith(_TL):
+                (seq,) = _TL_KEY.unpack(key[len(_TL):])
+                slot, model, touched = _TL_HEAD.unpack_from(raw)
+                touches.append((seq, slot, model, touched, raw))
                 continue
             value = unpack(raw)
             if key == META_KEY:
@@ -216,8 +247,17 @@ class CachePlaneMachine:
                 node, model, req_blocks, pending, expires, kind, matched = value
                 self.requests[key[7:].decode()] = RequestRecord(
                     node, model, tuple(req_blocks), tuple(pending), expires, kind, matched)
-        for _seq, slot, model, block, tier, touched in sorted(blocks):
-            self.index.add(model, block, slot, tier, touched)
+        events: list[tuple[int, int, Any]] = [(b[0], 0, b) for b in blocks]
+        events += [(t[0], 1, t) for t in touches]
+        for _seq, kind, event in sorted(events, key=lambda e: e[0]):
+            if kind == 0:
+                _, slot, model, block, tier, touched = event
+                self.index.add(model, block, slot, tier, touched)
+            else:
+                _, slot, model, touched, raw = event
+                for block in _touch_blocks(raw):
+                    self.index.touch(model, block, slot, touched)
+        self.touch_log = len(touches)
         for request in self.requests.values():
             self._pin_all(self.nodes[request.node].slot, request.model, request.blocks, +1)
 
@@ -269,11 +309,18 @@ class CachePlaneMachine:
         self.seq += 1
         m.append((block_key(slot, model, block), _BLK_VALUE.pack(tier, self.seq, self.now)))
 
-    def _touch_block(self, m: list[Mutation], model: int, block: int, slot: int) -> None:
-        tier = self.index.touch(model, block, slot, self.now)
-        if tier is not None:
-            self.seq += 1
-            m.append((block_key(slot, model, block), _BLK_VALUE.pack(tier, self.seq, self.now)))
+    def _touch_blocks(self, m: list[Mutation], model: int, blocks: list[int], slot: int) -> None:
+        """Touch `blocks` (LRU) on `slot` and log it as one touch record."""
+        touched = [b for b in blocks if self.index.touch(model, b, slot, self.now) is not None]
+        if not touched:
+            return
+        # The record reserves one sequence number per block (first .. first + n - 1), so
+        # compaction can give each block its own position in the replay order.
+        first = self.seq + 1
+        self.seq += len(touched)
+        self.touch_log += 1
+        m.append((_TL + _TL_KEY.pack(first),
+                  _TL_HEAD.pack(slot, model, self.now) + struct.pack(f">{len(touched)}Q", *touched)))
 
     def _del_block(self, m: list[Mutation], model: int, block: int, slot: int) -> bool:
         if self.index.remove(model, block, slot):
@@ -498,13 +545,14 @@ class CachePlaneMachine:
         for key in decision.evict:
             self._del_block(m, key >> 64, key & MASK64, slot)
         self.stats.evictions += len(decision.evict)
-        pending = []
+        pending, reused = [], []
         for i, block in enumerate(blocks):
             if i >= decision.matched_blocks and self.index.tier(model.code, block, slot) is None:
                 self._put_block(m, model.code, block, slot, PENDING)
                 pending.append(block)
             else:
-                self._touch_block(m, model.code, block, slot)
+                reused.append(block)
+        self._touch_blocks(m, model.code, reused, slot)
         self._pin_all(slot, model.code, blocks, +1)
         kind = decision.route_type or "miss"
         request = RequestRecord(rec.id, model.code, tuple(blocks), tuple(pending), now + ttl,
@@ -523,6 +571,36 @@ class CachePlaneMachine:
         self.stats.blocks_reused += decision.matched_blocks
         self.stats.tokens_reused += decision.matched_blocks * model.block_size
         return result
+
+    def _compact_touches(self, cmd: Mapping[str, Any], ctx: ApplyContext,
+                         m: list[Mutation]) -> Result:
+        """Fold the oldest `limit` touch records into block records, then delete them.
+
+        Each still-held block touched in those records gets its block record rewritten with
+        the sequence number of its latest touch among them (a record reserves one number per
+        block, in touch order), unless the block record is already newer, so the merged replay
+        order in `rebuild` is unchanged.
+        """
+        limit = _int(cmd, "limit", 1, 1 << 20, 1000)
+        folded: dict[tuple[int, int, int], tuple[int, int]] = {}
+        records = self._reader.scan(_TL, _TL, limit) if self._reader is not None else []
+        for key, raw in records:
+            (first,) = _TL_KEY.unpack(key[len(_TL):])
+            slot, model, touched = _TL_HEAD.unpack_from(raw)
+            for position, block in enumerate(_touch_blocks(raw)):
+                folded[(slot, model, block)] = (first + position, touched)
+            m.append((key, None))
+        rewritten = 0
+        for (slot, model, block), (seq, touched) in folded.items():
+            tier = self.index.tier(model, block, slot)
+            stored = self._reader.get(block_key(slot, model, block)) if self._reader else None
+            if tier is None or stored is None or _BLK_VALUE.unpack(stored)[1] > seq:
+                continue
+            m.append((block_key(slot, model, block), _BLK_VALUE.pack(tier, seq, touched)))
+            rewritten += 1
+        self.touch_log = max(self.touch_log - len(records), 0)
+        return {"ok": True, "records": len(records), "blocks_rewritten": rewritten,
+                "remaining": self.touch_log}
 
     def _replay_route(self, request_id: str, model: ModelSpec, total: int,
                       ctx: ApplyContext) -> Result:

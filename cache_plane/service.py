@@ -4,7 +4,8 @@ The service stamps what the pure machine must not compute itself: the leader's c
 (`now_ms`), request ids, lease and TTL lengths. It hashes prompts into block hashes with the
 model's block size and seed, proposes commands through the node's group committer, and maps
 machine results to errors. It also runs the leader's housekeeping: `cp.expire` every
-`expire_interval_s`, carrying the leader's clock (Patroni's `_expire` pattern).
+`expire_interval_s`, carrying the leader's clock (Patroni's `_expire` pattern), and
+`cp.compact_touches` when the LRU touch log has grown.
 
 Reads of the machine's memory state (node tables, dry-run decisions) happen under the store's
 lock, on the leader after its quorum check.
@@ -39,6 +40,9 @@ ERROR_STATUS = {
     "node_down": 409,
     "invalid_command": 400,
 }
+# Fold touch records into block records once this many accumulate, this many at a time.
+TOUCH_LOG_COMPACT_AT = 5_000
+TOUCH_LOG_COMPACT_BATCH = 2_000
 # Admission rejections -> HTTP status.
 REJECTION_STATUS = {
     "prompt_too_large": 413,
@@ -247,5 +251,8 @@ class CachePlaneService:
                                          "block_ttl_ms": self.settings.block_ttl_ms})
                 if out.get("nodes_down"):
                     log.warning("nodes_declared_down", nodes=out["nodes_down"])
+                if self.machine.touch_log >= TOUCH_LOG_COMPACT_AT:
+                    await self.submit({"op": "cp.compact_touches",
+                                       "limit": TOUCH_LOG_COMPACT_BATCH})
             except VeristoreError as exc:
-                log.info("expire_not_committed", error=exc.detail)
+                log.info("housekeeping_not_committed", error=exc.detail)

@@ -109,6 +109,13 @@ class CacheMachineModel(RuleBasedStateMachine):
                           "events": [{"type": kind, "block_hashes": blocks}]})
         assert out["ok"] == (self.ref_nodes.get(node, "down") != "down")
 
+    @rule(limit=st.integers(1, 5))
+    def compact_touches(self, limit):
+        """Folding touch records into block records changes no order (checked on reopen)."""
+        before = {n: list(self.m.index.lru_order(r.slot)) for n, r in self.m.nodes.items()}
+        assert self.apply({"op": "cp.compact_touches", "limit": limit})["ok"]
+        assert before == {n: list(self.m.index.lru_order(r.slot)) for n, r in self.m.nodes.items()}
+
     @rule(step=st.integers(1, 2 * LEASE))
     def tick(self, step):
         self.now += step

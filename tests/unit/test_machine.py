@@ -198,3 +198,15 @@ def test_block_ttl_expires_idle_unpinned_blocks_only():
     out = h(op="cp.expire", now_ms=9_500, block_ttl_ms=5_000)
     held = {b for _, b in h.m.index.lru_order(0)}
     assert out["blocks_expired"] == 2 and held == {3, 4, 5}
+
+
+def test_compacting_touches_keeps_lru_order_across_rebuild():
+    """Regression (found by hypothesis): blocks touched in one record keep their order after
+    the record is folded into block records and the machine is rebuilt from the store."""
+    h = cluster(nodes=("a",))
+    h.route([56664, 33604], "r1")
+    h.route([56664, 33604], "r2")
+    assert h(op="cp.compact_touches", limit=1)["records"] == 1
+    twin = CachePlaneMachine()
+    twin.rebuild(sorted(h.store.data.items()))
+    assert list(twin.index.lru_order(0)) == list(h.m.index.lru_order(0))
