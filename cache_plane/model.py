@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-NODE_STATES = ("up", "draining", "down")
-ROUTE_TYPES = ("session", "exact", "prefix", "miss")
-
 
 @dataclass(frozen=True, slots=True)
 class ModelSpec:

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -58,7 +58,6 @@ class CommitStats:
     commands: int = 0
     largest_batch: int = 0
     timeouts: int = 0
-    batch_sizes: collections.Counter[int] = field(default_factory=collections.Counter)
 
 
 def _failure(reason: int) -> VeristoreError:
@@ -162,7 +161,6 @@ class GroupCommitter:
             self.stats.entries += 1
             self.stats.commands += len(commands)
             self.stats.largest_batch = max(self.stats.largest_batch, len(commands))
-            self.stats.batch_sizes[len(commands)] += 1
             entry = encode_batch(self._wall_clock_ms(), commands)
             try:
                 self._propose(entry, functools.partial(self._done, proposal_id))

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -158,14 +157,6 @@ class LocalCluster:
             node.process.wait()
         node.process = None
 
-    def stop_node(self, i: int) -> None:
-        """Graceful stop (SIGTERM), then reap."""
-        self.kill(i, signal.SIGTERM)
-
-    def restart(self, i: int) -> None:
-        self.kill(i)
-        self.start_node(i)
-
     def pause(self, i: int) -> None:
         node = self.nodes[i]
         if node.process is not None:
@@ -182,10 +173,6 @@ class LocalCluster:
         """Kill and reap every node process (safe to call twice)."""
         for node in self.nodes:
             self.kill(node.index)
-
-    def remove(self) -> None:
-        self.close()
-        shutil.rmtree(self.base_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalCluster:
         return self.start()
@@ -232,16 +219,6 @@ class LocalCluster:
                 tail = self.log_text(node.index)[-2000:]
                 raise RuntimeError(f"node {node.index} exited with {code}:\n{tail}")
 
-    def wait_caught_up(self, i: int, index: int, timeout: float = 30.0) -> dict[str, Any]:
-        """Wait until node `i` has applied log index `index`."""
-        deadline = time.monotonic() + timeout
-        view = None
-        while time.monotonic() < deadline:
-            view = self.status(i)
-            if view and view["applied_index"] >= index:
-                return view
-            time.sleep(0.05)
-        raise TimeoutError(f"node {i} did not reach index {index}: {view}")
 
     def log_text(self, i: int) -> str:
         with open(self.nodes[i].log_path, encoding="utf-8", errors="replace") as f:

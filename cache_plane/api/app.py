@@ -167,10 +167,6 @@ async def kv_events(request: web.Request) -> web.Response:
     return web.json_response(await _svc(request).kv_events(await _body(request, "KVEvents")))
 
 
-async def cluster(request: web.Request) -> web.Response:
-    return web.json_response(_svc(request).node.status())
-
-
 async def stats(request: web.Request) -> web.Response:
     return web.json_response(_svc(request).stats())
 
@@ -238,7 +234,7 @@ def create_app(node: VeristoreNode, settings: NodeSettings, api_token: str | Non
     r.add_post("/v1/route", route)
     r.add_post("/v1/complete", complete)
     r.add_post("/v1/kv-events", kv_events)
-    r.add_get("/v1/cluster", cluster)
+    r.add_get("/v1/cluster", kv_api.status)  # same view as /v1/status
     r.add_get("/v1/stats", stats)
     r.add_get("/metrics", metrics)
     r.add_get("/openapi.json", openapi)

@@ -1,7 +1,7 @@
-"""A minimal simulated inference engine: a KV block pool with prefix reuse and a latency model.
+"""A minimal simulated inference engine: a KV block pool with prefix reuse and a TTFT model.
 
 It holds block hashes in an LRU pool of fixed capacity and charges prefill time only for
-blocks it does not already hold. Used by `cache-plane demo`; the vLLM-compatible HTTP
+blocks it does not already hold (decode is not modelled yet). Used by `cache-plane demo`; the vLLM-compatible HTTP
 simulator of issue 5 builds on the same model.
 """
 
@@ -19,7 +19,6 @@ class SimEngine:
     capacity_blocks: int
     block_size: int = 16
     prefill_ms_per_token: float = 0.1
-    decode_ms_per_token: float = 20.0
     pool: OrderedDict[int, None] = field(default_factory=OrderedDict)
     active: int = 0
 
