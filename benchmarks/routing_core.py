@@ -4,9 +4,11 @@ Builds a `CachePlaneMachine` whose index holds `--blocks` (node, block) entries 
 `--nodes` nodes (chains of 512 blocks; a tenth of the chains are cached on two nodes), then
 measures, for prompts of 1k, 8k and 32k tokens (16-token blocks):
 
-- decide:  `CachePlaneMachine.decide` (dry run: longest-prefix match, scoring, eviction plan);
-- apply:   a full replicated `cp.route` (decision + index/LRU/pin updates + LMDB mutations),
-           followed by its `cp.complete`, as every replica runs it;
+- decide:  `CachePlaneMachine.decide`, what the leader runs before proposing a route (and for
+           a dry run): longest-prefix match, scoring, eviction plan;
+- apply:   the replicated `cp.route` carrying that decision, as every replica runs it (check
+           the decision, index/LRU/pin updates, block-log mutations), timed alone; each route
+           is then completed with `cp.complete` (untimed);
 - baseline: the seed router's approach, a linear scan of the index for the longest prefix
            (timed on fewer prompts: it is slow by design).
 
@@ -28,7 +30,8 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.replication import machine as machine_info  # noqa: E402
-from cache_plane.machine import CachePlaneMachine  # noqa: E402
+from cache_plane.machine import MASK64, CachePlaneMachine  # noqa: E402
+from cache_plane.model import RouteDecision  # noqa: E402
 from veristore_py.state import ApplyContext  # noqa: E402
 
 CHAIN = 512
@@ -133,9 +136,14 @@ def main() -> int:
         for p in prompts:
             index += 1
             ctx = ApplyContext(index, 0, 1)
+            command = {"op": "cp.route", "model": "m", "blocks": p, "request_id": f"q{index}",
+                       "now_ms": 1}
+            decision = m.decide(command)  # the leader decides before proposing
+            if isinstance(decision, RouteDecision) and decision.node_id is not None:
+                command.update(node=decision.node_id, route_type=decision.route_type,
+                               evict=[[k >> 64, k & MASK64] for k in decision.evict])
             t = time.perf_counter()
-            out = m.apply({"op": "cp.route", "model": "m", "blocks": p, "request_id": f"q{index}",
-                           "now_ms": 1}, reader, ctx)
+            out = m.apply(command, reader, ctx)  # what every replica runs
             applies.append(time.perf_counter() - t)
             if out.result.get("routed"):
                 m.apply({"op": "cp.complete", "request_id": f"q{index}",

@@ -1,34 +1,44 @@
 """The prefix index: which node holds which block, and each node's LRU order. PURE.
 
-Data layout, chosen for memory (the target is under 300 bytes per indexed block):
+Data layout, chosen for memory (the target is under 300 bytes per indexed block) and so that
+the per-block work of a route runs in C loops (`map`, `dict.fromkeys`, `compress`) instead of
+Python ones:
 
-- ``_holders[model][block_hash]`` is either one small int ``slot * 4 + tier`` (the common
-  case: one holder; Python caches small ints, so the value costs nothing) or a tuple of them.
 - ``_lru[slot]`` is an insertion-ordered dict per node whose keys are
-  ``model_code << 64 | block_hash`` and whose values are the leader's time (ms) of the last
-  touch; the first key is the least recently used block. Blocks touched by one command share
-  one int object, so the time costs next to nothing.
+  ``model_code << 64 | block_hash`` (for model code 0 the key *is* the block hash, so the
+  prompt's own hash objects are reused) and whose values are the leader's time (ms) of the
+  last touch; the first key is the least recently used block. Blocks touched by one command
+  share one int object, so the time costs next to nothing.
+- ``_tiers[slot]`` maps the keys held in CPU or disk tiers to that tier, and ``_pending[slot]``
+  holds the keys placed by a routed request that its engine is still computing; any other
+  held key is a GPU block. Most blocks are GPU blocks, so both stay small, and the scorer
+  only walks ``_tiers`` (pending blocks get full credit: the request that placed them is
+  computing them right now).
 
 Nodes and models get small integer codes (`slot`, `model_code`) in the order they first
 appear; the replicated machine assigns them, so every replica has the same codes.
 
-Longest-prefix lookup (`match`) walks the prompt's hashes from block 0 and stops as soon as
-no node still holds a consecutive prefix: O(blocks in the prompt x holders), never a scan.
+Longest-prefix lookup (`match`) probes the prompt's keys against each candidate node's dict
+from block 0 in growing chunks and stops at the first miss: O(matched blocks) per node that
+holds block 0, never a scan of the index.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import operator
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import compress, filterfalse, repeat
 
 GPU, CPU, DISK, PENDING = 0, 1, 2, 3
 TIER_NAMES = ("gpu", "cpu", "disk", "pending")
 TIER_CODES = {name: code for code, name in enumerate(TIER_NAMES)}
 # Credit for a reused block by tier (Dynamo credits host 0.75, disk 0.25; llm-d CPU 0.8).
-TIER_WEIGHTS = (1.0, 0.8, 0.25, 0.9)
+TIER_WEIGHTS = (1.0, 0.8, 0.25, 1.0)
+_SHORTFALL = tuple(1.0 - w for w in TIER_WEIGHTS)
 _MASK64 = (1 << 64) - 1
-
-Holders = int | tuple[int, ...]
+_FIRST_CHUNK = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,16 +50,29 @@ class Match:
     weighted: float    # the same blocks weighted by tier
 
 
-def _entries(value: Holders) -> tuple[int, ...]:
-    return value if isinstance(value, tuple) else (value,)
+def block_keys(model: int, blocks: Sequence[int]) -> list[int]:
+    """The index keys of `blocks` of model `model` (the hashes themselves for model 0)."""
+    if model == 0:
+        return list(blocks)
+    return list(map((model << 64).__or__, blocks))
+
+
+def split_key(key: int) -> tuple[int, int]:
+    """(model, block) of an index key."""
+    return key >> 64, key & _MASK64
+
+
+def _consume(iterator: Iterable[object]) -> None:
+    deque(iterator, maxlen=0)
 
 
 class PrefixIndex:
-    """Block hash -> holders per model, plus per-node LRU order (see module docstring)."""
+    """Per-node block dicts in LRU order, plus non-GPU tiers (see module docstring)."""
 
     def __init__(self) -> None:
-        self._holders: dict[int, dict[int, Holders]] = {}
         self._lru: dict[int, dict[int, int]] = {}
+        self._tiers: dict[int, dict[int, int]] = {}
+        self._pending: dict[int, dict[int, None]] = {}
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -58,50 +81,86 @@ class PrefixIndex:
         lru = self._lru.get(slot)
         return 0 if lru is None else len(lru)
 
+    def holds(self, slot: int, key: int) -> bool:
+        lru = self._lru.get(slot)
+        return lru is not None and key in lru
+
     def tier(self, model: int, block: int, slot: int) -> int | None:
         """The tier of `block` on `slot`, or None if that node does not hold it."""
-        value = self._holders.get(model, {}).get(block)
-        if value is None:
+        key = model << 64 | block
+        if not self.holds(slot, key):
             return None
-        for entry in _entries(value):
-            if entry >> 2 == slot:
-                return entry & 3
-        return None
+        if key in self._pending.get(slot, ()):
+            return PENDING
+        return self._tiers.get(slot, {}).get(key, GPU)
 
     def holders(self, model: int, block: int) -> list[tuple[int, int]]:
-        """(slot, tier) pairs holding `block`."""
-        value = self._holders.get(model, {}).get(block)
-        return [] if value is None else [(e >> 2, e & 3) for e in _entries(value)]
+        """(slot, tier) pairs holding `block`, by slot (visits every node)."""
+        return [(slot, tier) for slot in sorted(self._lru)
+                if (tier := self.tier(model, block, slot)) is not None]
 
-    def match(self, model: int, blocks: Iterable[int]) -> dict[int, Match]:
-        """Per node: consecutive blocks held from the start of `blocks`, and their weight."""
-        table = self._holders.get(model)
-        if not table:
+    def prefix(self, slot: int, keys: Sequence[int]) -> int:
+        """How many of `keys`, from the first, node `slot` holds consecutively."""
+        lru = self._lru.get(slot)
+        if not lru or not keys or keys[0] not in lru:
+            return 0
+        start, step, total = 0, _FIRST_CHUNK, len(keys)
+        while start < total:
+            chunk = keys[start:start + step]
+            held = list(map(lru.__contains__, chunk))
+            if not all(held):
+                return start + held.index(False)
+            start += len(chunk)
+            step *= 2
+        return total
+
+    def weighted(self, slot: int, keys: Sequence[int], count: int) -> float:
+        """The tier-weighted credit of the first `count` keys (all held on `slot`)."""
+        tiers = self._tiers.get(slot)
+        if not tiers or not count:
+            return float(count)
+        return count - sum(map(_SHORTFALL.__getitem__, filter(None, map(tiers.get,
+                                                                         keys[:count]))))
+
+    def match(self, keys: Sequence[int], slots: Iterable[int]) -> dict[int, Match]:
+        """Per node of `slots` that holds a prefix of `keys`: its length and weight."""
+        if not keys:
             return {}
-        counts: dict[int, int] = {}
-        weights: dict[int, float] = {}
-        for i, block in enumerate(blocks):
-            value = table.get(block)
-            if value is None:
-                break
-            advanced = False
-            for entry in _entries(value):
-                slot = entry >> 2
-                if counts.get(slot, 0) == i:
-                    counts[slot] = i + 1
-                    weights[slot] = weights.get(slot, 0.0) + TIER_WEIGHTS[entry & 3]
-                    advanced = True
-            if not advanced:
-                break
-        return {slot: Match(slot, n, weights[slot]) for slot, n in counts.items()}
+        first, lrus = keys[0], self._lru
+        out = {}
+        for slot in slots:
+            lru = lrus.get(slot)
+            if lru is not None and first in lru:
+                count = self.prefix(slot, keys)
+                out[slot] = Match(slot, count, self.weighted(slot, keys, count))
+        return out
+
+    def split(self, slot: int, keys: Sequence[int]) -> tuple[list[int], list[int]]:
+        """(the keys node `slot` holds, the distinct keys it does not), each in order."""
+        lru = self._lru.get(slot)
+        if not lru:
+            return [], list(dict.fromkeys(keys))
+        flags = list(map(lru.__contains__, keys))
+        return (list(compress(keys, flags)),
+                list(dict.fromkeys(compress(keys, map(operator.not_, flags)))))
+
+    def missing(self, slot: int, keys: Sequence[int]) -> list[int]:
+        """The distinct keys of `keys` that node `slot` does not hold, in order."""
+        lru = self._lru.get(slot)
+        if not lru:
+            return list(dict.fromkeys(keys))
+        return list(dict.fromkeys(filterfalse(lru.__contains__, keys)))
+
+    def lru_keys(self, slot: int) -> Iterator[int]:
+        """Keys on node `slot`, least recently used first."""
+        return iter(self._lru.get(slot, {}))
 
     def lru_order(self, slot: int) -> Iterator[tuple[int, int]]:
         """(model, block) on node `slot`, least recently used first."""
-        for key in self._lru.get(slot, {}):
-            yield key >> 64, key & _MASK64
+        return map(split_key, self.lru_keys(slot))
 
-    def idle_since(self, slot: int, before_ms: int) -> list[tuple[int, int]]:
-        """(model, block) on `slot` last touched before `before_ms`, walking from the LRU end.
+    def idle_since(self, slot: int, before_ms: int) -> list[int]:
+        """Keys on `slot` last touched before `before_ms`, walking from the LRU end.
 
         Stops at the first block touched later; with a leader clock that went backwards (a new
         leader) some idle blocks may wait for a later call, none is dropped too early.
@@ -110,7 +169,7 @@ class PrefixIndex:
         for key, touched in self._lru.get(slot, {}).items():
             if touched >= before_ms:
                 break
-            idle.append((key >> 64, key & _MASK64))
+            idle.append(key)
         return idle
 
     def size(self) -> int:
@@ -119,65 +178,56 @@ class PrefixIndex:
 
     # -- updates ---------------------------------------------------------------------------
 
-    def add(self, model: int, block: int, slot: int, tier: int, at_ms: int = 0) -> bool:
-        """Record that `slot` holds `block` at `tier`, most recent as of `at_ms`; True if new."""
-        table = self._holders.setdefault(model, {})
-        entry = slot << 2 | tier
-        value = table.get(block)
-        new = True
-        if value is None:
-            table[block] = entry
-        else:
-            kept = [e for e in _entries(value) if e >> 2 != slot]
-            new = len(kept) == len(_entries(value))
-            table[block] = entry if not kept else tuple(sorted([*kept, entry]))
+    def add(self, slot: int, keys: Sequence[int], tier: int, at_ms: int = 0) -> None:
+        """Record that `slot` holds `keys` at `tier`, most recent (in order) as of `at_ms`."""
         lru = self._lru.setdefault(slot, {})
-        key = model << 64 | block
-        lru.pop(key, None)
-        lru[key] = at_ms
-        return new
+        _consume(map(lru.pop, keys, repeat(None)))
+        lru.update(dict.fromkeys(keys, at_ms))
+        tiers = self._tiers.setdefault(slot, {})
+        pending = self._pending.setdefault(slot, {})
+        if tier in (CPU, DISK):
+            tiers.update(dict.fromkeys(keys, tier))
+        elif tiers:
+            _consume(map(tiers.pop, keys, repeat(None)))
+        if tier == PENDING:
+            pending.update(dict.fromkeys(keys))
+        elif pending:
+            _consume(map(pending.pop, keys, repeat(None)))
 
-    def touch(self, model: int, block: int, slot: int, at_ms: int) -> int | None:
-        """Make a held block most recent as of `at_ms`; return its tier (None: not held)."""
-        lru = self._lru.get(slot)
-        key = model << 64 | block
-        if lru is None or key not in lru:
-            return None
-        del lru[key]
-        lru[key] = at_ms
-        for entry in _entries(self._holders[model][block]):
-            if entry >> 2 == slot:
-                return entry & 3
-        return None  # pragma: no cover (holders and LRU agree)
+    def touch_held(self, slot: int, keys: Sequence[int], at_ms: int) -> None:
+        """Make `keys` (held on `slot`) the most recent, in order, as of `at_ms`.
 
-    def remove(self, model: int, block: int, slot: int) -> bool:
-        """Forget that `slot` holds `block`; False if it did not."""
+        A key listed twice keeps the position of its first listing; a key that is not held is
+        ignored. Three C-level passes, no per-key Python code.
+        """
         lru = self._lru.get(slot)
-        key = model << 64 | block
-        if lru is None or key not in lru:
+        if not lru:
+            return
+        popped = list(map(lru.pop, keys, repeat(None)))
+        if None in popped:  # not held, or listed before: keep first listings of held keys
+            keys = list(compress(keys, map(operator.is_not, popped, repeat(None))))
+        lru.update(zip(keys, repeat(at_ms)))
+
+    def remove(self, slot: int, key: int) -> bool:
+        """Forget that `slot` holds `key`; False if it did not."""
+        lru = self._lru.get(slot)
+        if lru is None or lru.pop(key, None) is None:
             return False
-        del lru[key]
-        table = self._holders[model]
-        kept = [e for e in _entries(table[block]) if e >> 2 != slot]
-        if not kept:
-            del table[block]
-        else:
-            table[block] = kept[0] if len(kept) == 1 else tuple(kept)
+        self._tiers.get(slot, {}).pop(key, None)
+        self._pending.get(slot, {}).pop(key, None)
         return True
 
-    def drop_node(self, slot: int) -> list[tuple[int, int]]:
-        """Forget every block of `slot`; return the (model, block) pairs dropped."""
-        dropped = list(self.lru_order(slot))
-        for model, block in dropped:
-            self.remove(model, block, slot)
-        self._lru.pop(slot, None)
+    def drop_node(self, slot: int) -> list[int]:
+        """Forget every block of `slot`; return the keys dropped (LRU first)."""
+        dropped = list(self._lru.pop(slot, {}))
+        self._tiers.pop(slot, None)
+        self._pending.pop(slot, None)
         return dropped
 
     def drop_model(self, model: int) -> list[tuple[int, int]]:
-        """Forget every block of `model`; return the (slot, block) pairs dropped."""
-        dropped = [(e >> 2, block) for block, value in self._holders.get(model, {}).items()
-                   for e in _entries(value)]
-        for slot, block in dropped:
-            self.remove(model, block, slot)
-        self._holders.pop(model, None)
+        """Forget every block of `model`; return the (slot, key) pairs dropped, by slot."""
+        dropped = [(slot, key) for slot in sorted(self._lru) for key in self._lru[slot]
+                   if key >> 64 == model]
+        for slot, key in dropped:
+            self.remove(slot, key)
         return dropped

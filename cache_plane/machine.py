@@ -37,25 +37,29 @@ Store keys (all under ``cp/``)::
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterable, Mapping
+from array import array
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 from veristore_py.codec import pack, unpack
 from veristore_py.state import ApplyContext, KVMachine, Mutation, Outcome, Reader, Result, error
 
-from .index import GPU, PENDING, TIER_CODES, TIER_NAMES, PrefixIndex
+from .index import GPU, PENDING, TIER_CODES, TIER_NAMES, PrefixIndex, block_keys, split_key
 from .model import ModelSpec, Node, RouteDecision
-from .policy import DEFAULT_POLICY, PolicyConfig, decide
+from .policy import DEFAULT_POLICY, PolicyConfig, decide, route_type
 
 PREFIX = b"cp/"
 META_KEY = b"cp/meta"
 _BLK = b"cp/blk/"
 _BLK_KEY = struct.Struct(">HHQ")
 _BLK_VALUE = struct.Struct(">BQQ")  # tier, lru_seq, touched_ms (fixed layout: hot path)
-_TL = b"cp/tl/"
-_TL_KEY = struct.Struct(">Q")
-_TL_HEAD = struct.Struct(">HHQ")  # slot, model, touched_ms; then the blocks as big-endian u64
+_LOG = b"cp/log/"
+_LOG_KEY = struct.Struct(">Q")
+_LOG_HEAD = struct.Struct(">BBHHQ")  # op, tier, slot, model, at_ms; then blocks (u64 each)
+TOUCH, ADD, REMOVE = 0, 1, 2  # block-log operations
 MASK64 = (1 << 64) - 1
 MAX_PROMPT_BLOCKS = 1 << 17
 MAX_SLOTS = 1 << 16
@@ -107,20 +111,38 @@ class Stats:
     blocks_reused: int = 0
     tokens_reused: int = 0
     evictions: int = 0
+    replanned: int = 0  # leader decisions that no longer held at apply and were re-decided
 
     def wire(self) -> list[Any]:
         return [self.routes, self.rejections, self.blocks_requested, self.blocks_reused,
-                self.tokens_reused, self.evictions]
+                self.tokens_reused, self.evictions, self.replanned]
 
 
 def block_key(slot: int, model: int, block: int) -> bytes:
     return _BLK + _BLK_KEY.pack(slot, model, block)
 
 
-def _touch_blocks(raw: bytes) -> tuple[int, ...]:
-    """The block hashes of a touch record."""
-    count = (len(raw) - _TL_HEAD.size) // 8
-    return struct.unpack_from(f">{count}Q", raw, _TL_HEAD.size)
+def _store_key(slot: int, key: int) -> bytes:
+    """The store key of index key `key` (model << 64 | block) on node `slot`."""
+    return _BLK + _BLK_KEY.pack(slot, key >> 64, key & MASK64)
+
+
+def _log_blocks(raw: bytes) -> tuple[int, ...]:
+    """The block hashes of a block-log record."""
+    count = (len(raw) - _LOG_HEAD.size) // 8
+    return struct.unpack_from(f">{count}Q", raw, _LOG_HEAD.size)
+
+
+def _consume(iterator: Iterable[object]) -> None:
+    deque(iterator, maxlen=0)
+
+
+def _by_model(keys: Iterable[int]) -> dict[int, list[int]]:
+    """Index keys grouped by model code (groups in code order, keys in their given order)."""
+    groups: dict[int, list[int]] = {}
+    for key in keys:
+        groups.setdefault(key >> 64, []).append(key)
+    return dict(sorted(groups.items()))
 
 
 # -- field validation ------------------------------------------------------------------------
@@ -141,13 +163,32 @@ def _int(cmd: Mapping[str, Any], name: str, lo: int, hi: int, default: int | Non
     return value
 
 
+def _pairs(cmd: Mapping[str, Any], name: str) -> list[tuple[int, int]]:
+    """A list of [model_code, block_hash] pairs (eviction victims)."""
+    value = cmd.get(name, [])
+    if not isinstance(value, list) or len(value) > MAX_PROMPT_BLOCKS:
+        raise _Invalid(f"field '{name}' must be a list of [model, block] pairs")
+    out = []
+    for pair in value:
+        if (not isinstance(pair, list | tuple) or len(pair) != 2
+                or not all(type(x) is int for x in pair)
+                or not (0 <= pair[0] < MAX_SLOTS and 0 <= pair[1] <= MASK64)):
+            raise _Invalid(f"field '{name}' must be a list of [model, block] pairs")
+        out.append((pair[0], pair[1]))
+    return out
+
+
 def _hashes(cmd: Mapping[str, Any], name: str, limit: int = MAX_PROMPT_BLOCKS) -> list[int]:
     value = cmd.get(name, [])
     if not isinstance(value, list) or len(value) > limit:
         raise _Invalid(f"field '{name}' must be a list of at most {limit} block hashes")
-    for h in value:
-        if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h <= MASK64:
-            raise _Invalid(f"field '{name}' must hold unsigned 64-bit integers")
+    # One C-level pass (prompts carry hundreds of hashes and every replica checks them):
+    # array('Q') refuses anything but integers in [0, 2**64). It takes a bool as 0/1, which is
+    # harmless here (deterministic); the HTTP layer refuses bools with a clear message.
+    try:
+        array("Q", value)
+    except (TypeError, OverflowError):
+        raise _Invalid(f"field '{name}' must hold unsigned 64-bit integers") from None
     return value
 
 
@@ -169,7 +210,7 @@ class CachePlaneMachine:
             "cp.route": self._route,
             "cp.complete": self._complete,
             "cp.kv_events": self._kv_events,
-            "cp.compact_touches": self._compact_touches,
+            "cp.compact_log": self._compact_log,
         }
 
     def reset(self) -> None:
@@ -178,10 +219,11 @@ class CachePlaneMachine:
         self.index = PrefixIndex()
         self.sessions: dict[str, tuple[str, int]] = {}
         self.requests: dict[str, RequestRecord] = {}
-        self.pins: dict[int, dict[int, int]] = {}
+        self.pins: dict[int, Counter[int]] = {}  # slot -> index key -> active requests
         self.stats = Stats()
         self.seq = 0
-        self.touch_log = 0  # touch records not yet compacted
+        self.log_records = 0  # block-log records not yet compacted
+        self._op_buffer: list[Any] | None = None  # the block-log op being coalesced
         self._reader: Reader | None = None
         self.now = 0
         self.next_slot = 0
@@ -199,6 +241,7 @@ class CachePlaneMachine:
             return self.kv.apply(command, reader, ctx)
         mutations: list[Mutation] = []
         self._reader = reader
+        self._op_buffer = None
         now = command.get("now_ms", self.now)
         if isinstance(now, int) and not isinstance(now, bool) and now >= 0:
             self.now = now  # the leader's clock, stamped into the command
@@ -210,26 +253,31 @@ class CachePlaneMachine:
             return error(exc.code, str(exc))
         finally:
             self._reader = None  # only valid inside this apply
+        self._flush_ops(mutations)
         mutations.append((META_KEY, self._meta_wire()))
         return Outcome(tuple(mutations), result)
 
     def rebuild(self, items: Iterable[tuple[bytes, bytes]]) -> None:
-        """Reconstruct the memory state from every stored (key, value) pair."""
+        """Reconstruct the memory state from every stored (key, value) pair.
+
+        Block records and block-log records are replayed merged by sequence number, which
+        reproduces the live index and LRU order exactly (see the module docstring).
+        """
         self.reset()
-        blocks: list[tuple[int, int, int, int, int, int]] = []
-        touches: list[tuple[int, int, int, int, bytes]] = []
+        events: list[tuple[int, int, int, int, int, int, Any]] = []
         for key, raw in items:
             if not key.startswith(PREFIX):
                 continue
             if key.startswith(_BLK):
                 slot, model, block = _BLK_KEY.unpack(key[len(_BLK):])
                 tier, seq, touched = _BLK_VALUE.unpack(raw)
-                blocks.append((seq, slot, model, block, tier, touched))
+                events.append((seq, ADD, tier, slot, model, touched, (block,)))
                 continue
-            if key.startswith(_TL):
-                (seq,) = _TL_KEY.unpack(key[len(_TL):])
-                slot, model, touched = _TL_HEAD.unpack_from(raw)
-                touches.append((seq, slot, model, touched, raw))
+            if key.startswith(_LOG):
+                (seq,) = _LOG_KEY.unpack(key[len(_LOG):])
+                op, tier, slot, model, at = _LOG_HEAD.unpack_from(raw)
+                events.append((seq, op, tier, slot, model, at, _log_blocks(raw)))
+                self.log_records += 1
                 continue
             value = unpack(raw)
             if key == META_KEY:
@@ -247,41 +295,50 @@ class CachePlaneMachine:
                 node, model, req_blocks, pending, expires, kind, matched = value
                 self.requests[key[7:].decode()] = RequestRecord(
                     node, model, tuple(req_blocks), tuple(pending), expires, kind, matched)
-        events: list[tuple[int, int, Any]] = [(b[0], 0, b) for b in blocks]
-        events += [(t[0], 1, t) for t in touches]
-        for _seq, kind, event in sorted(events, key=lambda e: e[0]):
-            if kind == 0:
-                _, slot, model, block, tier, touched = event
-                self.index.add(model, block, slot, tier, touched)
+        events.sort(key=lambda e: e[0])
+        for _seq, op, tier, slot, model, at, blocks in events:
+            keys = block_keys(model, blocks)
+            if op == ADD:
+                self.index.add(slot, keys, tier, at)
+            elif op == TOUCH:
+                self.index.touch_held(slot, keys, at)
             else:
-                _, slot, model, touched, raw = event
-                for block in _touch_blocks(raw):
-                    self.index.touch(model, block, slot, touched)
-        self.touch_log = len(touches)
+                for removed in keys:
+                    self.index.remove(slot, removed)
         for request in self.requests.values():
-            self._pin_all(self.nodes[request.node].slot, request.model, request.blocks, +1)
+            self._pin(self.nodes[request.node].slot, block_keys(request.model, request.blocks))
 
     # -- views -----------------------------------------------------------------------------
 
-    def decide(self, command: Mapping[str, Any]) -> RouteDecision | Result:
-        """Compute a route decision without changing anything (dry run); error dict if invalid."""
+    def decide(self, command: Mapping[str, Any], inflight: Mapping[str, int] | None = None,
+               hashes_checked: bool = False) -> RouteDecision | Result:
+        """Compute a route decision without changing anything; an error dict if invalid.
+
+        The leader calls this before proposing a route (and for dry runs); `inflight` counts
+        the routes it has proposed per node that are not applied yet. `hashes_checked` skips
+        re-checking block hashes the caller already validated (apply always checks them).
+        """
         try:
-            model, blocks, session = self._route_inputs(command)
+            model, blocks, session = self._route_inputs(command, hashes_checked)
         except _Invalid as exc:
             return error("invalid_command", str(exc)).result
         if model is None:
             return error("unknown_model", f"model {command.get('model')!r} is not registered").result
-        return self._decide(model, blocks, session, command.get("now_ms", 0))
+        return self._decide(model, block_keys(model.code, blocks), session,
+                            command.get("now_ms", 0), inflight)
 
-    def _decide(self, model: ModelSpec, blocks: list[int], session: str | None,
-                now_ms: Any) -> RouteDecision:
-        session_node = None
+    def _session_node(self, session: str | None, now_ms: Any) -> str | None:
         if session is not None and session in self.sessions:
             node_id, expires = self.sessions[session]
             if isinstance(now_ms, int) and expires > now_ms:
-                session_node = node_id
-        return decide(model, blocks, list(self.nodes.values()), self.index, self._is_pinned,
-                      self._pinned_count, session_node, self.policy)
+                return node_id
+        return None
+
+    def _decide(self, model: ModelSpec, keys: list[int], session: str | None,
+                now_ms: Any, inflight: Mapping[str, int] | None = None) -> RouteDecision:
+        return decide(model, keys, list(self.nodes.values()), self.index, self._is_pinned,
+                      self._pinned_count, self._session_node(session, now_ms), self.policy,
+                      inflight or {})
 
     # -- internals: meta, blocks, pins -----------------------------------------------------
 
@@ -294,52 +351,107 @@ class CachePlaneMachine:
     def _pinned_count(self, slot: int) -> int:
         return len(self.pins.get(slot, ()))
 
-    def _pin_all(self, slot: int, model: int, blocks: Iterable[int], delta: int) -> None:
-        pins = self.pins.setdefault(slot, {})
-        for block in blocks:
-            key = model << 64 | block
-            count = pins.get(key, 0) + delta
+    def _pin(self, slot: int, keys: Iterable[int]) -> None:
+        self.pins.setdefault(slot, Counter()).update(keys)
+
+    def _unpin(self, slot: int, keys: Iterable[int]) -> None:
+        pins = self.pins.get(slot)
+        if pins is None:
+            return
+        for key in keys:
+            count = pins.get(key, 0) - 1
             if count > 0:
                 pins[key] = count
             else:
                 pins.pop(key, None)
 
-    def _put_block(self, m: list[Mutation], model: int, block: int, slot: int, tier: int) -> None:
-        self.index.add(model, block, slot, tier, self.now)
-        self.seq += 1
-        m.append((block_key(slot, model, block), _BLK_VALUE.pack(tier, self.seq, self.now)))
+    def _log_op(self, m: list[Mutation], op: int, slot: int, model: int,
+                keys: Iterable[int], tier: int = 0) -> None:
+        """Log a block operation; consecutive operations of the same shape share one record.
 
-    def _touch_blocks(self, m: list[Mutation], model: int, blocks: list[int], slot: int) -> None:
-        """Touch `blocks` (LRU) on `slot` and log it as one touch record."""
-        touched = [b for b in blocks if self.index.touch(model, b, slot, self.now) is not None]
-        if not touched:
+        Records are written in program order and each reserves one sequence number per block
+        (first .. first + n - 1), so replaying them merged with block records by sequence
+        number repeats every operation in the order it happened.
+        """
+        buffered = self._op_buffer
+        if buffered is not None and buffered[:4] == [op, tier, slot, model]:
+            buffered[4].extend(keys)
             return
-        # The record reserves one sequence number per block (first .. first + n - 1), so
-        # compaction can give each block its own position in the replay order.
-        first = self.seq + 1
-        self.seq += len(touched)
-        self.touch_log += 1
-        m.append((_TL + _TL_KEY.pack(first),
-                  _TL_HEAD.pack(slot, model, self.now) + struct.pack(f">{len(touched)}Q", *touched)))
+        self._flush_ops(m)
+        self._op_buffer = [op, tier, slot, model, list(keys)]
 
-    def _del_block(self, m: list[Mutation], model: int, block: int, slot: int) -> bool:
-        if self.index.remove(model, block, slot):
-            m.append((block_key(slot, model, block), None))
+    def _flush_ops(self, m: list[Mutation]) -> None:
+        buffered, self._op_buffer = self._op_buffer, None
+        if buffered is None or not buffered[4]:
+            return
+        op, tier, slot, model, keys = buffered
+        first = self.seq + 1
+        self.seq += len(keys)
+        self.log_records += 1
+        blocks = keys if model == 0 else list(map(MASK64.__and__, keys))
+        m.append((_LOG + _LOG_KEY.pack(first), _LOG_HEAD.pack(op, tier, slot, model, self.now)
+                  + struct.pack(f">{len(blocks)}Q", *blocks)))
+
+    def _put_blocks(self, m: list[Mutation], slot: int, model: int, keys: Sequence[int],
+                    tier: int) -> None:
+        """Add (or move to most recent) `keys` of `model` on `slot` at `tier`."""
+        if keys:
+            self.index.add(slot, keys, tier, self.now)
+            self._log_op(m, ADD, slot, model, keys, tier)
+
+    def _touch(self, m: list[Mutation], slot: int, model: int, keys: Sequence[int]) -> None:
+        """Make `keys` of `model` (all held on `slot`) the most recently used."""
+        if keys:
+            self.index.touch_held(slot, keys, self.now)
+            self._log_op(m, TOUCH, slot, model, keys)
+
+    def _del_block(self, m: list[Mutation], slot: int, key: int) -> bool:
+        if self.index.remove(slot, key):
+            self._log_op(m, REMOVE, slot, key >> 64, (key,))
             return True
         return False
+
+    def _del_all(self, m: list[Mutation], slot: int, keys: list[int]) -> None:
+        """Log the removal of `keys` from `slot` (already dropped from the index)."""
+        for model, group in _by_model(keys).items():
+            self._log_op(m, REMOVE, slot, model, group)
 
     def _make_room(self, m: list[Mutation], rec: Node, keep: frozenset[int] = frozenset()) -> bool:
         """Evict the least recently used unpinned block of `rec` if it is full; False if none."""
         if self.index.used(rec.slot) < rec.capacity_blocks:
             return True
-        for model, block in self.index.lru_order(rec.slot):
-            key = model << 64 | block
+        for key in self.index.lru_keys(rec.slot):
             if key in keep or self._is_pinned(rec.slot, key):
                 continue
-            self._del_block(m, model, block, rec.slot)
+            self._del_block(m, rec.slot, key)
             self.stats.evictions += 1
             return True
         return False
+
+    def _store_blocks(self, m: list[Mutation], rec: Node, model: int, keys: list[int],
+                      tier: int, stop_when_full: bool = False) -> tuple[int, int]:
+        """Put `keys` on `rec` at `tier`, evicting LRU unpinned blocks (never `keys`) for room.
+
+        Returns (keys stored, keys that were new). A key that finds no room is skipped, or
+        with `stop_when_full` ends the call (a chain's tail is useless without its head).
+        """
+        keys = list(dict.fromkeys(keys))
+        new = self.index.missing(rec.slot, keys)
+        if self.index.used(rec.slot) + len(new) <= rec.capacity_blocks:
+            self._put_blocks(m, rec.slot, model, keys, tier)
+            return len(keys), len(new)
+        keep = frozenset(keys)
+        stored = added = 0
+        for key in keys:
+            held = self.index.holds(rec.slot, key)
+            if not held and not self._make_room(m, rec, keep):
+                if stop_when_full:
+                    break
+                continue
+            self._put_blocks(m, rec.slot, model, (key,), tier)
+            stored += 1
+            added += not held
+        return stored, added
 
     def _save_node(self, m: list[Mutation], rec: Node) -> None:
         m.append((b"cp/node/" + rec.id.encode(), pack(_node_wire(rec))))
@@ -350,19 +462,23 @@ class CachePlaneMachine:
         rec = self.nodes.get(request.node)
         if rec is None:
             return
-        self._pin_all(rec.slot, request.model, request.blocks, -1)
-        for block in request.pending:
-            if self.index.tier(request.model, block, rec.slot) == PENDING:
-                if confirm:
-                    self._put_block(m, request.model, block, rec.slot, GPU)
-                else:
-                    self._del_block(m, request.model, block, rec.slot)
+        self._unpin(rec.slot, block_keys(request.model, request.blocks))
+        pending = [key for key in block_keys(request.model, request.pending)
+                   if self.index.tier(*split_key(key), rec.slot) == PENDING]
+        if confirm:
+            # The request is done with its blocks: they become GPU blocks and, like vLLM's
+            # free queue, the chain's tail becomes the least recently used part of it.
+            self._put_blocks(m, rec.slot, request.model, pending[::-1], GPU)
+            reused = block_keys(request.model, request.blocks[:request.matched])
+            self._touch(m, rec.slot, request.model, reused[::-1])
+        else:
+            for key in pending:
+                self._del_block(m, rec.slot, key)
         rec.active = max(rec.active - 1, 0)
         self._save_node(m, rec)
 
     def _drop_node_state(self, m: list[Mutation], rec: Node) -> None:
-        for model, block in self.index.drop_node(rec.slot):
-            m.append((block_key(rec.slot, model, block), None))
+        self._del_all(m, rec.slot, self.index.drop_node(rec.slot))
         self.pins.pop(rec.slot, None)
         for sid in sorted(s for s, (node, _) in self.sessions.items() if node == rec.id):
             del self.sessions[sid]
@@ -400,8 +516,8 @@ class CachePlaneMachine:
 
     def _drop_model_blocks(self, m: list[Mutation], spec: ModelSpec) -> int:
         dropped = self.index.drop_model(spec.code)
-        for slot, block in dropped:
-            m.append((block_key(slot, spec.code, block), None))
+        for slot in sorted({slot for slot, _ in dropped}):
+            self._del_all(m, slot, [key for s, key in dropped if s == slot])
         return len(dropped)
 
     def _invalidate_model(self, cmd: Mapping[str, Any], ctx: ApplyContext, m: list[Mutation]) -> Result:
@@ -509,33 +625,48 @@ class CachePlaneMachine:
         if block_ttl:
             for node_id in sorted(self.nodes):
                 slot = self.nodes[node_id].slot
-                for model, block in self.index.idle_since(slot, now - block_ttl):
-                    if not self._is_pinned(slot, model << 64 | block):
-                        idle += self._del_block(m, model, block, slot)
+                for key in self.index.idle_since(slot, now - block_ttl):
+                    if not self._is_pinned(slot, key):
+                        idle += self._del_block(m, slot, key)
         return {"ok": True, "nodes_down": downed, "sessions_expired": len(expired_sessions),
                 "requests_expired": len(expired_requests), "blocks_expired": idle}
 
-    def _route_inputs(self, cmd: Mapping[str, Any]) -> tuple[ModelSpec | None, list[int], str | None]:
+    def _route_inputs(self, cmd: Mapping[str, Any], hashes_checked: bool = False,
+                      ) -> tuple[ModelSpec | None, list[int], str | None]:
         model_id = _str(cmd, "model")
-        blocks = _hashes(cmd, "blocks")
+        blocks = cmd["blocks"] if hashes_checked else _hashes(cmd, "blocks")
         session = _str(cmd, "session_id", optional=True)
         return self.models.get(model_id or ""), blocks, session
 
     def _route(self, cmd: Mapping[str, Any], ctx: ApplyContext, m: list[Mutation]) -> Result:
+        """Route a request: the leader's decision if it still holds, else decided here."""
         model, blocks, session = self._route_inputs(cmd)
         request_id = _str(cmd, "request_id")
         assert request_id is not None
         now = _int(cmd, "now_ms", 0, 1 << 62)
         ttl = _int(cmd, "request_ttl_ms", 1, 1 << 40, 30_000)
         session_ttl = _int(cmd, "session_ttl_ms", 1, 1 << 40, 600_000)
+        planned = _str(cmd, "node", optional=True)
+        victims = _pairs(cmd, "evict")
         if model is None:
             return error("unknown_model", f"model {cmd.get('model')!r} is not registered").result
         if request_id in self.requests:  # a retried route: answer with the original decision
             return self._replay_route(request_id, model, len(blocks), ctx)
-        decision = self._decide(model, blocks, session, now)
+        keys = block_keys(model.code, blocks)
+        decision = None
+        replanned = False
+        if planned is not None:
+            victim_keys = [mc << 64 | b for mc, b in victims]
+            decision = self._planned(model, keys, session, now, planned, victim_keys,
+                                     cmd.get("route_type"))
+            replanned = decision is None
+            self.stats.replanned += replanned
+        if decision is None:
+            decision = self._decide(model, keys, session, now)
         result = decision_result(decision, model, request_id,
                                  self.nodes[decision.node_id].address if decision.node_id else None)
         result["index"] = ctx.index
+        result["replanned"] = replanned
         if decision.node_id is None:
             reason = decision.rejected or "rejected"
             self.stats.rejections[reason] = self.stats.rejections.get(reason, 0) + 1
@@ -543,23 +674,25 @@ class CachePlaneMachine:
         rec = self.nodes[decision.node_id]
         slot = rec.slot
         for key in decision.evict:
-            self._del_block(m, key >> 64, key & MASK64, slot)
+            self._del_block(m, slot, key)
         self.stats.evictions += len(decision.evict)
-        pending, reused = [], []
-        for i, block in enumerate(blocks):
-            if i >= decision.matched_blocks and self.index.tier(model.code, block, slot) is None:
-                self._put_block(m, model.code, block, slot, PENDING)
-                pending.append(block)
-            else:
-                reused.append(block)
-        self._touch_blocks(m, model.code, reused, slot)
-        self._pin_all(slot, model.code, blocks, +1)
+        # The decision's matched blocks are held from block 0; past them, held blocks are
+        # reused too and the rest become pending (the engine is about to compute them).
+        # Both go to the most recent end tail-first, so that eviction takes a chain's tail
+        # before its head (a head without its tail still serves shorter prompts; not so the
+        # other way round).
+        reused = keys[:decision.matched_blocks]
+        held, pending = self.index.split(slot, keys[decision.matched_blocks:])
+        self._put_blocks(m, slot, model.code, pending[::-1], PENDING)
+        self._touch(m, slot, model.code, (reused + held if held else reused)[::-1])
+        self._pin(slot, keys)
         kind = decision.route_type or "miss"
-        request = RequestRecord(rec.id, model.code, tuple(blocks), tuple(pending), now + ttl,
-                                kind, decision.matched_blocks)
+        pending_blocks = pending if model.code == 0 else list(map(MASK64.__and__, pending))
+        request = RequestRecord(rec.id, model.code, tuple(blocks), tuple(pending_blocks),
+                                now + ttl, kind, decision.matched_blocks)
         self.requests[request_id] = request
         m.append((b"cp/req/" + request_id.encode(),
-                  pack([rec.id, model.code, list(blocks), pending, request.expires_ms, kind,
+                  pack([rec.id, model.code, blocks, pending_blocks, request.expires_ms, kind,
                         decision.matched_blocks])))
         if session is not None:
             self.sessions[session] = (rec.id, now + session_ttl)
@@ -572,35 +705,79 @@ class CachePlaneMachine:
         self.stats.tokens_reused += decision.matched_blocks * model.block_size
         return result
 
-    def _compact_touches(self, cmd: Mapping[str, Any], ctx: ApplyContext,
-                         m: list[Mutation]) -> Result:
-        """Fold the oldest `limit` touch records into block records, then delete them.
+    def _planned(self, model: ModelSpec, keys: list[int], session: str | None, now: int,
+                 node_id: str, victims: list[int], kind: Any) -> RouteDecision | None:
+        """The leader's decision (node + eviction victims) if it can still be carried out.
 
-        Each still-held block touched in those records gets its block record rewritten with
-        the sequence number of its latest touch among them (a record reserves one number per
-        block, in touch order), unless the block record is already newer, so the merged replay
-        order in `rebuild` is unchanged.
+        The leader decided against its applied state; commands applied since (other routes in
+        the same batch, expiries) may have filled the node or taken its victims. The decision
+        stands if the node is up, serves the model, has a free active slot, and its listed
+        victims that are still evictable make room for the prompt's new blocks. Otherwise None,
+        and the route is decided here from the replicated state (same result on every replica).
+        """
+        rec = self.nodes.get(node_id)
+        if (rec is None or rec.state != "up" or model.id not in rec.models
+                or rec.active >= rec.max_active or len(keys) > rec.capacity_blocks):
+            return None
+        slot = rec.slot
+        matched = self.index.prefix(slot, keys)
+        new = len(self.index.missing(slot, keys[matched:]))
+        evict: list[int] = []
+        if victims:
+            prompt = set(keys)
+            evict = [k for k in dict.fromkeys(victims) if k not in prompt
+                     and self.index.holds(slot, k) and not self._is_pinned(slot, k)]
+        if self.index.used(slot) - len(evict) + new > rec.capacity_blocks:
+            return None
+        if kind != "session" or self._session_node(session, now) != node_id:
+            kind = route_type(matched, len(keys))
+        return RouteDecision(node_id, kind, matched, len(keys), tuple(evict))
+
+    def _compact_log(self, cmd: Mapping[str, Any], ctx: ApplyContext,
+                     m: list[Mutation]) -> Result:
+        """Fold the oldest `limit` block-log records into block records, then delete them.
+
+        A pure function of the stored records (the memory state is unchanged): for each block
+        the records mention, its last operation among them decides. A removal deletes its
+        block record; an add or touch (re)writes it with that operation's sequence number and
+        time, and the tier of the last add (else the tier the block record already had). The
+        folded records are the oldest, so the merged replay in `rebuild` is unchanged.
         """
         limit = _int(cmd, "limit", 1, 1 << 20, 1000)
-        folded: dict[tuple[int, int, int], tuple[int, int]] = {}
-        records = self._reader.scan(_TL, _TL, limit) if self._reader is not None else []
-        for key, raw in records:
-            (first,) = _TL_KEY.unpack(key[len(_TL):])
-            slot, model, touched = _TL_HEAD.unpack_from(raw)
-            for position, block in enumerate(_touch_blocks(raw)):
-                folded[(slot, model, block)] = (first + position, touched)
-            m.append((key, None))
+        if self._reader is None:
+            return {"ok": True, "records": 0, "blocks_rewritten": 0, "remaining": self.log_records}
+        last: dict[tuple[int, int], tuple[int, int, int]] = {}  # (slot, key) -> seq, at, op
+        tiers: dict[tuple[int, int], int] = {}
+        records = self._reader.scan(_LOG, _LOG, limit)
+        for record_key, raw in records:
+            (first,) = _LOG_KEY.unpack(record_key[len(_LOG):])
+            op, tier, slot, model, at = _LOG_HEAD.unpack_from(raw)
+            blocks = _log_blocks(raw)
+            ids = [(slot, model << 64 | b) for b in blocks]
+            # A block listed twice in one record took the position of its first listing.
+            positions = dict(zip(reversed(ids), reversed(range(first, first + len(ids))),
+                                 strict=True))
+            last.update(zip(positions, zip(positions.values(), repeat(at), repeat(op))))  # noqa: B905
+            if op == ADD:
+                tiers.update(zip(ids, repeat(tier)))
+            elif op == REMOVE:
+                _consume(map(tiers.pop, ids, repeat(None)))
+            m.append((record_key, None))
         rewritten = 0
-        for (slot, model, block), (seq, touched) in folded.items():
-            tier = self.index.tier(model, block, slot)
-            stored = self._reader.get(block_key(slot, model, block)) if self._reader else None
-            if tier is None or stored is None or _BLK_VALUE.unpack(stored)[1] > seq:
+        for (slot, key), (seq, at, op) in last.items():
+            store_key = _store_key(slot, key)
+            if op == REMOVE:
+                m.append((store_key, None))
                 continue
-            m.append((block_key(slot, model, block), _BLK_VALUE.pack(tier, seq, touched)))
+            tier = tiers.get((slot, key))
+            if tier is None:
+                stored = self._reader.get(store_key)
+                tier = _BLK_VALUE.unpack(stored)[0] if stored is not None else GPU
+            m.append((store_key, _BLK_VALUE.pack(tier, seq, at)))
             rewritten += 1
-        self.touch_log = max(self.touch_log - len(records), 0)
+        self.log_records = max(self.log_records - len(records), 0)
         return {"ok": True, "records": len(records), "blocks_rewritten": rewritten,
-                "remaining": self.touch_log}
+                "remaining": self.log_records}
 
     def _replay_route(self, request_id: str, model: ModelSpec, total: int,
                       ctx: ApplyContext) -> Result:
@@ -631,13 +808,8 @@ class CachePlaneMachine:
         rec = self.nodes[request.node]
         added = 0
         if status == "ok":
-            keep = frozenset(request.model << 64 | b for b in output)
-            for block in output:
-                if self.index.tier(request.model, block, rec.slot) is None:
-                    if not self._make_room(m, rec, keep):
-                        break
-                    added += 1
-                self._put_block(m, request.model, block, rec.slot, GPU)
+            added = self._store_blocks(m, rec, request.model, block_keys(request.model, output),
+                                       GPU, stop_when_full=True)[1]
         return {"ok": True, "request_id": request_id, "confirmed": status == "ok",
                 "output_blocks_added": added}
 
@@ -668,18 +840,15 @@ class CachePlaneMachine:
         stored = removed = ignored = 0
         for kind, hashes, tier in parsed:
             if kind == "cleared":
-                for model_code, block in self.index.drop_node(rec.slot):
-                    m.append((block_key(rec.slot, model_code, block), None))
+                self._del_all(m, rec.slot, self.index.drop_node(rec.slot))
                 continue
-            for block in hashes:
-                if kind == "removed":
-                    removed += self._del_block(m, model.code, block, rec.slot)
-                elif self.index.tier(model.code, block, rec.slot) is not None or \
-                        self._make_room(m, rec):
-                    self._put_block(m, model.code, block, rec.slot, tier)
-                    stored += 1
-                else:
-                    ignored += 1
+            keys = list(dict.fromkeys(block_keys(model.code, hashes)))
+            if kind == "removed":
+                removed += sum(self._del_block(m, rec.slot, key) for key in keys)
+            else:
+                done = self._store_blocks(m, rec, model.code, keys, tier)[0]
+                stored += done
+                ignored += len(keys) - done
         gap = seq - rec.last_event_seq - 1 if rec.last_event_seq >= 0 else 0
         rec.last_event_seq = seq
         self._save_node(m, rec)
@@ -703,13 +872,7 @@ def decision_result(decision: RouteDecision, model: ModelSpec, request_id: str,
         "matched_tokens": decision.matched_blocks * model.block_size,
         "total_blocks": decision.total_blocks,
         "evicted_blocks": len(decision.evict),
-        "candidates": [
-            {"node_id": c.node_id, "overlap_blocks": c.overlap_blocks,
-             "weighted_overlap": c.weighted_overlap, "load": c.load,
-             "free_blocks": c.free_blocks, "evict_blocks": c.evict_blocks, "score": c.score,
-             "eligible": c.eligible, "reason": c.reason}
-            for c in decision.candidates
-        ],
+        "candidates": [c._asdict() for c in decision.candidates],
     }
 
 

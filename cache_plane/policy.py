@@ -15,11 +15,14 @@ fit, or no node has room right now.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from .index import PrefixIndex
 from .model import Candidate, ModelSpec, Node, RouteDecision
+
+_NONE: Mapping[str, int] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,31 +43,38 @@ def route_type(matched: int, total: int) -> str:
 
 
 def plan_eviction(index: PrefixIndex, slot: int, count: int, is_pinned: Callable[[int, int], bool],
-                  keep: frozenset[tuple[int, int]] = frozenset()) -> list[tuple[int, int]] | None:
-    """The `count` least recently used unpinned (model, block) pairs on `slot`, or None."""
+                  keep: AbstractSet[int] = frozenset()) -> list[int] | None:
+    """The `count` least recently used unpinned keys on `slot` not in `keep`, or None."""
     if count <= 0:
         return []
     victims = []
-    for model, block in index.lru_order(slot):
-        if (model, block) in keep or is_pinned(slot, model << 64 | block):
+    for key in index.lru_keys(slot):
+        if key in keep or is_pinned(slot, key):
             continue
-        victims.append((model, block))
+        victims.append(key)
         if len(victims) == count:
             return victims
     return None
 
 
-def decide(model: ModelSpec, blocks: Sequence[int], nodes: Sequence[Node], index: PrefixIndex,
+def decide(model: ModelSpec, keys: Sequence[int], nodes: Sequence[Node], index: PrefixIndex,
            is_pinned: Callable[[int, int], bool], pinned_count: Callable[[int], int],
-           session_node: str | None = None, config: PolicyConfig = DEFAULT_POLICY) -> RouteDecision:
-    """Choose a node for a prompt of `blocks` (chained hashes) of `model`; see module docstring."""
-    total = len(blocks)
+           session_node: str | None = None, config: PolicyConfig = DEFAULT_POLICY,
+           inflight: Mapping[str, int] = _NONE) -> RouteDecision:
+    """Choose a node for a prompt (the index keys of its chained block hashes) of `model`.
+
+    `inflight` counts, per node, routes the leader has decided but not yet applied; they count
+    as active requests, so concurrent decisions do not all pick the same idle node.
+    """
+    total = len(keys)
     serving = [n for n in nodes if model.id in n.models and n.state != "down"]
     if not serving:
         return _reject(total, "no_node_for_model", f"no node serves model {model.id!r}")
-    matches = index.match(model.code, blocks)
+    serving.sort(key=lambda n: n.id)
+    matches = index.match(keys, [n.slot for n in serving])
     candidates: list[Candidate] = []
-    for node in sorted(serving, key=lambda n: n.id):
+    loads: dict[str, float] = {}
+    for node in serving:
         match = matches.get(node.slot)
         overlap = match.blocks if match else 0
         weighted = match.weighted if match else 0.0
@@ -72,19 +82,21 @@ def decide(model: ModelSpec, blocks: Sequence[int], nodes: Sequence[Node], index
         free = max(node.capacity_blocks - used, 0)
         new_blocks = total - overlap
         evict = max(new_blocks - free, 0)
+        active = node.active + inflight.get(node.id, 0)
+        load = loads[node.id] = (active + node.queue) / max(node.max_active, 1)
         reason = ""
         if node.state != "up":
             reason = "draining"
-        elif node.active >= node.max_active:
+        elif active >= node.max_active:
             reason = "busy"
         elif total > node.capacity_blocks:
             reason = "too_small"
-        elif evict and evict > _evictable(node.slot, used, blocks[:overlap], model.code,
-                                          is_pinned, pinned_count):
+        elif evict and evict > _evictable(node.slot, used, keys[:overlap], is_pinned,
+                                          pinned_count):
             reason = "no_room"
-        score = (weighted / total if total else 0.0) - config.load_weight * node.load
-        candidates.append(Candidate(node.id, overlap, round(weighted, 4), round(node.load, 4),
-                                    free, evict, round(score, 6), not reason, reason))
+        score = (weighted / total if total else 0.0) - config.load_weight * load
+        candidates.append(Candidate(node.id, overlap, weighted, load, free, evict, score,
+                                    not reason, reason))
     eligible = [c for c in candidates if c.eligible]
     by_id = {n.id: n for n in serving}
     if not eligible:
@@ -103,27 +115,26 @@ def decide(model: ModelSpec, blocks: Sequence[int], nodes: Sequence[Node], index
     kind = None
     if session_node is not None:
         session = next((c for c in eligible if c.node_id == session_node), None)
-        if session is not None and by_id[session.node_id].load < config.session_max_load:
+        if session is not None and loads[session.node_id] < config.session_max_load:
             chosen, kind = session, "session"
     if chosen is None:
         chosen = min(eligible, key=lambda c: (-c.score, c.evict_blocks, c.load, -c.free_blocks,
                                               c.node_id))
         kind = route_type(chosen.overlap_blocks, total)
     node = by_id[chosen.node_id]
-    keep = frozenset((model.code, b) for b in blocks[:chosen.overlap_blocks])
+    keep = set(keys[:chosen.overlap_blocks]) if chosen.evict_blocks else frozenset()
     victims = plan_eviction(index, node.slot, chosen.evict_blocks, is_pinned, keep)
     if victims is None:  # pinned_count was optimistic (pins on blocks of other models)
         return _reject(total, "no_room", "chosen node cannot free enough unpinned blocks",
                        candidates)
-    evict_keys = tuple(m << 64 | b for m, b in victims)
-    return RouteDecision(node.id, kind, chosen.overlap_blocks, total, evict_keys,
+    return RouteDecision(node.id, kind, chosen.overlap_blocks, total, tuple(victims),
                          tuple(candidates))
 
 
-def _evictable(slot: int, used: int, reused: Sequence[int], model_code: int,
+def _evictable(slot: int, used: int, reused: Sequence[int],
                is_pinned: Callable[[int, int], bool], pinned_count: Callable[[int], int]) -> int:
     """Blocks node `slot` could evict: not pinned, and not among the blocks this prompt reuses."""
-    unpinned_reused = sum(1 for b in reused if not is_pinned(slot, model_code << 64 | b))
+    unpinned_reused = sum(1 for key in reused if not is_pinned(slot, key))
     return used - pinned_count(slot) - unpinned_reused
 
 

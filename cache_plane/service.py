@@ -5,7 +5,7 @@ The service stamps what the pure machine must not compute itself: the leader's c
 model's block size and seed, proposes commands through the node's group committer, and maps
 machine results to errors. It also runs the leader's housekeeping: `cp.expire` every
 `expire_interval_s`, carrying the leader's clock (Patroni's `_expire` pattern), and
-`cp.compact_touches` when the LRU touch log has grown.
+`cp.compact_log` when the block log has grown.
 
 Reads of the machine's memory state (node tables, dry-run decisions) happen under the store's
 lock, on the leader after its quorum check.
@@ -14,8 +14,8 @@ lock, on the leader after its quorum check.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
-import uuid
 from typing import Any
 
 import structlog
@@ -25,7 +25,7 @@ from veristore_py.errors import InvalidCommandError, VeristoreError
 from veristore_py.node import VeristoreNode
 
 from . import hashing
-from .machine import CachePlaneMachine, decision_result
+from .machine import MASK64, CachePlaneMachine, decision_result
 from .model import RouteDecision
 from .settings import ServiceSettings
 
@@ -40,9 +40,10 @@ ERROR_STATUS = {
     "node_down": 409,
     "invalid_command": 400,
 }
-# Fold touch records into block records once this many accumulate, this many at a time.
-TOUCH_LOG_COMPACT_AT = 5_000
-TOUCH_LOG_COMPACT_BATCH = 2_000
+# Fold block-log records into block records once this many accumulate, this many at a time
+# (a record is one operation of one command: a route writes two or three).
+LOG_COMPACT_AT = 2_000
+LOG_COMPACT_BATCH = 200
 # Admission rejections -> HTTP status.
 REJECTION_STATUS = {
     "prompt_too_large": 413,
@@ -65,6 +66,10 @@ class CachePlaneError(VeristoreError):
         self.extra = extra
 
 
+def _merged(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    return {k: a.get(k, 0) + b.get(k, 0) for k in sorted(a.keys() | b.keys())}
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -79,6 +84,9 @@ class CachePlaneService:
         if not isinstance(machine, CachePlaneMachine):
             raise TypeError("the node must run a CachePlaneMachine")
         self.machine = machine
+        self._inflight: dict[str, int] = {}  # node -> routes proposed, not yet applied
+        # Rejections decided here before proposing (not replicated; reset on restart).
+        self._rejections: dict[str, int] = {}
 
     # -- proposing -------------------------------------------------------------------------
 
@@ -172,11 +180,17 @@ class CachePlaneService:
         return hashing.text_block_hashes(body["prompt"], model.block_size, model.hash_seed)
 
     async def route(self, body: dict[str, Any]) -> dict[str, Any]:
-        """Decide (and unless dry-run, commit) where a request goes."""
+        """Decide where a request goes on the leader and, unless dry-run, commit the decision.
+
+        The decision (node, eviction victims) travels in the command; every replica applies
+        it, or re-decides from the replicated state if commands applied in between made it
+        impossible (see `CachePlaneMachine._planned`). Routes proposed but not yet applied
+        count as active on their node, so concurrent decisions spread out.
+        """
         # Hashing holds the GIL (cbor2), so a thread would not help; it is bounded by
         # max_prompt_tokens and done inline.
         blocks = self._blocks(body)
-        request_id = body.get("request_id") or uuid.uuid4().hex
+        request_id = body.get("request_id") or os.urandom(16).hex()
         command: dict[str, Any] = {
             "op": "cp.route", "model": body["model"], "blocks": blocks,
             "request_id": request_id, "now_ms": now_ms(),
@@ -185,24 +199,51 @@ class CachePlaneService:
         }
         if body.get("session_id"):
             command["session_id"] = body["session_id"]
-        if body.get("dry_run"):
-            self.node.require_leader()
-            with self.node.store.lock:
-                decision = self.machine.decide(command)
-                index = self.node.store.applied_index
-                if not isinstance(decision, RouteDecision):
-                    raise CachePlaneError(str(decision["error"]), str(decision["detail"]),
-                                          ERROR_STATUS.get(str(decision["error"]), 400))
+        dry_run = bool(body.get("dry_run"))
+        self.node.require_leader()
+        with self.node.store.lock:
+            index = self.node.store.applied_index
+            decision: RouteDecision | None = None
+            if request_id not in self.machine.requests or dry_run:
+                # (a retry of a routed request skips this: the machine replays its answer)
+                decided = self.machine.decide(command, self._inflight, hashes_checked=True)
+                if not isinstance(decided, RouteDecision):
+                    raise CachePlaneError(str(decided["error"]), str(decided["detail"]),
+                                          ERROR_STATUS.get(str(decided["error"]), 400))
+                decision = decided
                 model = self.machine.models[body["model"]]
                 address = (self.machine.nodes[decision.node_id].address
                            if decision.node_id else None)
-            result = decision_result(decision, model, request_id, address)
-        else:
-            result = await self.submit(command)
-            index = result.get("index", self.node.store.applied_index)
-        result = {**result, "term": self.node.raftCurrentTerm, "index": index,
+        if decision is None:
+            return self._route_result(await self.submit(command), body, request_id)
+        result = decision_result(decision, model, request_id, address)
+        if decision.node_id is not None and not dry_run:
+            command.update(node=decision.node_id, route_type=decision.route_type,
+                           evict=[[key >> 64, key & MASK64] for key in decision.evict])
+            node_id = decision.node_id
+            self._inflight[node_id] = self._inflight.get(node_id, 0) + 1
+            try:
+                applied = await self.submit(command)
+            finally:
+                left = self._inflight.pop(node_id) - 1
+                if left:
+                    self._inflight[node_id] = left
+            if (not applied.pop("replanned", False) and not applied.get("duplicate")
+                    and applied.get("node_id") == node_id):
+                applied["candidates"] = result["candidates"]  # the decision's breakdown
+            return self._route_result(applied, body, request_id)
+        if decision.node_id is None and not dry_run:
+            code = str(decision.rejected)
+            self._rejections[code] = self._rejections.get(code, 0) + 1
+        return self._route_result({**result, "index": index}, body, request_id)
+
+    def _route_result(self, result: dict[str, Any], body: dict[str, Any],
+                      request_id: str) -> dict[str, Any]:
+        result = {**result, "term": self.node.raftCurrentTerm,
+                  "index": result.get("index", self.node.store.applied_index),
                   "dry_run": bool(body.get("dry_run"))}
         result.pop("ok", None)
+        result.pop("replanned", None)
         if not result["routed"]:
             code = result["rejected"]
             raise CachePlaneError(code, result["detail"], REJECTION_STATUS.get(code, 503),
@@ -230,7 +271,8 @@ class CachePlaneService:
             routed = sum(s.routes.values())
             return {
                 "routes": dict(s.routes), "routes_total": routed,
-                "rejections": dict(s.rejections),
+                "rejections": _merged(s.rejections, self._rejections),
+                "replanned": s.replanned,
                 "blocks_requested": s.blocks_requested, "blocks_reused": s.blocks_reused,
                 "block_hit_rate": s.blocks_reused / s.blocks_requested if s.blocks_requested else 0.0,
                 "tokens_reused": s.tokens_reused, "evictions": s.evictions,
@@ -251,8 +293,7 @@ class CachePlaneService:
                                          "block_ttl_ms": self.settings.block_ttl_ms})
                 if out.get("nodes_down"):
                     log.warning("nodes_declared_down", nodes=out["nodes_down"])
-                if self.machine.touch_log >= TOUCH_LOG_COMPACT_AT:
-                    await self.submit({"op": "cp.compact_touches",
-                                       "limit": TOUCH_LOG_COMPACT_BATCH})
+                while self.machine.log_records >= LOG_COMPACT_AT:
+                    await self.submit({"op": "cp.compact_log", "limit": LOG_COMPACT_BATCH})
             except VeristoreError as exc:
                 log.info("housekeeping_not_committed", error=exc.detail)

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from .config import NodeSettings
@@ -61,11 +61,18 @@ _STATUS: dict[type[VeristoreError], int] = {
 }
 
 
+def json_response(body: Any, status: int = 200,
+                  headers: dict[str, str] | None = None) -> web.Response:
+    """A JSON response encoded with orjson (several times faster than the json module)."""
+    return web.Response(body=orjson.dumps(body), status=status, headers=headers,
+                        content_type="application/json")
+
+
 def error_response(status: int, code: str, detail: str, definite: bool,
                    headers: dict[str, str] | None = None, **extra: Any) -> web.Response:
     """Build the uniform JSON error body."""
     body = {"error": code, "detail": detail, "definite": definite, **extra}
-    return web.json_response(body, status=status, headers=headers)
+    return json_response(body, status=status, headers=headers)
 
 
 def leader_url(request: web.Request, exc: NotLeaderError) -> str | None:
@@ -127,8 +134,8 @@ async def read_json(request: web.Request, *, optional: bool = False) -> dict[str
             return {}
         raise InvalidCommandError("request body must be a JSON object")
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
         raise InvalidCommandError(f"body is not valid JSON: {exc}") from exc
     if not isinstance(body, dict):
         raise InvalidCommandError("request body must be a JSON object")
@@ -208,7 +215,7 @@ async def kv_get(request: web.Request) -> web.Response:
     result = await read(request, {"op": "get", "key": _key(request)})
     if not result["found"]:
         return error_response(404, "key_not_found", "no such key", True)
-    return web.json_response({"key": request.match_info["key"], "value": _decode(result["value"]),
+    return json_response({"key": request.match_info["key"], "value": _decode(result["value"]),
                               "revision": result["revision"]})
 
 
@@ -217,7 +224,7 @@ async def kv_put(request: web.Request) -> web.Response:
     value = _text(body, "value", nullable=False, limit=1 << 20)
     result = await propose(request.app[NODE],
                            {"op": "put", "key": _key(request), "value": value, **_idem(body)})
-    return web.json_response({"revision": result["revision"],
+    return json_response({"revision": result["revision"],
                               "prev_revision": result.get("prev_revision", 0),
                               "replayed": result.get("replayed", False)})
 
@@ -225,7 +232,7 @@ async def kv_put(request: web.Request) -> web.Response:
 async def kv_delete(request: web.Request) -> web.Response:
     body = await read_json(request, optional=True)
     result = await propose(request.app[NODE], {"op": "delete", "key": _key(request), **_idem(body)})
-    return web.json_response({"deleted": result["deleted"], "revision": result["revision"],
+    return json_response({"deleted": result["deleted"], "revision": result["revision"],
                               "replayed": result.get("replayed", False)})
 
 
@@ -239,7 +246,7 @@ async def kv_cas(request: web.Request) -> web.Response:
         **_idem(body),
     }
     result = await propose(request.app[NODE], command)
-    return web.json_response({"succeeded": result["succeeded"], "current": _decode(result["current"]),
+    return json_response({"succeeded": result["succeeded"], "current": _decode(result["current"]),
                               "revision": result["revision"],
                               "replayed": result.get("replayed", False)})
 
@@ -255,28 +262,28 @@ async def kv_scan(request: web.Request) -> web.Response:
         command["limit"] = int(query["limit"])
     result = await read(request, command)
     items = [{"key": _decode(k), "value": _decode(v), "revision": r} for k, v, r in result["items"]]
-    return web.json_response({"items": items, "more": result["more"]})
+    return json_response({"items": items, "more": result["more"]})
 
 
 async def status(request: web.Request) -> web.Response:
-    return web.json_response(request.app[NODE].status())
+    return json_response(request.app[NODE].status())
 
 
 async def digest(request: web.Request) -> web.Response:
     store = request.app[NODE].store
     applied = store.applied_index
     value = await asyncio.to_thread(store.digest)
-    return web.json_response({"applied_index": applied, "digest": value})
+    return json_response({"applied_index": applied, "digest": value})
 
 
 async def live(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 async def ready(request: web.Request) -> web.Response:
     node = request.app[NODE]
     if node.is_ready():
-        return web.json_response({"status": "ready", "leader": node.leader_address()})
+        return json_response({"status": "ready", "leader": node.leader_address()})
     return error_response(503, "not_ready", "no known leader or not caught up", True,
                           {"Retry-After": "1"})
 

@@ -83,8 +83,11 @@ class StateStore:
         # Readers (HTTP threads, snapshot copies) hold this shared; a map resize needs it alone.
         self._gate = threading.Condition()
         self._readers = 0
-        # Held while an entry is applied or the machine rebuilt: readers of a machine's memory
-        # copy (e.g. an HTTP thread computing a dry-run decision) take it via `locked()`.
+        # Held while a command is applied or the machine rebuilt: readers of a machine's memory
+        # copy (e.g. an HTTP thread computing a decision) take it and see the state between
+        # two commands. That state may be part-way through an entry whose LMDB transaction is
+        # not committed yet (and is recomputed if it aborts), so such reads are advisory: a
+        # decision made from them is checked again when its own command is applied.
         self.lock = threading.RLock()
         _recover_swap(path)
         self._open()
@@ -141,8 +144,7 @@ class StateStore:
         """
         if index <= self._applied:
             return None
-        with self.lock:
-            return self._apply_locked(index, stamp_ms, commands)
+        return self._apply_locked(index, stamp_ms, commands)
 
     def _apply_locked(self, index: int, stamp_ms: int, commands: list[Any]) -> list[Result]:
         while True:
@@ -165,7 +167,8 @@ class StateStore:
             for position, command in enumerate(commands):
                 ctx = ApplyContext(index=index, position=position, stamp_ms=stamp_ms)
                 try:
-                    outcome = self.machine.apply(command, reader, ctx)
+                    with self.lock:  # per command: readers wait for one command, not an entry
+                        outcome = self.machine.apply(command, reader, ctx)
                 except Exception as exc:  # a bug in a machine must not stall replication
                     log.error("machine_raised", index=index, position=position, error=repr(exc))
                     outcome = error("internal_error", f"machine raised {type(exc).__name__}")

@@ -110,40 +110,40 @@ def _svc(request: web.Request) -> CachePlaneService:
 
 
 async def register_node(request: web.Request) -> web.Response:
-    return web.json_response(await _svc(request).register_node(await _body(request, "RegisterNode")))
+    return kv_api.json_response(await _svc(request).register_node(await _body(request, "RegisterNode")))
 
 
 async def list_nodes(request: web.Request) -> web.Response:
-    return web.json_response({"nodes": _svc(request).nodes()})
+    return kv_api.json_response({"nodes": _svc(request).nodes()})
 
 
 async def get_node(request: web.Request) -> web.Response:
-    return web.json_response(_svc(request).node_info(request.match_info["node_id"]))
+    return kv_api.json_response(_svc(request).node_info(request.match_info["node_id"]))
 
 
 async def heartbeat(request: web.Request) -> web.Response:
     body = await _body(request, "Heartbeat", optional=True)
-    return web.json_response(await _svc(request).heartbeat(request.match_info["node_id"], body))
+    return kv_api.json_response(await _svc(request).heartbeat(request.match_info["node_id"], body))
 
 
 async def drain(request: web.Request) -> web.Response:
-    return web.json_response(await _svc(request).drain(request.match_info["node_id"]))
+    return kv_api.json_response(await _svc(request).drain(request.match_info["node_id"]))
 
 
 async def remove_node(request: web.Request) -> web.Response:
-    return web.json_response(await _svc(request).remove_node(request.match_info["node_id"]))
+    return kv_api.json_response(await _svc(request).remove_node(request.match_info["node_id"]))
 
 
 async def register_model(request: web.Request) -> web.Response:
-    return web.json_response(await _svc(request).register_model(await _body(request, "RegisterModel")))
+    return kv_api.json_response(await _svc(request).register_model(await _body(request, "RegisterModel")))
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return web.json_response({"models": _svc(request).models()})
+    return kv_api.json_response({"models": _svc(request).models()})
 
 
 async def invalidate_model(request: web.Request) -> web.Response:
-    return web.json_response(await _svc(request).invalidate_model(request.match_info["model_id"]))
+    return kv_api.json_response(await _svc(request).invalidate_model(request.match_info["model_id"]))
 
 
 async def route(request: web.Request) -> web.Response:
@@ -156,19 +156,19 @@ async def route(request: web.Request) -> web.Response:
         raise
     if not result["dry_run"]:
         metrics.routes.labels(result["route_type"]).inc()
-    return web.json_response(result)
+    return kv_api.json_response(result)
 
 
 async def complete(request: web.Request) -> web.Response:
-    return web.json_response(await _svc(request).complete(await _body(request, "Complete")))
+    return kv_api.json_response(await _svc(request).complete(await _body(request, "Complete")))
 
 
 async def kv_events(request: web.Request) -> web.Response:
-    return web.json_response(await _svc(request).kv_events(await _body(request, "KVEvents")))
+    return kv_api.json_response(await _svc(request).kv_events(await _body(request, "KVEvents")))
 
 
 async def stats(request: web.Request) -> web.Response:
-    return web.json_response(_svc(request).stats())
+    return kv_api.json_response(_svc(request).stats())
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -177,7 +177,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(request.app[OPENAPI])
+    return kv_api.json_response(request.app[OPENAPI])
 
 
 async def docs(request: web.Request) -> web.Response:

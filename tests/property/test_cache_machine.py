@@ -14,8 +14,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from cache_plane.index import _entries
-from cache_plane.machine import CachePlaneMachine
+from cache_plane.index import GPU
+from cache_plane.machine import MASK64, CachePlaneMachine
+from cache_plane.model import RouteDecision
 from veristore_py.storage import StateStore
 
 NODES = st.sampled_from(["n1", "n2", "n3"])
@@ -34,6 +35,7 @@ class CacheMachineModel(RuleBasedStateMachine):
         self.ref_nodes: dict[str, str] = {}       # node -> up/draining/down
         self.ref_requests: dict[str, str] = {}    # request -> node
         self.capacity = {"n1": 6, "n2": 9, "n3": 12}
+        self.plans: list[tuple[dict, int]] = []   # leader-decided routes, index when decided
         self.apply({"op": "cp.register_model", "model": "m", "block_size": 16})
 
     def teardown(self):
@@ -84,13 +86,41 @@ class CacheMachineModel(RuleBasedStateMachine):
                "now_ms": self.now, "request_ttl_ms": 5 * LEASE}
         if session:
             cmd["session_id"] = session
+        self._apply_route(cmd)
+
+    def _apply_route(self, cmd):
         out = self.apply(cmd)
         assert out["ok"]
         if out["routed"]:
             assert self.ref_nodes.get(out["node_id"]) == "up"
-            self.ref_requests[rid] = out["node_id"]
+            self.ref_requests[cmd["request_id"]] = out["node_id"]
         else:
             assert out["rejected"]
+        return out
+
+    @rule(blocks=PROMPTS, session=st.sampled_from([None, "s1", "s2"]))
+    def plan(self, blocks, session):
+        """The leader decides now; the decision is applied later (maybe stale by then)."""
+        cmd = {"op": "cp.route", "model": "m", "blocks": blocks, "request_id": f"p{self.index}",
+               "now_ms": self.now, "request_ttl_ms": 5 * LEASE}
+        if session:
+            cmd["session_id"] = session
+        decision = self.m.decide(cmd)
+        assert isinstance(decision, RouteDecision)
+        if decision.node_id is not None:
+            cmd.update(node=decision.node_id, route_type=decision.route_type,
+                       evict=[[k >> 64, k & MASK64] for k in decision.evict])
+            self.plans.append((cmd, self.index))
+
+    @rule()
+    def apply_plan(self):
+        """A fresh plan is applied as decided; a stale one is carried out or re-decided."""
+        if not self.plans:
+            return
+        cmd, decided_at = self.plans.pop(0)
+        out = self._apply_route(cmd)
+        if decided_at == self.index - 1:  # nothing applied in between: carried out as decided
+            assert out["node_id"] == cmd["node"] and not out["replanned"]
 
     @rule(data=st.data(), ok=st.booleans())
     def complete(self, data, ok):
@@ -113,7 +143,7 @@ class CacheMachineModel(RuleBasedStateMachine):
     def compact_touches(self, limit):
         """Folding touch records into block records changes no order (checked on reopen)."""
         before = {n: list(self.m.index.lru_order(r.slot)) for n, r in self.m.nodes.items()}
-        assert self.apply({"op": "cp.compact_touches", "limit": limit})["ok"]
+        assert self.apply({"op": "cp.compact_log", "limit": limit})["ok"]
         assert before == {n: list(self.m.index.lru_order(r.slot)) for n, r in self.m.nodes.items()}
 
     @rule(step=st.integers(1, 2 * LEASE))
@@ -142,12 +172,25 @@ class CacheMachineModel(RuleBasedStateMachine):
             assert self.m.index.used(rec.slot) <= rec.capacity_blocks
 
     @invariant()
-    def index_and_lru_agree(self):
-        from_lru = {(slot, key >> 64, key & ((1 << 64) - 1))
-                    for slot, lru in self.m.index._lru.items() for key in lru}
-        from_holders = {(e >> 2, model, block) for model, table in self.m.index._holders.items()
-                        for block, value in table.items() for e in _entries(value)}
-        assert from_lru == from_holders
+    def tiers_only_for_held_blocks(self):
+        for slot, tiers in self.m.index._tiers.items():
+            lru = self.m.index._lru.get(slot, {})
+            assert all(key in lru and tier != GPU for key, tier in tiers.items())
+        for slot, pending in self.m.index._pending.items():
+            lru = self.m.index._lru.get(slot, {})
+            assert all(key in lru and key not in self.m.index._tiers.get(slot, {})
+                       for key in pending)
+
+    @invariant()
+    def pins_match_active_requests(self):
+        expected: dict[int, dict[int, int]] = {}
+        for req in self.m.requests.values():
+            slot = self.m.nodes[req.node].slot
+            for block in req.blocks:
+                key = req.model << 64 | block
+                expected.setdefault(slot, {})[key] = expected.get(slot, {}).get(key, 0) + 1
+        assert {s: dict(c) for s, c in self.m.pins.items() if c} == \
+            {s: c for s, c in expected.items() if c}
 
     @invariant()
     def nothing_on_down_nodes_and_reference_agrees(self):

@@ -27,7 +27,7 @@ COMMAND = st.one_of(
               NODE, BLOCKS, st.integers(0, 50)),
     st.builds(lambda n: {"op": "cp.remove_node", "node": n}, NODE),
     st.builds(lambda t: {"op": "cp.expire", "now_ms": t}, st.integers(0, 20_000)),
-    st.builds(lambda n: {"op": "cp.compact_touches", "limit": n}, st.integers(1, 4)),
+    st.builds(lambda n: {"op": "cp.compact_log", "limit": n}, st.integers(1, 4)),
 )
 
 
