@@ -18,9 +18,7 @@ import asyncio
 import contextlib
 import json
 import os
-import random
 import signal
-import statistics
 import sys
 import tempfile
 import time
@@ -30,8 +28,10 @@ from veristore_py.errors import ConfigError, VeristoreError
 from veristore_py.localcluster import LocalCluster
 
 from .client import CachePlaneClient
-from .hashing import block_hashes
-from .sim.engine import SimEngine
+from .sim.engine import EngineConfig, Request, fresh
+from .sim.fleet import Fleet, run
+from .sim.policies import CachePlanePolicy, RoundRobin
+from .sim.workloads import shared_prompts
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:8000"
 STATE_FILE = "cluster.json"
@@ -173,57 +173,65 @@ def cmd_route(args: argparse.Namespace) -> int:
 
 # -- demo -----------------------------------------------------------------------------------
 
-async def _demo_workload(cluster: LocalCluster, requests: int, rng: random.Random) -> list[tuple[str, str]]:
-    model, block = "demo-llm", 16
-    engines = [SimEngine(f"gpu-{i}", capacity_blocks=1200, block_size=block) for i in range(4)]
-    systems = [[rng.randrange(32_000) for _ in range(2048)] for _ in range(4)]
-    latencies, ttfts, cold_ttfts = [], [], []
-    kinds: dict[str, int] = {}
-    reused_tokens = prompt_tokens = 0
-    failover_ms = None
+class _DemoPolicy(CachePlanePolicy):
+    """cache_plane routing that also times each route, heartbeats the fleet, and kills the
+    leader once, mid-run, to show routing carry on through the new leader."""
+
+    def __init__(self, client: CachePlaneClient, model: str, cluster: LocalCluster,
+                 kill_at: int) -> None:
+        super().__init__(client, model)
+        self.cluster, self.kill_at, self.count = cluster, kill_at, 0
+        self.latencies: list[float] = []
+        self.failover_ms: float | None = None
+
+    async def choose(self, request: Request, fleet: Fleet) -> str | None:
+        self.count += 1
+        if self.count % 25 == 0:  # the fleet keeps its leases alive, as real engines would
+            for node_id, engine in fleet.engines.items():
+                await self.client.heartbeat(node_id, active_requests=len(engine.running),
+                                            queue_depth=len(engine.waiting))
+        killed = None
+        if self.count == self.kill_at:
+            self.cluster.kill(self.cluster.wait_for_leader())
+            killed = time.perf_counter()
+        started = time.perf_counter()
+        node = await super().choose(request, fleet)
+        self.latencies.append(time.perf_counter() - started)
+        if killed is not None:
+            self.failover_ms = (time.perf_counter() - killed) * 1000
+        return node
+
+
+async def _demo_workload(cluster: LocalCluster, requests: int, seed: int) -> list[tuple[str, str]]:
+    model, block, nodes = "demo-llm", 16, 4
+    workload = shared_prompts(requests, rate_per_s=12.0, seed=seed, systems=24,
+                              system_tokens=4096)
+    config = EngineConfig(capacity_blocks=30_000, block_size=block, max_num_seqs=64)
+    baseline = (await run(Fleet.build(nodes, config), fresh(workload), RoundRobin())).summary()
     async with CachePlaneClient(cluster.urls, timeout=15) as client:
         await client.register_model(model, block_size=block)
-        for e in engines:
-            await client.register_node(e.node_id, f"10.0.0.{engines.index(e) + 1}:8000", [model],
-                                       e.capacity_blocks, max_active=16)
-        for i in range(requests):
-            if i == requests // 2:
-                leader = cluster.wait_for_leader()
-                cluster.kill(leader)
-                killed = time.perf_counter()
-            system = systems[min(int(rng.expovariate(1.2)), len(systems) - 1)]
-            tokens = system + [rng.randrange(32_000) for _ in range(rng.randrange(100, 600))]
-            started = time.perf_counter()
-            decision = await client.route(model, token_ids=tokens)
-            latencies.append(time.perf_counter() - started)
-            if i == requests // 2:
-                failover_ms = (time.perf_counter() - killed) * 1000
-            kinds[decision["route_type"]] = kinds.get(decision["route_type"], 0) + 1
-            engine = next(e for e in engines if e.node_id == decision["node_id"])
-            blocks = block_hashes(tokens, block)
-            reused, _stored, _evicted = engine.admit(blocks)
-            ttfts.append(engine.ttft_ms(len(tokens), reused))
-            cold_ttfts.append(engine.ttft_ms(len(tokens), 0))
-            reused_tokens += reused * block
-            prompt_tokens += len(tokens)
-            await client.complete(decision["request_id"], engine.node_id)
-            if i % 10 == 9:  # the fleet keeps its leases alive, as real engines would
-                for e in engines:
-                    await client.heartbeat(e.node_id, active_requests=0)
+        fleet = Fleet.build(nodes, config)
+        for i, node in enumerate(fleet.ids):
+            await client.register_node(node, f"10.0.0.{i + 1}:8000", [model],
+                                       config.capacity_blocks, max_active=config.max_num_seqs)
+        policy = _DemoPolicy(client, model, cluster, kill_at=requests // 2)
+        ours = (await run(fleet, fresh(workload), policy)).summary()
         stats = await client.stats()
-    latencies.sort()
+    lat = sorted(policy.latencies)
     return [
-        ("requests routed", f"{requests} (4 shared 2k-token system prompts + unique suffixes)"),
-        ("route types", ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))),
-        ("prompt tokens reused", f"{reused_tokens:,} of {prompt_tokens:,} "
-                                 f"({reused_tokens / prompt_tokens:.0%})"),
+        ("workload", f"{requests} requests, {nodes} simulated GPU nodes, 24 shared 4k-token "
+                     f"system prompts + unique questions"),
+        ("route types", ", ".join(f"{k} {v}" for k, v in sorted(policy.decisions.items()))),
+        ("prompt tokens reused", f"{ours['hit_rate']:.0%} with cache_plane vs "
+                                 f"{baseline['hit_rate']:.0%} round robin"),
+        ("simulated TTFT p50 / p90", f"{ours['ttft_p50_ms']:.0f} / {ours['ttft_p90_ms']:.0f} ms "
+                                     f"vs {baseline['ttft_p50_ms']:.0f} / "
+                                     f"{baseline['ttft_p90_ms']:.0f} ms round robin"),
         ("cluster block hit rate", f"{stats['block_hit_rate']:.0%}"),
-        ("modeled TTFT, mean", f"{statistics.fmean(ttfts):.0f} ms with reuse vs "
-                               f"{statistics.fmean(cold_ttfts):.0f} ms cold"),
-        ("route latency p50 / p99", f"{latencies[len(latencies) // 2] * 1000:.1f} ms / "
-                                    f"{latencies[int(len(latencies) * 0.99)] * 1000:.1f} ms"),
-        ("leader killed mid-run", f"next route answered after {failover_ms:.0f} ms, "
-                                  f"index intact (hit rate kept)"),
+        ("route latency p50 / p99", f"{lat[len(lat) // 2] * 1000:.1f} ms / "
+                                    f"{lat[int(len(lat) * 0.99)] * 1000:.1f} ms (HTTP, committed)"),
+        ("leader killed mid-run", f"next route answered after {policy.failover_ms:.0f} ms; "
+                                  f"rejections {policy.route_errors or 'none'}"),
     ]
 
 
@@ -237,7 +245,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         leader = cluster.wait_for_leader()
         print(f"leader elected: member {leader} after {time.perf_counter() - t0:.2f} s; "
               f"4 simulated GPU nodes joining")
-        rows = asyncio.run(_demo_workload(cluster, args.requests, random.Random(args.seed)))
+        rows = asyncio.run(_demo_workload(cluster, args.requests, args.seed))
     finally:
         cluster.close()
     width = max(len(k) for k, _ in rows)
@@ -283,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="local cluster + simulated fleet + short workload")
     p.add_argument("--dir", help="keep cluster data here instead of a temp dir")
-    p.add_argument("--requests", type=int, default=80)
+    p.add_argument("--requests", type=int, default=400)
     p.add_argument("--seed", type=int, default=1)
     p.set_defaults(func=cmd_demo)
     return parser

@@ -84,12 +84,12 @@ class _Rejected(Exception):
 def _node_wire(node: Node) -> list[Any]:
     return [node.slot, node.address, list(node.models), node.capacity_blocks, node.max_active,
             [list(p) for p in node.labels], node.state, node.active, node.queue,
-            node.lease_until_ms, node.last_event_seq]
+            node.lease_until_ms, node.last_event_seq, node.prefill_until_ms]
 
 
 def _node_from_wire(node_id: str, w: list[Any]) -> Node:
     return Node(node_id, w[0], w[1], tuple(w[2]), w[3], w[4], tuple(tuple(p) for p in w[5]),
-                w[6], w[7], w[8], w[9], w[10])
+                w[6], w[7], w[8], w[9], w[10], w[11] if len(w) > 11 else 0)
 
 
 @dataclass(slots=True)
@@ -310,12 +310,13 @@ class CachePlaneMachine:
 
     # -- views -----------------------------------------------------------------------------
 
-    def decide(self, command: Mapping[str, Any], inflight: Mapping[str, int] | None = None,
+    def decide(self, command: Mapping[str, Any],
+               inflight: Mapping[str, tuple[int, int]] | None = None,
                hashes_checked: bool = False) -> RouteDecision | Result:
         """Compute a route decision without changing anything; an error dict if invalid.
 
         The leader calls this before proposing a route (and for dry runs); `inflight` counts
-        the routes it has proposed per node that are not applied yet. `hashes_checked` skips
+        (routes, new blocks) the leader has proposed per node and not applied yet. `hashes_checked` skips
         re-checking block hashes the caller already validated (apply always checks them).
         """
         try:
@@ -324,8 +325,9 @@ class CachePlaneMachine:
             return error("invalid_command", str(exc)).result
         if model is None:
             return error("unknown_model", f"model {command.get('model')!r} is not registered").result
+        rate = command.get("prefill_tokens_per_s", 0)
         return self._decide(model, block_keys(model.code, blocks), session,
-                            command.get("now_ms", 0), inflight)
+                            command.get("now_ms", 0), rate if type(rate) is int else 0, inflight)
 
     def _session_node(self, session: str | None, now_ms: Any) -> str | None:
         if session is not None and session in self.sessions:
@@ -334,11 +336,12 @@ class CachePlaneMachine:
                 return node_id
         return None
 
-    def _decide(self, model: ModelSpec, keys: list[int], session: str | None,
-                now_ms: Any, inflight: Mapping[str, int] | None = None) -> RouteDecision:
+    def _decide(self, model: ModelSpec, keys: list[int], session: str | None, now_ms: Any,
+                prefill_rate: int,
+                inflight: Mapping[str, tuple[int, int]] | None = None) -> RouteDecision:
         return decide(model, keys, list(self.nodes.values()), self.index, self._is_pinned,
                       self._pinned_count, self._session_node(session, now_ms), self.policy,
-                      inflight or {})
+                      inflight or {}, now_ms if isinstance(now_ms, int) else 0, prefill_rate)
 
     # -- internals: meta, blocks, pins -----------------------------------------------------
 
@@ -646,6 +649,7 @@ class CachePlaneMachine:
         now = _int(cmd, "now_ms", 0, 1 << 62)
         ttl = _int(cmd, "request_ttl_ms", 1, 1 << 40, 30_000)
         session_ttl = _int(cmd, "session_ttl_ms", 1, 1 << 40, 600_000)
+        rate = _int(cmd, "prefill_tokens_per_s", 0, 1 << 40, 0)
         planned = _str(cmd, "node", optional=True)
         victims = _pairs(cmd, "evict")
         if model is None:
@@ -662,7 +666,7 @@ class CachePlaneMachine:
             replanned = decision is None
             self.stats.replanned += replanned
         if decision is None:
-            decision = self._decide(model, keys, session, now)
+            decision = self._decide(model, keys, session, now, rate)
         result = decision_result(decision, model, request_id,
                                  self.nodes[decision.node_id].address if decision.node_id else None)
         result["index"] = ctx.index
@@ -691,6 +695,9 @@ class CachePlaneMachine:
         request = RequestRecord(rec.id, model.code, tuple(blocks), tuple(pending_blocks),
                                 now + ttl, kind, decision.matched_blocks)
         self.requests[request_id] = request
+        if rate:  # the node's estimated prefill queue grows by this request's new tokens
+            start = max(rec.prefill_until_ms, now)
+            rec.prefill_until_ms = start + -(-len(pending) * model.block_size * 1000 // rate)
         m.append((b"cp/req/" + request_id.encode(),
                   pack([rec.id, model.code, blocks, pending_blocks, request.expires_ms, kind,
                         decision.matched_blocks])))

@@ -33,6 +33,7 @@ class Node:
     queue: int = 0
     lease_until_ms: int = 0
     last_event_seq: int = -1
+    prefill_until_ms: int = 0  # when the prefill work routed here should be done (estimate)
 
     @property
     def load(self) -> float:
@@ -52,6 +53,7 @@ class Candidate(NamedTuple):
     score: float
     eligible: bool
     reason: str = ""
+    backlog_blocks: int = 0
 
 
 @dataclass(frozen=True, slots=True)

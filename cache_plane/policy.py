@@ -2,9 +2,16 @@
 
 Order of decision (the seed router's, made load-aware):
 1. session affinity: the session's node, if it is eligible and not overloaded;
-2. otherwise every eligible node is scored: tier-weighted reusable prefix as a fraction of the
-   prompt, minus `load_weight` x load (active + queued per allowed active request);
-3. a prompt with no reuse anywhere is a miss, placed by the same score (least loaded wins),
+2. otherwise every eligible node is scored by the prefill work the request would wait for
+   there: the prompt blocks it cannot reuse (tier-weighted) plus the node's prefill backlog,
+   as a fraction of the prompt, minus `load_weight` x load (active + queued per allowed active
+   request). score = (weighted overlap - backlog) / prompt blocks - load_weight x load, so 1.0
+   is a full hit on an idle node, and reuse wins until the node holding the prefix has more
+   prefill queued than the prefix would save (NVIDIA Dynamo's cost function has this shape).
+   The backlog is estimated from the node's `prefill_until_ms`: every route adds its new
+   tokens at the fleet's prefill rate (`prefill_tokens_per_s`, stamped by the leader), and
+   the estimate drains as time passes; routes the leader has sent but not applied add theirs;
+3. a prompt with no reuse anywhere is a miss, placed by the same score (least backlog wins),
    then fewest evictions, then most free blocks.
 A node is eligible when it is up, serves the model, is below its max active requests, and
 can hold the prompt's new blocks after evicting unpinned least-recently-used blocks (never the
@@ -22,7 +29,7 @@ from dataclasses import dataclass
 from .index import PrefixIndex
 from .model import Candidate, ModelSpec, Node, RouteDecision
 
-_NONE: Mapping[str, int] = {}
+_NONE: Mapping[str, tuple[int, int]] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +37,7 @@ class PolicyConfig:
     """Weights of the scorer; defaults favour reuse until a node is clearly busier."""
 
     load_weight: float = 0.5
+    backlog_weight: float = 0.25
     session_max_load: float = 1.0
 
 
@@ -60,12 +68,15 @@ def plan_eviction(index: PrefixIndex, slot: int, count: int, is_pinned: Callable
 def decide(model: ModelSpec, keys: Sequence[int], nodes: Sequence[Node], index: PrefixIndex,
            is_pinned: Callable[[int, int], bool], pinned_count: Callable[[int], int],
            session_node: str | None = None, config: PolicyConfig = DEFAULT_POLICY,
-           inflight: Mapping[str, int] = _NONE) -> RouteDecision:
+           inflight: Mapping[str, tuple[int, int]] = _NONE, now_ms: int = 0,
+           prefill_tokens_per_s: int = 0) -> RouteDecision:
     """Choose a node for a prompt (the index keys of its chained block hashes) of `model`.
 
-    `inflight` counts, per node, routes the leader has decided but not yet applied; they count
-    as active requests, so concurrent decisions do not all pick the same idle node.
+    `inflight` maps a node to the (routes, new blocks) the leader has decided for it but not
+    yet applied; they count as active requests and backlog, so concurrent decisions do not all
+    pick the same node. Without `prefill_tokens_per_s` there is no backlog term.
     """
+    per_ms = prefill_tokens_per_s / 1000 / max(model.block_size, 1)  # blocks per ms
     total = len(keys)
     serving = [n for n in nodes if model.id in n.models and n.state != "down"]
     if not serving:
@@ -82,7 +93,9 @@ def decide(model: ModelSpec, keys: Sequence[int], nodes: Sequence[Node], index: 
         free = max(node.capacity_blocks - used, 0)
         new_blocks = total - overlap
         evict = max(new_blocks - free, 0)
-        active = node.active + inflight.get(node.id, 0)
+        sent, sent_blocks = inflight.get(node.id, (0, 0))
+        active = node.active + sent
+        queued_blocks = sent_blocks + int(max(node.prefill_until_ms - now_ms, 0) * per_ms)
         load = loads[node.id] = (active + node.queue) / max(node.max_active, 1)
         reason = ""
         if node.state != "up":
@@ -94,9 +107,10 @@ def decide(model: ModelSpec, keys: Sequence[int], nodes: Sequence[Node], index: 
         elif evict and evict > _evictable(node.slot, used, keys[:overlap], is_pinned,
                                           pinned_count):
             reason = "no_room"
-        score = (weighted / total if total else 0.0) - config.load_weight * load
+        score = ((weighted - config.backlog_weight * queued_blocks) / total if total else 0.0) \
+            - config.load_weight * load
         candidates.append(Candidate(node.id, overlap, weighted, load, free, evict, score,
-                                    not reason, reason))
+                                    not reason, reason, queued_blocks))
     eligible = [c for c in candidates if c.eligible]
     by_id = {n.id: n for n in serving}
     if not eligible:

@@ -84,7 +84,8 @@ class CachePlaneService:
         if not isinstance(machine, CachePlaneMachine):
             raise TypeError("the node must run a CachePlaneMachine")
         self.machine = machine
-        self._inflight: dict[str, int] = {}  # node -> routes proposed, not yet applied
+        # node -> (routes, new blocks) proposed and not yet applied
+        self._inflight: dict[str, tuple[int, int]] = {}
         # Rejections decided here before proposing (not replicated; reset on restart).
         self._rejections: dict[str, int] = {}
 
@@ -196,6 +197,7 @@ class CachePlaneService:
             "request_id": request_id, "now_ms": now_ms(),
             "request_ttl_ms": self.settings.request_ttl_ms,
             "session_ttl_ms": self.settings.session_ttl_ms,
+            "prefill_tokens_per_s": self.settings.prefill_tokens_per_s,
         }
         if body.get("session_id"):
             command["session_id"] = body["session_id"]
@@ -221,13 +223,15 @@ class CachePlaneService:
             command.update(node=decision.node_id, route_type=decision.route_type,
                            evict=[[key >> 64, key & MASK64] for key in decision.evict])
             node_id = decision.node_id
-            self._inflight[node_id] = self._inflight.get(node_id, 0) + 1
+            new_blocks = decision.total_blocks - decision.matched_blocks
+            sent, sent_blocks = self._inflight.get(node_id, (0, 0))
+            self._inflight[node_id] = (sent + 1, sent_blocks + new_blocks)
             try:
                 applied = await self.submit(command)
             finally:
-                left = self._inflight.pop(node_id) - 1
-                if left:
-                    self._inflight[node_id] = left
+                sent, sent_blocks = self._inflight.pop(node_id)
+                if sent > 1:
+                    self._inflight[node_id] = (sent - 1, sent_blocks - new_blocks)
             if (not applied.pop("replanned", False) and not applied.get("duplicate")
                     and applied.get("node_id") == node_id):
                 applied["candidates"] = result["candidates"]  # the decision's breakdown

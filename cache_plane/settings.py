@@ -44,6 +44,9 @@ class ServiceSettings:
     expire_interval_s: float = 1.0     # how often the leader proposes expiry
     load_weight: float = 0.5           # score penalty per unit of load
     session_max_load: float = 1.0      # session affinity holds while load is below this
+    # The fleet's prefill speed (tokens/s per node), to estimate each node's prefill backlog;
+    # stamped into route commands by the leader. 0 turns the backlog term off.
+    prefill_tokens_per_s: int = 16_000
     max_prompt_tokens: int = 1 << 20
 
     def validate(self) -> list[str]:
@@ -51,6 +54,8 @@ class ServiceSettings:
         for name in ("node_lease_ms", "request_ttl_ms", "session_ttl_ms", "max_prompt_tokens"):
             if getattr(self, name) < 1:
                 problems.append(f"cache_plane.{name} must be >= 1")
+        if self.prefill_tokens_per_s < 0:
+            problems.append("cache_plane.prefill_tokens_per_s must be >= 0")
         if self.block_ttl_ms < 0:
             problems.append("cache_plane.block_ttl_ms must be >= 0")
         if self.expire_interval_s <= 0:

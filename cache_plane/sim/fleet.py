@@ -1,0 +1,132 @@
+"""Run a workload against a fleet of simulated engines under a routing policy (virtual time).
+
+A discrete-event loop: request arrivals (from the workload) and engine step ends, in time
+order. At an arrival the policy chooses a node (it may be a real cache_plane cluster over
+HTTP: policies are async); the engine admits the request at its next step. At a step end the
+policy hears what happened (requests finished, blocks stored and evicted), as a router hears
+completions and KV events. Virtual time means a 17-minute trace runs as fast as the policy can
+decide, and every policy sees exactly the same fleet and arrivals.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .engine import Engine, EngineConfig, Request, StepResult
+
+
+class Policy(Protocol):
+    """A router under test. `choose` returns a node id, or None to reject the request."""
+
+    name: str
+
+    async def choose(self, request: Request, fleet: Fleet) -> str | None: ...
+
+    async def observe(self, node: str, result: StepResult) -> None: ...
+
+
+@dataclass
+class Fleet:
+    """Engines by node id, in a fixed order."""
+
+    engines: dict[str, Engine]
+
+    @classmethod
+    def build(cls, nodes: int, config: EngineConfig) -> Fleet:
+        return cls({f"node-{i:02d}": Engine(f"node-{i:02d}", config) for i in range(nodes)})
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self.engines)
+
+
+@dataclass
+class RunResult:
+    policy: str
+    requests: list[Request]
+    rejected: int
+    makespan_ms: float
+    avg_load: dict[str, float]   # time-averaged requests on each node (running + waiting)
+
+    def summary(self) -> dict[str, Any]:
+        done = [r for r in self.requests if r.finished_ms >= 0 and not r.rejected]
+        prompt = sum(r.prompt_tokens for r in done)
+        reused = sum(r.reused_tokens for r in done)
+        ttft = sorted(r.ttft_ms for r in done)
+        e2e = sorted(r.e2e_ms for r in done)
+        loads = list(self.avg_load.values())
+        mean_load = statistics.fmean(loads) if loads else 0.0
+        seconds = self.makespan_ms / 1000 or math.inf
+        return {
+            "policy": self.policy,
+            "requests": len(self.requests),
+            "completed": len(done),
+            "rejected": self.rejected,
+            "hit_rate": reused / prompt if prompt else 0.0,
+            "ttft_p50_ms": _pct(ttft, 50), "ttft_p90_ms": _pct(ttft, 90),
+            "ttft_p99_ms": _pct(ttft, 99),
+            "e2e_p50_ms": _pct(e2e, 50), "e2e_p90_ms": _pct(e2e, 90),
+            "throughput_rps": len(done) / seconds,
+            "output_tokens_per_s": sum(r.output_tokens for r in done) / seconds,
+            "imbalance": max(loads) / mean_load if mean_load else 1.0,
+        }
+
+
+def _pct(values: Sequence[float], p: float) -> float:
+    if not values:
+        return math.nan
+    return values[min(len(values) - 1, int(len(values) * p / 100))]
+
+
+async def run(fleet: Fleet, requests: Sequence[Request], policy: Policy) -> RunResult:
+    """Replay `requests` (sorted by arrival) through `policy` on `fleet`."""
+    heap: list[tuple[float, int, int, Any]] = []
+    order = 0
+    for request in requests:
+        heap.append((request.arrival_ms, order, 0, request))
+        order += 1
+    heapq.heapify(heap)
+    active: set[str] = set()
+    area = dict.fromkeys(fleet.engines, 0.0)
+    last_t = 0.0
+    rejected = 0
+    now = 0.0
+
+    def start(node: str, at: float) -> None:
+        nonlocal order
+        result = fleet.engines[node].step(at)
+        if result is None:
+            active.discard(node)
+            return
+        active.add(node)
+        heapq.heappush(heap, (result.ends_ms, order, 1, (node, result)))
+        order += 1
+
+    while heap:
+        now, _, kind, payload = heapq.heappop(heap)
+        for node, engine in fleet.engines.items():
+            area[node] += engine.load * (now - last_t)
+        last_t = now
+        if kind == 0:
+            arrival: Request = payload
+            chosen = await policy.choose(arrival, fleet)
+            if chosen is None or chosen not in fleet.engines:
+                arrival.rejected = True
+                rejected += 1
+                continue
+            fleet.engines[chosen].submit(arrival)
+            if chosen not in active:
+                start(chosen, now)
+        else:
+            node, result = payload
+            rejected += sum(1 for r in result.finished if r.rejected)
+            await policy.observe(node, result)
+            start(node, now)
+    span = now or 1.0
+    return RunResult(policy.name, list(requests), rejected, now,
+                     {node: a / span for node, a in area.items()})

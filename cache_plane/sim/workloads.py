@@ -1,0 +1,117 @@
+"""Workloads for the fleet simulator: the Mooncake trace and generated ones (deterministic).
+
+Every workload is a list of `Request`s sorted by arrival, with prompts as chained block ids:
+two requests share block id i only if their prompts agree up to the end of block i, so a
+shared leading run of ids is reusable KV cache (the Mooncake trace's own convention).
+
+- `mooncake`: `../shared/traces/mooncake_synthetic_trace.jsonl` (512-token blocks); `speedup`
+  compresses its arrival times (the trace spans ~17 minutes).
+- `shared_prompts`: many users behind a few long system prompts (popularity skewed), each
+  with a short unique question.
+- `multi_turn`: conversations whose prompt is the whole history so far; each turn's answer
+  becomes part of the next turn's prompt (output blocks are named, so engines cache them).
+- `no_sharing`: every prompt unique; the control where cache-aware routing cannot help.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Iterable
+
+from .engine import Request
+
+
+class _Ids:
+    """Chained block ids: id(parent, content) is stable and unique per (parent, content)."""
+
+    def __init__(self, namespace: str) -> None:
+        self._ns = namespace.encode()
+
+    def block(self, parent: int, content: object) -> int:
+        digest = hashlib.blake2b(self._ns + repr((parent, content)).encode(), digest_size=8)
+        return int.from_bytes(digest.digest(), "big") >> 1  # < 2**63
+
+    def chain(self, parent: int, contents: Iterable[object]) -> list[int]:
+        out = []
+        for content in contents:
+            parent = self.block(parent, content)
+            out.append(parent)
+        return out
+
+
+def mooncake(path: str, limit: int | None = None, speedup: float = 1.0) -> list[Request]:
+    """The Mooncake trace: timestamp (ms), input/output lengths, 512-token block ids."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if limit is not None and i >= limit:
+                break
+            row = json.loads(line)
+            out.append(Request(f"mc{i}", [int(h) for h in row["hash_ids"]],
+                               int(row["input_length"]), max(int(row["output_length"]), 1),
+                               float(row["timestamp"]) / speedup))
+    out.sort(key=lambda r: r.arrival_ms)
+    return out
+
+
+def shared_prompts(requests: int, rate_per_s: float, seed: int = 1, systems: int = 8,
+                   system_tokens: int = 4096, question_tokens: tuple[int, int] = (64, 1024),
+                   output_tokens: tuple[int, int] = (64, 512), block_size: int = 16) -> list[Request]:
+    """Users behind a few long system prompts (Zipf-like popularity)."""
+    rng = random.Random(seed)
+    ids = _Ids(f"shared-{seed}")
+    heads = [ids.chain(0, ((s, b) for b in range(system_tokens // block_size)))
+             for s in range(systems)]
+    weights = [1 / (k + 1) for k in range(systems)]
+    out, t = [], 0.0
+    for i in range(requests):
+        t += rng.expovariate(rate_per_s) * 1000
+        head = rng.choices(heads, weights)[0]
+        q_tokens = rng.randint(*question_tokens)
+        tail = ids.chain(head[-1], ((i, b) for b in range(-(-q_tokens // block_size))))
+        out.append(Request(f"sp{i}", head + tail, system_tokens + q_tokens,
+                           rng.randint(*output_tokens), t))
+    return out
+
+
+def multi_turn(conversations: int, turns: int, rate_per_s: float, seed: int = 2,
+               system_tokens: int = 1024, user_tokens: tuple[int, int] = (32, 256),
+               output_tokens: tuple[int, int] = (64, 512), think_s: float = 20.0,
+               block_size: int = 16) -> list[Request]:
+    """Chats whose history grows: each turn's prompt = every earlier prompt and answer."""
+    rng = random.Random(seed)
+    ids = _Ids(f"chat-{seed}")
+    system = ids.chain(0, (("sys", b) for b in range(system_tokens // block_size)))
+    out, start = [], 0.0
+    for c in range(conversations):
+        start += rng.expovariate(rate_per_s / turns) * 1000
+        history, t = list(system), start
+        for turn in range(turns):
+            u_blocks = -(-rng.randint(*user_tokens) // block_size)
+            prompt = history + ids.chain(history[-1], ((c, turn, "u", b) for b in range(u_blocks)))
+            out_tokens = rng.randint(*output_tokens)
+            answer = ids.chain(prompt[-1], ((c, turn, "a", b)
+                                            for b in range(out_tokens // block_size)))
+            out.append(Request(f"mt{c}-{turn}", prompt, len(prompt) * block_size, out_tokens, t,
+                               session=f"chat-{c}", output_blocks=answer))
+            history = prompt + answer
+            t += (rng.expovariate(1 / think_s) + 5) * 1000
+    out.sort(key=lambda r: r.arrival_ms)
+    return out
+
+
+def no_sharing(requests: int, rate_per_s: float, seed: int = 3,
+               prompt_tokens: tuple[int, int] = (1024, 8192),
+               output_tokens: tuple[int, int] = (64, 512), block_size: int = 16) -> list[Request]:
+    """Every prompt unique (the control)."""
+    rng = random.Random(seed)
+    ids = _Ids(f"unique-{seed}")
+    out, t = [], 0.0
+    for i in range(requests):
+        t += rng.expovariate(rate_per_s) * 1000
+        tokens = rng.randint(*prompt_tokens)
+        out.append(Request(f"ns{i}", ids.chain(i + 1, range(-(-tokens // block_size))), tokens,
+                           rng.randint(*output_tokens), t))
+    return out
