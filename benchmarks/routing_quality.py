@@ -64,11 +64,12 @@ def workload_set(quick: bool) -> dict[str, tuple[int, Callable[[], list[Request]
 
 
 async def run_cache_plane(cluster: LocalCluster, token: str, name: str, block: int,
-                          requests: list[Request], config: EngineConfig) -> dict[str, Any]:
+                          requests: list[Request], config: EngineConfig,
+                          nodes: int = NODES) -> dict[str, Any]:
     model = f"bench-{name}"
     async with CachePlaneClient(cluster.urls, token=token, timeout=30) as client:
         await client.register_model(model, block_size=block)
-        fleet = Fleet.build(NODES, config)
+        fleet = Fleet.build(nodes, config)
         for i, node in enumerate(fleet.ids):
             await client.register_node(node, f"10.0.0.{i + 1}:8000", [model],
                                        capacity_blocks=config.capacity_blocks,

@@ -6,6 +6,7 @@
   cache-plane status [--endpoint URL]      members, leader, term, indexes, node table
   cache-plane route --model M --prompt TEXT [--endpoint URL]   a decision and its breakdown
   cache-plane demo                         local cluster + simulated fleet + short workload
+  cache-plane sim-node --node-id ID --port P [--cluster URL]   a simulated vLLM-like node
 
 Settings for `serve`: TOML file, then CACHE_PLANE_* environment variables, then flags
 (see cache_plane/settings.py); every problem is reported at once.
@@ -255,6 +256,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- sim-node -------------------------------------------------------------------------------
+
+def cmd_sim_node(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from .sim.server import SimNodeSettings, create_app
+
+    token = None
+    if args.api_token_file:
+        with open(args.api_token_file, encoding="utf-8") as f:
+            token = f.read().strip()
+    settings = SimNodeSettings(
+        node_id=args.node_id, model=args.model, address=args.address or f"{args.host}:{args.port}",
+        block_size=args.block_size, capacity_blocks=args.capacity_blocks,
+        max_num_seqs=args.max_num_seqs, time_scale=args.time_scale,
+        cluster_urls=tuple(args.cluster or ()), api_token=token)
+    web.run_app(create_app(settings), host=args.host, port=args.port, print=None,
+                access_log=None)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cache-plane", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -294,6 +316,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=400)
     p.add_argument("--seed", type=int, default=1)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("sim-node", help="a simulated inference node (vLLM-compatible API)")
+    p.add_argument("--node-id", default="sim-0")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9000)
+    p.add_argument("--address", help="address the cluster gives routers (default host:port)")
+    p.add_argument("--model", default="sim-llm")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--capacity-blocks", type=int, default=27_500)
+    p.add_argument("--max-num-seqs", type=int, default=128)
+    p.add_argument("--time-scale", type=float, default=1.0,
+                   help="virtual ms per real ms (10: ten times faster than real time)")
+    p.add_argument("--cluster", action="append", metavar="URL",
+                   help="register with this cache-plane member (repeatable)")
+    p.add_argument("--api-token-file", help="file holding the cluster's bearer token")
+    p.set_defaults(func=cmd_sim_node)
     return parser
 
 

@@ -218,6 +218,7 @@ class CachePlaneMachine:
         self.nodes: dict[str, Node] = {}
         self.index = PrefixIndex()
         self.sessions: dict[str, tuple[str, int]] = {}
+        self.session_count: dict[str, int] = {}  # node -> live sessions mapped to it
         self.requests: dict[str, RequestRecord] = {}
         self.pins: dict[int, Counter[int]] = {}  # slot -> index key -> active requests
         self.stats = Stats()
@@ -290,7 +291,7 @@ class CachePlaneMachine:
                 node_id = key[8:].decode()
                 self.nodes[node_id] = _node_from_wire(node_id, value)
             elif key.startswith(b"cp/sess/"):
-                self.sessions[key[8:].decode()] = (value[0], value[1])
+                self._set_session(key[8:].decode(), value[0], value[1])
             elif key.startswith(b"cp/req/"):
                 node, model, req_blocks, pending, expires, kind, matched = value
                 self.requests[key[7:].decode()] = RequestRecord(
@@ -339,9 +340,31 @@ class CachePlaneMachine:
     def _decide(self, model: ModelSpec, keys: list[int], session: str | None, now_ms: Any,
                 prefill_rate: int,
                 inflight: Mapping[str, tuple[int, int]] | None = None) -> RouteDecision:
+        session_node = self._session_node(session, now_ms)
+        # A new session commits its later turns to the node chosen now: spread sessions too.
+        new_session = session is not None and session_node is None
         return decide(model, keys, list(self.nodes.values()), self.index, self._is_pinned,
-                      self._pinned_count, self._session_node(session, now_ms), self.policy,
-                      inflight or {}, now_ms if isinstance(now_ms, int) else 0, prefill_rate)
+                      self._pinned_count, session_node, self.policy, inflight or {},
+                      now_ms if isinstance(now_ms, int) else 0, prefill_rate,
+                      self.session_count if new_session else None)
+
+    def _set_session(self, session: str, node_id: str, expires_ms: int) -> None:
+        old = self.sessions.get(session)
+        if old is not None:
+            self._count_session(old[0], -1)
+        self.sessions[session] = (node_id, expires_ms)
+        self._count_session(node_id, +1)
+
+    def _del_session(self, session: str) -> None:
+        node_id, _ = self.sessions.pop(session)
+        self._count_session(node_id, -1)
+
+    def _count_session(self, node_id: str, delta: int) -> None:
+        count = self.session_count.get(node_id, 0) + delta
+        if count > 0:
+            self.session_count[node_id] = count
+        else:
+            self.session_count.pop(node_id, None)
 
     # -- internals: meta, blocks, pins -----------------------------------------------------
 
@@ -484,7 +507,7 @@ class CachePlaneMachine:
         self._del_all(m, rec.slot, self.index.drop_node(rec.slot))
         self.pins.pop(rec.slot, None)
         for sid in sorted(s for s, (node, _) in self.sessions.items() if node == rec.id):
-            del self.sessions[sid]
+            self._del_session(sid)
             m.append((b"cp/sess/" + sid.encode(), None))
         for rid in sorted(r for r, req in self.requests.items() if req.node == rec.id):
             del self.requests[rid]
@@ -619,7 +642,7 @@ class CachePlaneMachine:
                 downed.append(node_id)
         expired_sessions = sorted(s for s, (_, exp) in self.sessions.items() if exp <= now)
         for sid in expired_sessions:
-            del self.sessions[sid]
+            self._del_session(sid)
             m.append((b"cp/sess/" + sid.encode(), None))
         expired_requests = sorted(r for r, req in self.requests.items() if req.expires_ms <= now)
         for rid in expired_requests:
@@ -702,7 +725,7 @@ class CachePlaneMachine:
                   pack([rec.id, model.code, blocks, pending_blocks, request.expires_ms, kind,
                         decision.matched_blocks])))
         if session is not None:
-            self.sessions[session] = (rec.id, now + session_ttl)
+            self._set_session(session, rec.id, now + session_ttl)
             m.append((b"cp/sess/" + session.encode(), pack([rec.id, now + session_ttl])))
         rec.active += 1
         self._save_node(m, rec)

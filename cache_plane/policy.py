@@ -11,6 +11,11 @@ Order of decision (the seed router's, made load-aware):
    The backlog is estimated from the node's `prefill_until_ms`: every route adds its new
    tokens at the fleet's prefill rate (`prefill_tokens_per_s`, stamped by the leader), and
    the estimate drains as time passes; routes the leader has sent but not applied add theirs;
+   and a node running more than `balance_slack` (1.5) times the fleet's mean of active
+   requests loses `balance_weight` (1.0) per unit above that (both +1-smoothed), so a popular
+   prefix spills to other nodes before one node carries the fleet; for a request that starts
+   a session, the same term applies to the sessions each node already holds (the session's
+   later turns will follow it there);
 3. a prompt with no reuse anywhere is a miss, placed by the same score (least backlog wins),
    then fewest evictions, then most free blocks.
 A node is eligible when it is up, serves the model, is below its max active requests, and
@@ -38,6 +43,8 @@ class PolicyConfig:
 
     load_weight: float = 0.5
     backlog_weight: float = 0.25
+    balance_weight: float = 1.0
+    balance_slack: float = 1.5
     session_max_load: float = 1.0
 
 
@@ -69,12 +76,15 @@ def decide(model: ModelSpec, keys: Sequence[int], nodes: Sequence[Node], index: 
            is_pinned: Callable[[int, int], bool], pinned_count: Callable[[int], int],
            session_node: str | None = None, config: PolicyConfig = DEFAULT_POLICY,
            inflight: Mapping[str, tuple[int, int]] = _NONE, now_ms: int = 0,
-           prefill_tokens_per_s: int = 0) -> RouteDecision:
+           prefill_tokens_per_s: int = 0,
+           sessions: Mapping[str, int] | None = None) -> RouteDecision:
     """Choose a node for a prompt (the index keys of its chained block hashes) of `model`.
 
     `inflight` maps a node to the (routes, new blocks) the leader has decided for it but not
     yet applied; they count as active requests and backlog, so concurrent decisions do not all
-    pick the same node. Without `prefill_tokens_per_s` there is no backlog term.
+    pick the same node. Without `prefill_tokens_per_s` there is no backlog term. `sessions`
+    (live sessions per node) is given when the request starts a session: its later turns will
+    follow it, so sessions are balanced like active requests.
     """
     per_ms = prefill_tokens_per_s / 1000 / max(model.block_size, 1)  # blocks per ms
     total = len(keys)
@@ -85,6 +95,9 @@ def decide(model: ModelSpec, keys: Sequence[int], nodes: Sequence[Node], index: 
     matches = index.match(keys, [n.slot for n in serving])
     candidates: list[Candidate] = []
     loads: dict[str, float] = {}
+    up = [n for n in serving if n.state == "up"] or serving
+    mean_active = sum(n.active + inflight.get(n.id, (0, 0))[0] for n in up) / len(up)
+    mean_sessions = sum(sessions.get(n.id, 0) for n in up) / len(up) if sessions else 0.0
     for node in serving:
         match = matches.get(node.slot)
         overlap = match.blocks if match else 0
@@ -107,8 +120,12 @@ def decide(model: ModelSpec, keys: Sequence[int], nodes: Sequence[Node], index: 
         elif evict and evict > _evictable(node.slot, used, keys[:overlap], is_pinned,
                                           pinned_count):
             reason = "no_room"
+        excess = max((active + 1) / (mean_active + 1) - config.balance_slack, 0.0)
+        if sessions is not None:
+            excess += max((sessions.get(node.id, 0) + 1) / (mean_sessions + 1)
+                          - config.balance_slack, 0.0)
         score = ((weighted - config.backlog_weight * queued_blocks) / total if total else 0.0) \
-            - config.load_weight * load
+            - config.load_weight * load - config.balance_weight * excess
         candidates.append(Candidate(node.id, overlap, weighted, load, free, evict, score,
                                     not reason, reason, queued_blocks))
     eligible = [c for c in candidates if c.eligible]

@@ -41,3 +41,12 @@ def test_serve_reports_every_config_problem(tmp_path):
     """`serve` with a bad config exits 2 and lists each problem."""
     out = cli("serve", "--raft-address", "bad", "--data-dir", str(tmp_path))
     assert out.returncode == 2 and "raft_address" in out.stderr and "http_address" in out.stderr
+
+
+def test_demo_runs_end_to_end_and_reaps_its_cluster(tmp_path):
+    """The README's main command: a cluster, a simulated fleet, a leader kill, a table."""
+    demo = cli("demo", "--requests", "120", "--dir", str(tmp_path), timeout=180)
+    assert demo.returncode == 0, demo.stderr
+    assert "prompt tokens reused" in demo.stdout and "leader killed mid-run" in demo.stdout
+    assert "all member processes reaped" in demo.stdout
+    assert "round robin" in demo.stdout
