@@ -49,7 +49,8 @@ class LatencyModel:
         return prefill + decode
 
 
-# Llama-3.1-8B (BF16) on one H100-80GB with vLLM; sources and derivation in docs/simulation.md.
+# Meant to resemble Llama-3.1-8B (BF16) on one H100-80GB with vLLM: estimates, not yet tied
+# to a cited measurement (docs/simulation.md says where each number comes from).
 DEFAULT_LATENCY = LatencyModel(prefill_ms_per_token=0.06, prefill_base_ms=10.0,
                                decode_base_ms=7.0, decode_ms_per_seq=0.12)
 # KV cache of that setup: ~440k tokens (57 GB of free HBM at 128 KiB per token).

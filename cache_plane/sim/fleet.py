@@ -6,13 +6,20 @@ HTTP: policies are async); the engine admits the request at its next step. At a 
 policy hears what happened (requests finished, blocks stored and evicted), as a router hears
 completions and KV events. Virtual time means a 17-minute trace runs as fast as the policy can
 decide, and every policy sees exactly the same fleet and arrivals.
+
+A policy that reads a real clock (cache_plane's leader stamps its own into every command and
+estimates prefill backlogs with it) needs virtual time to pass at a known pace: with `pace`,
+the loop never lets virtual time run more than `pace` times ahead of real time (it sleeps),
+so such a policy is configured with rates multiplied by `pace`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import math
 import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -83,8 +90,9 @@ def _pct(values: Sequence[float], p: float) -> float:
     return values[min(len(values) - 1, int(len(values) * p / 100))]
 
 
-async def run(fleet: Fleet, requests: Sequence[Request], policy: Policy) -> RunResult:
-    """Replay `requests` (sorted by arrival) through `policy` on `fleet`."""
+async def run(fleet: Fleet, requests: Sequence[Request], policy: Policy,
+              pace: float | None = None) -> RunResult:
+    """Replay `requests` (sorted by arrival) through `policy` on `fleet` (see module doc)."""
     heap: list[tuple[float, int, int, Any]] = []
     order = 0
     for request in requests:
@@ -96,6 +104,7 @@ async def run(fleet: Fleet, requests: Sequence[Request], policy: Policy) -> RunR
     last_t = 0.0
     rejected = 0
     now = 0.0
+    wall_start = time.monotonic()
 
     def start(node: str, at: float) -> None:
         nonlocal order
@@ -109,6 +118,10 @@ async def run(fleet: Fleet, requests: Sequence[Request], policy: Policy) -> RunR
 
     while heap:
         now, _, kind, payload = heapq.heappop(heap)
+        if pace:
+            ahead = now / pace / 1000 - (time.monotonic() - wall_start)
+            if ahead > 0:
+                await asyncio.sleep(ahead)
         for node, engine in fleet.engines.items():
             area[node] += engine.load * (now - last_t)
         last_t = now
