@@ -74,6 +74,8 @@ class SimNode:
                          "requests_finished": 0}
         self.reports: asyncio.Queue[tuple[list[int], list[int]]] = asyncio.Queue()
         self.client: CachePlaneClient | None = None
+        self.seq = 0
+        self._unsent: tuple[int, list[int], list[int]] | None = None
 
     def now_ms(self) -> float:
         return (time.monotonic() - self.epoch) * 1000 * self.settings.time_scale
@@ -131,27 +133,47 @@ class SimNode:
     # -- cluster ---------------------------------------------------------------------------
 
     async def run_reporter(self) -> None:
+        """Keep reporting to the cluster; on any failure, log, wait a second, start over."""
+        # KV-event sequence numbers start from the wall clock (microseconds), so a restarted
+        # node's events are never taken for replays of the previous run's.
+        self.seq = time.time_ns() // 1000
+        while True:
+            try:
+                await self._report()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # cluster unreachable, no leader, ...: retry
+                log.warning("sim_node_report_failed", error=repr(exc))
+                await asyncio.sleep(1.0)
+
+    async def _report(self) -> None:
         """Register, then heartbeat and publish KV events to the cluster (ordered seqs)."""
         s = self.settings
         assert self.client is not None
         await self.client.register_model(s.model, block_size=s.block_size, hash_seed=s.hash_seed)
         await self.client.register_node(s.node_id, s.address, [s.model], s.capacity_blocks,
                                         max_active=s.max_num_seqs)
-        seq = 0
         beat = asyncio.get_running_loop().time()
         while True:
-            try:
-                stored, removed = await asyncio.wait_for(self.reports.get(), timeout=0.2)
-            except TimeoutError:
-                stored, removed = [], []
+            if self._unsent is not None:  # a batch whose send failed: the same batch, same seq
+                seq, stored, removed = self._unsent
+            else:
+                try:
+                    stored, removed = await asyncio.wait_for(self.reports.get(), timeout=0.2)
+                except TimeoutError:
+                    stored, removed = [], []
+                if stored or removed:
+                    self.seq += 1
+                seq = self.seq
+                self._unsent = (seq, stored, removed)
             events = []
             if removed:
                 events.append({"type": "removed", "block_hashes": removed})
             if stored:
                 events.append({"type": "stored", "block_hashes": stored})
-            if events:
-                seq += 1
+            if events:  # a retry of an applied batch is a duplicate (same node, same seq)
                 await self.client.kv_events(s.node_id, seq, events, model=s.model)
+            self._unsent = None
             now = asyncio.get_running_loop().time()
             if now - beat >= s.lease_ms / 3000:
                 beat = now
