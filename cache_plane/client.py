@@ -28,11 +28,14 @@ class CachePlaneClient(VeristoreClient):
 
     async def register_node(self, node_id: str, address: str, models: list[str],
                             capacity_blocks: int, max_active: int = 64,
-                            labels: dict[str, str] | None = None) -> dict[str, Any]:
-        return await self.request("POST", "/v1/nodes", json={
-            "node_id": node_id, "address": address, "models": models,
-            "capacity_blocks": capacity_blocks, "max_active": max_active,
-            "labels": labels or {}})
+                            labels: dict[str, str] | None = None,
+                            instance_id: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"node_id": node_id, "address": address, "models": models,
+                                "capacity_blocks": capacity_blocks, "max_active": max_active,
+                                "labels": labels or {}}
+        if instance_id is not None:
+            body["instance_id"] = instance_id
+        return await self.request("POST", "/v1/nodes", json=body)
 
     async def heartbeat(self, node_id: str, active_requests: int = 0,
                         queue_depth: int = 0) -> dict[str, Any]:

@@ -84,12 +84,13 @@ class _Rejected(Exception):
 def _node_wire(node: Node) -> list[Any]:
     return [node.slot, node.address, list(node.models), node.capacity_blocks, node.max_active,
             [list(p) for p in node.labels], node.state, node.active, node.queue,
-            node.lease_until_ms, node.last_event_seq, node.prefill_until_ms]
+            node.lease_until_ms, node.last_event_seq, node.prefill_until_ms, node.instance]
 
 
 def _node_from_wire(node_id: str, w: list[Any]) -> Node:
     return Node(node_id, w[0], w[1], tuple(w[2]), w[3], w[4], tuple(tuple(p) for p in w[5]),
-                w[6], w[7], w[8], w[9], w[10], w[11] if len(w) > 11 else 0)
+                w[6], w[7], w[8], w[9], w[10], w[11] if len(w) > 11 else 0,
+                w[12] if len(w) > 12 else "")
 
 
 @dataclass(slots=True)
@@ -577,8 +578,19 @@ class CachePlaneMachine:
             raise _Invalid("field 'labels' must map strings to strings")
         if unknown:
             return error("unknown_model", f"models not registered: {', '.join(unknown)}").result
+        instance = cmd.get("instance_id", "")
+        if not isinstance(instance, str) or len(instance.encode()) > MAX_ID_BYTES:
+            raise _Invalid(f"field 'instance_id' must be a string of at most {MAX_ID_BYTES} bytes")
         rec = self.nodes.get(node_id)
         created = rec is None
+        restarted = rec is not None and bool(instance) and bool(rec.instance) and \
+            instance != rec.instance
+        if restarted:
+            # A new engine process behind the same node id: its KV cache is empty, its
+            # requests are gone, and its KV-event sequence numbers start over.
+            assert rec is not None
+            self._drop_node_state(m, rec)
+            rec.last_event_seq = -1
         if rec is None:
             if self.next_slot >= MAX_SLOTS:
                 return error("too_many_nodes", "node slot space exhausted").result
@@ -589,11 +601,14 @@ class CachePlaneMachine:
         rec.capacity_blocks, rec.max_active = capacity, max_active
         rec.labels = tuple(sorted(labels.items()))
         rec.state, rec.lease_until_ms = "up", now + lease
+        if instance:
+            rec.instance = instance
         while self.index.used(rec.slot) > rec.capacity_blocks:  # capacity shrank
             if not self._make_room(m, rec):
                 break
         self._save_node(m, rec)
-        return {"ok": True, "node": node_id, "slot": rec.slot, "created": created}
+        return {"ok": True, "node": node_id, "slot": rec.slot, "created": created,
+                "restarted": restarted}
 
     def _known_node(self, cmd: Mapping[str, Any]) -> Node:
         node_id = _str(cmd, "node")

@@ -34,6 +34,7 @@ class Node:
     lease_until_ms: int = 0
     last_event_seq: int = -1
     prefill_until_ms: int = 0  # when the prefill work routed here should be done (estimate)
+    instance: str = ""         # the engine process's id as it registered (restart detection)
 
     @property
     def load(self) -> float:

@@ -108,6 +108,7 @@ class CachePlaneService:
             "models": body["models"], "capacity_blocks": body["capacity_blocks"],
             "max_active": body.get("max_active", 64), "labels": body.get("labels", {}),
             "lease_ms": self.settings.node_lease_ms,
+            **({"instance_id": body["instance_id"]} if "instance_id" in body else {}),
         })
 
     async def heartbeat(self, node_id: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -151,7 +152,7 @@ class CachePlaneService:
                 "used_blocks": used, "free_blocks": max(rec.capacity_blocks - used, 0),
                 "max_active": rec.max_active, "active_requests": rec.active,
                 "queue_depth": rec.queue, "labels": dict(rec.labels),
-                "lease_until_ms": rec.lease_until_ms}
+                "lease_until_ms": rec.lease_until_ms, "instance_id": rec.instance}
 
     def models(self) -> list[dict[str, Any]]:
         with self.node.store.lock:

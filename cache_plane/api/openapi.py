@@ -23,6 +23,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         max_active={"type": "integer", "minimum": 1, "maximum": 2**20},
         labels={"type": "object", "additionalProperties": {"type": "string", "maxLength": 256},
                 "maxProperties": 64},
+        instance_id={"type": "string", "maxLength": 256},
     ),
     "Heartbeat": _obj(
         [], active_requests={"type": "integer", "minimum": 0, "maximum": 2**30},

@@ -75,6 +75,7 @@ class SimNode:
         self.reports: asyncio.Queue[tuple[list[int], list[int]]] = asyncio.Queue()
         self.client: CachePlaneClient | None = None
         self.seq = 0
+        self.instance = uuid.uuid4().hex  # this process: a restart is a new instance
         self._unsent: tuple[int, list[int], list[int]] | None = None
 
     def now_ms(self) -> float:
@@ -152,7 +153,7 @@ class SimNode:
         assert self.client is not None
         await self.client.register_model(s.model, block_size=s.block_size, hash_seed=s.hash_seed)
         await self.client.register_node(s.node_id, s.address, [s.model], s.capacity_blocks,
-                                        max_active=s.max_num_seqs)
+                                        max_active=s.max_num_seqs, instance_id=self.instance)
         beat = asyncio.get_running_loop().time()
         while True:
             if self._unsent is not None:  # a batch whose send failed: the same batch, same seq

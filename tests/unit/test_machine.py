@@ -211,3 +211,26 @@ def test_compacting_touches_keeps_lru_order_across_rebuild():
     twin = CachePlaneMachine()
     twin.rebuild(sorted(h.store.data.items()))
     assert list(twin.index.lru_order(0)) == list(h.m.index.lru_order(0))
+
+
+def test_a_restarted_engine_instance_loses_its_blocks_and_restarts_its_event_seqs():
+    """Re-registering with the same instance keeps state; a new instance starts from empty."""
+    h = cluster(nodes=("a",))
+
+    def register(instance):
+        return h(op="cp.register_node", node="a", address="a:8000", models=["m"],
+                 capacity_blocks=100, max_active=4, now_ms=0, lease_ms=LEASE,
+                 instance_id=instance)
+
+    assert not register("one")["restarted"]
+    h(op="cp.kv_events", node="a", seq=50, events=[{"type": "stored", "block_hashes": [1, 2]}])
+    h.route([1, 2, 3], "r1")
+    assert not register("one")["restarted"] and h.m.index.used(0) == 3
+    assert register("two")["restarted"]
+    assert h.m.index.used(0) == 0 and not h.m.requests and h.m.nodes["a"].active == 0
+    again = h(op="cp.kv_events", node="a", seq=1, events=[{"type": "stored",
+                                                           "block_hashes": [7]}])
+    assert again["stored"] == 1 and not again.get("duplicate")
+    bad = h(op="cp.register_node", node="a", address="a:8000", models=["m"], capacity_blocks=100,
+            now_ms=0, lease_ms=LEASE, instance_id=5)
+    assert bad["error"] == "invalid_command" and h.m.nodes["a"].instance == "two"
