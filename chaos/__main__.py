@@ -1,0 +1,30 @@
+"""`python -m chaos run --cycles N --seed S [--out FILE]`: attack a cluster, judge the history."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from .runner import run, summary, to_json
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m chaos", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="fault cycles against a local 3-member cluster")
+    p.add_argument("--cycles", type=int, default=8)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--out", help="write the JSON report here")
+    args = parser.parse_args(argv)
+    report = asyncio.run(run(args.cycles, args.seed, args.clients))
+    print(summary(report))
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(to_json(report))
+    return 0 if report.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
