@@ -194,19 +194,20 @@ class PrefixIndex:
         elif pending:
             _consume(map(pending.pop, keys, repeat(None)))
 
-    def touch_held(self, slot: int, keys: Sequence[int], at_ms: int) -> None:
+    def touch_held(self, slot: int, keys: Sequence[int], at_ms: int) -> Sequence[int]:
         """Make `keys` (held on `slot`) the most recent, in order, as of `at_ms`.
 
         A key listed twice keeps the position of its first listing; a key that is not held is
-        ignored. Three C-level passes, no per-key Python code.
+        ignored. Returns the keys touched (distinct, held). Three C-level passes.
         """
         lru = self._lru.get(slot)
         if not lru:
-            return
+            return []
         popped = list(map(lru.pop, keys, repeat(None)))
         if None in popped:  # not held, or listed before: keep first listings of held keys
             keys = list(compress(keys, map(operator.is_not, popped, repeat(None))))
         lru.update(zip(keys, repeat(at_ms)))
+        return keys
 
     def remove(self, slot: int, key: int) -> bool:
         """Forget that `slot` holds `key`; False if it did not."""

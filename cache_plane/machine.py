@@ -427,10 +427,11 @@ class CachePlaneMachine:
             self._log_op(m, ADD, slot, model, keys, tier)
 
     def _touch(self, m: list[Mutation], slot: int, model: int, keys: Sequence[int]) -> None:
-        """Make `keys` of `model` (all held on `slot`) the most recently used."""
-        if keys:
-            self.index.touch_held(slot, keys, self.now)
-            self._log_op(m, TOUCH, slot, model, keys)
+        """Make the held ones of `keys` of `model` on `slot` the most recently used."""
+        # Only what was touched is logged: compaction reads a touch as "held at that point".
+        touched = self.index.touch_held(slot, keys, self.now) if keys else ()
+        if touched:
+            self._log_op(m, TOUCH, slot, model, touched)
 
     def _del_block(self, m: list[Mutation], slot: int, key: int) -> bool:
         if self.index.remove(slot, key):

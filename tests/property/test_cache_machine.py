@@ -139,6 +139,16 @@ class CacheMachineModel(RuleBasedStateMachine):
                           "events": [{"type": kind, "block_hashes": blocks}]})
         assert out["ok"] == (self.ref_nodes.get(node, "down") != "down")
 
+    @rule(data=st.data())
+    def engine_drops_a_block_in_use(self, data):
+        """An engine evicts (reports removed) a block an active request reuses."""
+        if not self.ref_requests:
+            return
+        rid = data.draw(st.sampled_from(sorted(self.ref_requests)))
+        request = self.m.requests[rid]
+        self.apply({"op": "cp.kv_events", "node": request.node, "seq": self.index,
+                    "events": [{"type": "removed", "block_hashes": [request.blocks[0]]}]})
+
     @rule(limit=st.integers(1, 5))
     def compact_touches(self, limit):
         """Folding touch records into block records changes no order (checked on reopen)."""
@@ -204,3 +214,35 @@ class CacheMachineModel(RuleBasedStateMachine):
 CacheMachineModel.TestCase.settings = settings(max_examples=150, stateful_step_count=50,
                                                deadline=None)
 TestCacheMachine = CacheMachineModel.TestCase
+
+
+def test_touch_of_a_block_removed_meanwhile_is_not_resurrected_by_compaction(tmp_path):
+    """Regression: completing a request re-touches its reused prefix; a block the engine
+    removed in between used to be logged as touched, and compaction then rewrote its record,
+    so a restart brought it back."""
+    store = StateStore(str(tmp_path / "s"), CachePlaneMachine(), map_size=1 << 20)
+    index = 0
+
+    def apply(cmd):
+        nonlocal index
+        index += 1
+        return store.apply_entry(index, 0, [cmd])[0]
+
+    apply({"op": "cp.register_model", "model": "m", "block_size": 16})
+    apply({"op": "cp.register_node", "node": "a", "address": "a", "models": ["m"],
+           "capacity_blocks": 50, "max_active": 5, "now_ms": 0, "lease_ms": 10**9})
+    apply({"op": "cp.kv_events", "node": "a", "seq": 1,
+           "events": [{"type": "stored", "block_hashes": [1, 2]}]})
+    assert apply({"op": "cp.route", "model": "m", "blocks": [1, 2, 3], "request_id": "r",
+                  "now_ms": 1})["matched_blocks"] == 2
+    apply({"op": "cp.kv_events", "node": "a", "seq": 2,
+           "events": [{"type": "removed", "block_hashes": [1]}]})
+    apply({"op": "cp.complete", "request_id": "r", "node": "a", "status": "ok"})
+    apply({"op": "cp.compact_log", "limit": 100})
+    live = list(store.machine.index.lru_keys(0))
+    store.close()
+    reopened = StateStore(str(tmp_path / "s"), CachePlaneMachine(), map_size=1 << 20)
+    try:
+        assert list(reopened.machine.index.lru_keys(0)) == live == [3, 2]
+    finally:
+        reopened.close()
