@@ -128,15 +128,18 @@ async def _converge(cluster: LocalCluster, timeout: float = 5.0) -> tuple[bool, 
 
     started = time.monotonic()
     async with aiohttp.ClientSession() as session:
+        async def view(url: str) -> Any:
+            try:
+                async with session.get(url + "/v1/digest",
+                                       timeout=aiohttp.ClientTimeout(total=2)) as r:
+                    return await r.json()
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                return None
+
         while time.monotonic() - started < timeout:
-            views = []
-            for url in cluster.urls:
-                try:
-                    async with session.get(url + "/v1/digest",
-                                           timeout=aiohttp.ClientTimeout(total=1)) as r:
-                        views.append(await r.json())
-                except (aiohttp.ClientError, TimeoutError, ValueError):
-                    views.append(None)
+            # All members at once: the leader's housekeeping commits an entry every second,
+            # so digests are only comparable when taken at the same applied index.
+            views = await asyncio.gather(*(view(url) for url in cluster.urls))
             if all(views) and len({(v["applied_index"], v["digest"]) for v in views}) == 1:
                 return True, time.monotonic() - started
             await asyncio.sleep(0.05)

@@ -270,9 +270,7 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def digest(request: web.Request) -> web.Response:
-    store = request.app[NODE].store
-    applied = store.applied_index
-    value = await asyncio.to_thread(store.digest)
+    applied, value = await asyncio.to_thread(request.app[NODE].store.indexed_digest)
     return json_response({"applied_index": applied, "digest": value})
 
 

@@ -217,11 +217,17 @@ class StateStore:
 
     def digest(self) -> str:
         """Return a SHA-256 over every (key, value) pair: equal state, equal digest."""
+        return self.indexed_digest()[1]
+
+    def indexed_digest(self) -> tuple[int, str]:
+        """(applied index, digest) read from one transaction, so they describe the same state."""
         h = hashlib.sha256()
         with self._shared(), self._env.begin(db=self._data) as txn:
+            raw = txn.get(_APPLIED_KEY, db=self._meta)
+            applied = int(unpack(raw)) if raw is not None else 0
             for key, value in txn.cursor(db=self._data):
                 h.update(len(key).to_bytes(4, "big") + key + len(value).to_bytes(4, "big") + value)
-        return h.hexdigest()
+        return applied, h.hexdigest()
 
     def items(self) -> list[tuple[bytes, bytes]]:
         """Return every stored pair (tests and debugging; not for large stores)."""
