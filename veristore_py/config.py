@@ -7,6 +7,7 @@ environment variables and explicit overrides, then `validate()` reports every pr
 TOML layout (all keys optional except the addresses and data dir)::
 
     raft_address = "10.0.0.1:7000"       # this node's Raft address (host:port)
+    raft_bind_address = "0.0.0.0:7000"   # optional; default: bind raft_address only
     http_address = "10.0.0.1:8000"       # this node's HTTP API address
     data_dir = "/var/lib/veristore"
     password_file = "/etc/veristore/raft-password"   # or password = "..."
@@ -43,6 +44,9 @@ class NodeSettings:
     """Everything one node needs; see the module docstring for the file format."""
 
     raft_address: str = ""
+    # Where the Raft listener binds; empty = raft_address itself (PySyncObj's own default
+    # would be every interface). Set it when peers reach this node through NAT or a proxy.
+    raft_bind_address: str = ""
     http_address: str = ""
     data_dir: str = ""
     peers: tuple[Peer, ...] = ()
@@ -111,6 +115,8 @@ class NodeSettings:
                 problems.append(f"{name} is required (host:port)")
             elif _split_address(value) is None:
                 problems.append(f"{name} {value!r} is not host:port with a port in 1..65535")
+        if self.raft_bind_address and _split_address(self.raft_bind_address) is None:
+            problems.append(f"raft_bind_address {self.raft_bind_address!r} is not host:port")
         if not self.data_dir:
             problems.append("data_dir is required")
         seen = {self.raft_address}
@@ -128,7 +134,8 @@ class NodeSettings:
         if self.password and self.password_file:
             problems.append("give password or password_file, not both")
         if not (self.password or self.password_file):
-            public = [a for a in [self.raft_address, *(p.raft for p in self.peers)]
+            public = [a for a in [self.raft_address, self.raft_bind_address,
+                                  *(p.raft for p in self.peers)]
                       if _split_address(a) is not None and not _is_loopback(a)]
             if public:
                 problems.append(

@@ -99,6 +99,7 @@ class VeristoreNode(SyncObj):
         self._stopped = False
         conf = SyncObjConf(
             password=settings.resolved_password(),
+            bindAddress=settings.raft_bind_address or settings.raft_address,
             journalFile=self._journal,
             fullDumpFile=dump_path,
             serializer=self.snapshots.serialize,

@@ -42,6 +42,27 @@ def test_non_loopback_bind_requires_password(tmp_path):
     s = load_settings(None, env={}, overrides={"raft_address": "10.1.2.3:7000", "password": "pw",
                                                "http_address": "10.1.2.3:8000", "data_dir": "/d"})
     assert s.resolved_password() == "pw"
+    # a loopback Raft address bound on every interface needs the password too
+    with pytest.raises(ConfigError, match="password is required"):
+        load_settings(None, env={}, overrides={"raft_address": "127.0.0.1:7000",
+                                               "raft_bind_address": "0.0.0.0:7000",
+                                               "http_address": "127.0.0.1:8000", "data_dir": "/d"})
+
+
+def test_raft_listener_binds_only_its_address(tmp_path):
+    """PySyncObj binds every interface unless told otherwise; a node binds raft_address."""
+    from veristore_py.localcluster import free_ports
+    from veristore_py.node import VeristoreNode
+
+    raft, http = free_ports(2)
+    settings = load_settings(None, env={}, overrides={
+        "raft_address": f"127.0.0.1:{raft}", "http_address": f"127.0.0.1:{http}",
+        "data_dir": str(tmp_path / "data")})
+    node = VeristoreNode(settings)
+    try:
+        assert node.conf.bindAddress == f"127.0.0.1:{raft}"
+    finally:
+        node.stop()
 
 
 def test_bad_toml_is_a_config_error(tmp_path):
