@@ -7,12 +7,17 @@ indexing, `len`, term/vote and commit-index accessors. `LmdbJournal` implements 
 Durability contract (Raft's "persist before you respond"):
 - `setCurrentTerm` (term + vote) commits and fsyncs before it returns, so a vote is durable
   before the vote response is sent.
-- `add` / deletions commit to LMDB without fsync and mark the journal dirty; `sync()` fsyncs
-  once for everything written since the last sync. `node.DurableTransport` calls `sync()`
-  before *any* message leaves this node, so no follower acknowledges, and no leader replicates
-  (and so counts toward a commit), an entry that is not on disk. Many entries written in one
-  tick share one fsync: group commit at the journal level.
-- The commit index is a hint (Raft keeps it volatile); it is written lazily once a second.
+- `add` / deletions change the in-memory log and queue the LMDB writes; `sync()` writes the
+  whole queue in one LMDB transaction committed with fsync. `node.DurableTransport` calls
+  `sync()` before *any* message leaves this node, so no follower acknowledges, and no leader
+  replicates (and so counts toward a commit), an entry that is not on disk. Many entries
+  written in one tick share one transaction and one fsync: group commit at the journal level.
+- Every LMDB commit here is a synced one (the environment is opened with ``sync=True``). LMDB
+  without sync may *corrupt* a database on power loss (pages freed by unsynced commits get
+  reused under the last synced root), so the journal never commits without syncing; after a
+  power loss or kill -9 the file holds exactly the last `sync()`, and what is lost was never
+  acknowledged.
+- The commit index is a hint (Raft keeps it volatile); it is queued once a second.
 
 The log is mirrored in memory as a list (PySyncObj slices it on every tick); compaction keeps it
 bounded at about `logCompactionMinEntries`.
@@ -52,14 +57,15 @@ class LmdbJournal(Journal):
         self.path = path
         self._map_size = map_size
         try:
-            self._env = lmdb.open(path, map_size=map_size, max_dbs=2, sync=False, metasync=True,
+            self._env = lmdb.open(path, map_size=map_size, max_dbs=2, sync=True, metasync=True,
                                   readahead=False)
         except lmdb.Error as exc:
             raise StorageError(f"cannot open journal at {path}: {exc}") from exc
         self._log = self._env.open_db(b"log")
         self._meta = self._env.open_db(b"meta")
         self._entries: list[Entry] = []
-        self._dirty = False
+        # LMDB writes queued since the last sync: ("put", key, value) | ("del", key) | ("drop",)
+        self._pending: list[tuple[Any, ...]] = []
         self._lock = threading.Lock()
         self.syncs = 0
         with self._env.begin() as txn:
@@ -79,6 +85,7 @@ class LmdbJournal(Journal):
     # -- writes ----------------------------------------------------------------------------
 
     def _write(self, fn: Any) -> None:
+        """Run `fn(txn)` in one write transaction, committed with fsync."""
         while True:
             try:
                 with self._env.begin(write=True) as txn:
@@ -90,54 +97,58 @@ class LmdbJournal(Journal):
             except lmdb.Error as exc:
                 raise StorageError(f"journal write failed: {exc}") from exc
 
+    def _apply_pending(self, txn: lmdb.Transaction, pending: list[tuple[Any, ...]]) -> None:
+        for op in pending:
+            if op[0] == "put":
+                txn.put(op[1], op[2], db=self._log)
+            elif op[0] == "del":
+                txn.delete(op[1], db=self._log)
+            else:
+                txn.drop(self._log, delete=False)
+
     def add(self, command: bytes, idx: int, term: int) -> None:
-        """Append one entry (durable at the next `sync()`)."""
+        """Append one entry (on disk after the next `sync()`)."""
         command = bytes(command)
-        self._write(lambda txn: txn.put(_KEY.pack(idx), _TERM.pack(term) + command, db=self._log))
+        self._pending.append(("put", _KEY.pack(idx), _TERM.pack(term) + command))
         self._entries.append((command, idx, term))
-        self._dirty = True
 
     def clear(self) -> None:
         """Drop every entry."""
-        self._write(lambda txn: txn.drop(self._log, delete=False))
+        self._pending.append(("drop",))
         self._entries = []
-        self._dirty = True
 
     def deleteEntriesFrom(self, entryFrom: int) -> None:  # noqa: N802 (PySyncObj's name)
         """Drop entries at list positions >= entryFrom (a follower truncating a conflict)."""
         doomed = self._entries[entryFrom:]
-        if not doomed:
-            return
-
-        def delete(txn: lmdb.Transaction) -> None:
-            for _, index, _ in doomed:
-                txn.delete(_KEY.pack(index), db=self._log)
-
-        self._write(delete)
+        self._pending.extend(("del", _KEY.pack(index)) for _, index, _ in doomed)
         del self._entries[entryFrom:]
-        self._dirty = True
 
     def deleteEntriesTo(self, entryTo: int) -> None:  # noqa: N802
         """Drop entries at list positions < entryTo (compaction after a snapshot)."""
         doomed = self._entries[:entryTo]
-        if not doomed:
-            return
-
-        def delete(txn: lmdb.Transaction) -> None:
-            for _, index, _ in doomed:
-                txn.delete(_KEY.pack(index), db=self._log)
-
-        self._write(delete)
+        self._pending.extend(("del", _KEY.pack(index)) for _, index, _ in doomed)
         self._entries = self._entries[entryTo:]
-        self._dirty = True
 
-    def sync(self) -> None:
-        """fsync everything written since the last sync (no-op when clean)."""
-        if not self._dirty:
-            return
+    def sync(self, extra: tuple[bytes, bytes] | None = None) -> None:
+        """Write everything queued since the last sync in one fsynced transaction.
+
+        `extra` is a (key, value) for the meta table written in the same transaction.
+        """
         with self._lock:
-            self._env.sync(True)
-            self._dirty = False
+            if not self._pending and extra is None:
+                return
+            pending, self._pending = self._pending, []
+
+            def write(txn: lmdb.Transaction) -> None:
+                self._apply_pending(txn, pending)
+                if extra is not None:
+                    txn.put(extra[0], extra[1], db=self._meta)
+
+            try:
+                self._write(write)
+            except BaseException:
+                self._pending = pending + self._pending
+                raise
             self.syncs += 1
 
     # -- reads -----------------------------------------------------------------------------
@@ -153,8 +164,7 @@ class LmdbJournal(Journal):
     def setCurrentTerm(self, term: int, votedForNodeId: Any) -> None:  # noqa: N802, N803
         """Persist term and vote durably before returning."""
         voted = None if votedForNodeId is None else str(votedForNodeId)
-        self._write(lambda txn: txn.put(_META_TERM, pack([term, voted]), db=self._meta))
-        self._env.sync(True)
+        self.sync(extra=(_META_TERM, pack([term, voted])))
         self._term, self._voted_for = term, voted
 
     def getCurrentTerm(self) -> int:  # noqa: N802
@@ -173,8 +183,7 @@ class LmdbJournal(Journal):
 
     def onOneSecondTimer(self) -> None:  # noqa: N802
         if not self._commit_saved:
-            index = self._commit_index
-            self._write(lambda txn: txn.put(_META_COMMIT, pack(index), db=self._meta))
+            self.sync(extra=(_META_COMMIT, pack(self._commit_index)))
             self._commit_saved = True
 
     def _destroy(self) -> None:
@@ -185,7 +194,7 @@ class LmdbJournal(Journal):
         if self._env is None:
             return
         self.onOneSecondTimer()
-        self._env.sync(True)
+        self.sync()
         self._env.close()
         self._env = None  # type: ignore[assignment]
 

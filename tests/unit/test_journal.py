@@ -75,3 +75,32 @@ def test_map_growth_does_not_fail_writes(tmp_path):
         j.add(b"z" * 20_000, i, 1)
     j.close()
     assert len(LmdbJournal(str(tmp_path / "j"))) == 199
+
+
+def test_disk_holds_exactly_the_last_sync(tmp_path):
+    """Nothing reaches the file between syncs, so a crash (here: os._exit without close) leaves
+    exactly what the last fsynced transaction wrote; what it loses was never acknowledged."""
+    import subprocess
+    import sys
+    import textwrap
+
+    path = str(tmp_path / "j")
+    script = textwrap.dedent(f"""
+        import os
+        from veristore_py.journal import LmdbJournal
+        j = LmdbJournal({path!r})
+        for i in range(1, 4):
+            j.add(b"synced", i, 1)
+        j.setCurrentTerm(2, "a:1")   # syncs the queued entries with the vote
+        j.add(b"synced", 4, 2)
+        j.sync()
+        j.deleteEntriesFrom(3)       # queued, never synced: the crash forgets it
+        j.add(b"unsynced", 5, 2)
+        os._exit(0)
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True)
+    j = LmdbJournal(path)
+    assert [(e[0], e[1]) for e in j] == [(b"synced", 1), (b"synced", 2), (b"synced", 3),
+                                         (b"synced", 4)]
+    assert (j.getCurrentTerm(), j.getVotedForNodeId()) == (2, "a:1")
+    j.close()
