@@ -10,6 +10,12 @@ Contract:
   kill -9, and `sync()` makes them durable. The Raft journal (not this store) is the source of
   durability for acknowledged writes; the snapshot builder syncs the store before it reports
   success, i.e. before PySyncObj compacts the journal behind it.
+- Power loss: LMDB without sync may leave a *corrupt* file after an OS crash, not just an old
+  one, so the store is only trusted across a restart of the process, never across a restart
+  of the machine. At open it durably records the kernel's boot id and "not closed cleanly";
+  a clean `close()` records "clean". A store last opened in another boot and not closed
+  cleanly (or unreadable) is discarded and rebuilt from what is durable: the snapshot file
+  and the journal, which PySyncObj replays into the empty store.
 - Snapshots: `open_snapshot()` pins a consistent read view; `write_snapshot()` streams a
   compacted copy of that view; `install_snapshot()` atomically swaps in a received copy.
 """
@@ -37,6 +43,16 @@ log = structlog.get_logger(__name__)
 DEFAULT_MAP_SIZE = 1 << 30
 MAX_MAP_SIZE = 1 << 40
 _APPLIED_KEY = b"applied_index"
+_BOOT_KEY = b"boot"  # [kernel boot id, closed cleanly]
+
+
+def current_boot_id() -> str:
+    """The kernel's id of this boot ("" where unknown); it changes when the machine restarts."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 class _TxnReader:
@@ -76,8 +92,11 @@ class SnapshotView:
 class StateStore:
     """The replicated state of one node, kept in an LMDB environment at `path`."""
 
-    def __init__(self, path: str, machine: Machine, map_size: int = DEFAULT_MAP_SIZE) -> None:
+    def __init__(self, path: str, machine: Machine, map_size: int = DEFAULT_MAP_SIZE,
+                 boot_id: str | None = None) -> None:
         self.path = path
+        self._boot = current_boot_id() if boot_id is None else boot_id
+        self.discarded = False  # set when the open found an untrustworthy store
         self.machine = machine
         self._map_size = map_size
         # Readers (HTTP threads, snapshot copies) hold this shared; a map resize needs it alone.
@@ -90,7 +109,32 @@ class StateStore:
         # decision made from them is checked again when its own command is applied.
         self.lock = threading.RLock()
         _recover_swap(path)
+        if not self._trustworthy():
+            log.warning("state_store_discarded", path=path, reason="not closed cleanly in an "
+                        "earlier boot of this machine, or unreadable; rebuilding from the "
+                        "snapshot file and the journal")
+            shutil.rmtree(path, ignore_errors=True)
+            self.discarded = True
         self._open()
+
+    def _trustworthy(self) -> bool:
+        """False if the store may be torn by a power loss (see module docstring)."""
+        if not os.path.exists(os.path.join(self.path, "data.mdb")):
+            return True
+        try:
+            env = lmdb.open(self.path, max_dbs=4, readonly=True, lock=False, readahead=False)
+            try:
+                meta = env.open_db(b"meta", create=False)
+                with env.begin(db=meta) as txn:
+                    raw = txn.get(_BOOT_KEY, db=meta)
+            finally:
+                env.close()
+        except lmdb.Error:
+            return False
+        if raw is None:
+            return True  # written before boot records existed
+        boot, clean = unpack(raw)
+        return bool(clean) or (boot == self._boot and self._boot != "")
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -110,7 +154,14 @@ class StateStore:
         with self._env.begin(db=self._meta) as txn:
             raw = txn.get(_APPLIED_KEY, db=self._meta)
         self._applied = 0 if raw is None else unpack(raw)
+        self._mark_boot(clean=False)
         self._rebuild_machine()
+
+    def _mark_boot(self, clean: bool) -> None:
+        """Durably record this boot's id and whether the store was closed cleanly."""
+        with self._env.begin(write=True, db=self._meta) as txn:
+            txn.put(_BOOT_KEY, pack([self._boot, clean]), db=self._meta)
+        self._env.sync(True)
 
     def _rebuild_machine(self) -> None:
         """Give a machine with a memory copy of the state everything the store holds."""
@@ -123,6 +174,7 @@ class StateStore:
         """Flush and close the environment."""
         with self._exclusive():
             self._env.sync(True)
+            self._mark_boot(clean=True)
             self._env.close()
 
     @property
