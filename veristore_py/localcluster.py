@@ -3,6 +3,13 @@
 Each node is a separate ``python -m <module> serve --config node<i>.toml`` process with its own
 data dir, free ports picked at run time, and a per-cluster random Raft password in a 0600 file.
 `close()` kills and reaps every process it started, whatever state the cluster is in.
+
+With ``proxy_links=True`` every Raft connection goes through an address the harness can
+proxy (`links`), so chaos tests can cut and heal single links. PySyncObj opens one TCP
+connection per pair of members, from the member whose own address sorts higher to the
+other, and the connecting side announces its own address. So member i names a lower member
+j by the link's proxy address (which sorts below every member address, so i still dials),
+and a higher member by its real address (i only accepts from it).
 """
 
 from __future__ import annotations
@@ -61,6 +68,16 @@ class NodeSpec:
         return f"http://{self.http}"
 
 
+@dataclass(frozen=True, slots=True)
+class Link:
+    """The Raft connection member `source` opens to member `target`, via `listen`."""
+
+    source: int
+    target: int
+    listen: str     # the proxy's address, the name `source` has for `target`
+    upstream: str   # `target`'s real Raft address
+
+
 @dataclass
 class LocalCluster:
     """A cluster of `size` node processes under `base_dir` (see module docstring)."""
@@ -72,7 +89,9 @@ class LocalCluster:
     api_token: str | None = None
     password: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    proxy_links: bool = False
     nodes: list[NodeSpec] = field(default_factory=list)
+    links: list[Link] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         os.makedirs(self.base_dir, exist_ok=True)
@@ -83,16 +102,26 @@ class LocalCluster:
         if self.api_token:
             self.token_file = os.path.join(self.base_dir, "api-token")
             _write_private(self.token_file, self.api_token)
-        ports = free_ports(2 * self.size)
+        pairs = [(i, j) for i in range(self.size) for j in range(i)]
+        n_proxies = len(pairs) if self.proxy_links else 0
+        while True:
+            ports = free_ports(2 * self.size + n_proxies)
+            if len({len(str(p)) for p in ports}) == 1:
+                break  # equal digit counts: addresses sort as their ports do
+        ports.sort()
+        proxy_ports, raft_ports = ports[:n_proxies], ports[n_proxies:n_proxies + self.size]
+        http_ports = ports[n_proxies + self.size:]
         for i in range(self.size):
             node_dir = os.path.join(self.base_dir, f"node{i}")
             os.makedirs(node_dir, exist_ok=True)
             self.nodes.append(NodeSpec(
-                index=i, raft=f"127.0.0.1:{ports[2 * i]}", http=f"127.0.0.1:{ports[2 * i + 1]}",
+                index=i, raft=f"127.0.0.1:{raft_ports[i]}", http=f"127.0.0.1:{http_ports[i]}",
                 data_dir=os.path.join(node_dir, "data"),
                 config_path=os.path.join(node_dir, "node.toml"),
                 log_path=os.path.join(node_dir, "node.log"),
             ))
+        for (i, j), port in zip(pairs, proxy_ports, strict=False):
+            self.links.append(Link(i, j, f"127.0.0.1:{port}", self.nodes[j].raft))
         for node in self.nodes:
             self._write_config(node)
 
@@ -110,10 +139,17 @@ class LocalCluster:
             lines.append(f"{key} = {_toml_value(value)}")
         for other in self.nodes:
             if other is not node:
-                lines += ["[[peers]]", f"raft = {_toml_value(other.raft)}",
+                lines += ["[[peers]]", f"raft = {_toml_value(self.name_of(other.index, node.index))}",
                           f"http = {_toml_value(other.http)}"]
         with open(node.config_path, "w", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
+
+    def name_of(self, j: int, seen_by: int) -> str:
+        """The Raft address member `seen_by` knows member `j` by."""
+        for link in self.links:
+            if (link.source, link.target) == (seen_by, j):
+                return link.listen
+        return self.nodes[j].raft
 
     # -- processes -------------------------------------------------------------------------
 
@@ -204,9 +240,9 @@ class LocalCluster:
             leaders = [i for i, v in views.items()
                        if v and v["state"] == "leader" and v["has_quorum"]]
             if len(leaders) == 1:
-                leader_raft = self.nodes[leaders[0]].raft
-                if all(v and v["leader"] == leader_raft for v in views.values()):
-                    return leaders[0]
+                leader = leaders[0]
+                if all(v and v["leader"] == self.name_of(leader, i) for i, v in views.items()):
+                    return leader
             time.sleep(0.05)
         raise TimeoutError(f"no agreed leader within {timeout}s; see logs under {self.base_dir}")
 
