@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
 from collections.abc import Iterable
 
@@ -83,7 +84,7 @@ class Network:
         for link in self.links:
             host, port = link.listen.rsplit(":", 1)
             server = await asyncio.start_server(
-                lambda r, w, link=link: self._accept(link, r, w), host, int(port))
+                functools.partial(self._accept, link), host, int(port))
             self._servers.append(server)
 
     def _is_down(self, link: Link) -> bool:

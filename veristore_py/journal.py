@@ -61,6 +61,13 @@ class LmdbJournal(Journal):
                                   readahead=False)
         except lmdb.Error as exc:
             raise StorageError(f"cannot open journal at {path}: {exc}") from exc
+        problem = lmdb_truncation(self._env, path)
+        if problem:
+            self._env.close()
+            raise StorageError(
+                f"journal at {path} is damaged ({problem}): this member cannot vouch for the "
+                f"entries it acknowledged. Replace it: stop it, move its data dir away and start "
+                f"it empty while the other members are healthy (docs/operations.md)")
         self._log = self._env.open_db(b"log")
         self._meta = self._env.open_db(b"meta")
         self._entries: list[Entry] = []
@@ -197,6 +204,19 @@ class LmdbJournal(Journal):
         self.sync()
         self._env.close()
         self._env = None  # type: ignore[assignment]
+
+
+def lmdb_truncation(env: lmdb.Environment, path: str) -> str | None:
+    """Why the data file of `env` (at `path`) is shorter than its last commit says, or None.
+
+    LMDB maps the file into memory, so a page past the end would kill the process with
+    SIGBUS on first read instead of raising: check the length before reading anything.
+    """
+    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    size = os.path.getsize(os.path.join(path, "data.mdb"))
+    if size < needed:
+        return f"data.mdb has {size} bytes, its last commit needs {needed}: truncated"
+    return None
 
 
 def install_journal_factory() -> None:

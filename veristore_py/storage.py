@@ -36,6 +36,7 @@ import structlog
 
 from .codec import pack, unpack
 from .errors import StorageError
+from .journal import lmdb_truncation
 from .state import ApplyContext, Machine, Result, error
 
 log = structlog.get_logger(__name__)
@@ -124,6 +125,8 @@ class StateStore:
         try:
             env = lmdb.open(self.path, max_dbs=4, readonly=True, lock=False, readahead=False)
             try:
+                if lmdb_truncation(env, self.path):
+                    return False
                 meta = env.open_db(b"meta", create=False)
                 with env.begin(db=meta) as txn:
                     raw = txn.get(_BOOT_KEY, db=meta)

@@ -104,3 +104,22 @@ def test_disk_holds_exactly_the_last_sync(tmp_path):
                                          (b"synced", 4)]
     assert (j.getCurrentTerm(), j.getVotedForNodeId()) == (2, "a:1")
     j.close()
+
+
+def test_truncated_journal_refuses_to_open_with_a_clear_error(tmp_path):
+    """A cut-off data file would SIGBUS on read (LMDB maps it); it is refused up front."""
+    import os
+
+    import pytest
+
+    from veristore_py.errors import StorageError
+
+    j = LmdbJournal(str(tmp_path / "j"))
+    for i in range(1, 200):
+        j.add(b"x" * 500, i, 1)
+    j.sync()
+    j.close()
+    data = tmp_path / "j" / "data.mdb"
+    os.truncate(data, os.path.getsize(data) // 2)
+    with pytest.raises(StorageError, match="truncated.*Replace it"):
+        LmdbJournal(str(tmp_path / "j"))

@@ -60,3 +60,17 @@ def test_unreadable_store_is_discarded(tmp_path):
     store = StateStore(str(path), KVMachine(), map_size=1 << 20, boot_id="boot-a")
     assert (store.applied_index, store.discarded) == (0, True)
     store.close()
+
+
+def test_truncated_store_is_discarded(tmp_path):
+    import os
+
+    path = str(tmp_path / "s")
+    store = StateStore(path, KVMachine(), map_size=1 << 20, boot_id="boot-a")
+    for i in range(1, 100):
+        store.apply_entry(i, 0, [{"op": "put", "key": b"k%d" % i, "value": b"v" * 500}])
+    store.close()
+    os.truncate(os.path.join(path, "data.mdb"), 3 * 4096)
+    store = StateStore(path, KVMachine(), map_size=1 << 20, boot_id="boot-a")
+    assert (store.applied_index, store.discarded) == (0, True)
+    store.close()
