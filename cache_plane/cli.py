@@ -61,9 +61,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     machine = CachePlaneMachine(PolicyConfig(service_settings.load_weight,
                                              service_settings.session_max_load))
-    serve(node_settings,
-          lambda node, settings, token: create_app(node, settings, token, service_settings),
-          machine)
+    try:
+        serve(node_settings,
+              lambda node, settings, token: create_app(node, settings, token, service_settings),
+              machine)
+    except VeristoreError as exc:  # e.g. a damaged journal: say what to do, no traceback
+        print(f"cannot start: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

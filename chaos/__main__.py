@@ -15,10 +15,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="fault cycles against a local 3-member cluster")
     p.add_argument("--cycles", type=int, default=8)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--clients", type=int, default=4, help="KV register/put clients")
+    p.add_argument("--routers", type=int, default=2, help="route/complete clients")
     p.add_argument("--out", help="write the JSON report here")
     args = parser.parse_args(argv)
-    report = asyncio.run(run(args.cycles, args.seed, args.clients))
+    report = asyncio.run(run(args.cycles, args.seed, args.clients, args.routers))
     print(summary(report))
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:

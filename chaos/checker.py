@@ -6,6 +6,10 @@
   take effect at any point after their invocation, or never; `fail` operations never did. A
   time budget turns a search that would take too long into "unknown" instead of a hang.
 - `check_acked_writes`: every write acknowledged `ok` is present in the final state.
+- `check_decisions`: route decisions (committed and dry-run) come from a leader that held its
+  quorum: no `ok` decision reports an older log position than a committed decision that had
+  completed before it was invoked, and one log index never carries two terms.
+- `check_route_count`: the replicated route counter agrees with the acknowledged routes.
 - `failover_stats`: percentiles of fault -> first successful write.
 """
 
@@ -127,6 +131,46 @@ def check_acked_writes(ops: Iterable[Op], final: dict[str, Any]) -> list[Op]:
     """The `ok` puts whose key does not hold their value in `final` (should be none)."""
     return [op for op in ops if op.kind == "put" and op.outcome == "ok"
             and final.get(op.key) != op.args[0]]
+
+
+def check_decisions(ops: Iterable[Op]) -> list[str]:
+    """Violations among `ok` route decisions (kind "route" or "route-dry", result =
+    (term, index, node_id)); see the module docstring. A leader cut off from its quorum that
+    kept answering from its stale state would report an index below one already committed.
+    """
+    decided = sorted((op for op in ops if op.kind in ("route", "route-dry")
+                      and op.outcome == "ok"), key=lambda op: op.invoke)
+    committed = sorted((op for op in decided if op.kind == "route"), key=lambda op: op.complete)
+    problems: list[str] = []
+    terms: dict[int, tuple[int, str]] = {}
+    floor, floor_op, j = -1, "", 0
+    for op in decided:
+        while j < len(committed) and committed[j].complete < op.invoke:
+            if committed[j].result[1] > floor:
+                floor, floor_op = committed[j].result[1], committed[j].key
+            j += 1
+        term, index = op.result[0], op.result[1]
+        if index < floor:
+            problems.append(f"{op.kind} {op.key} decided at index {index} (term {term}) after "
+                            f"route {floor_op} had committed index {floor}: a stale leader")
+        if op.kind == "route":
+            seen = terms.setdefault(index, (term, op.key))
+            if seen[0] != term:
+                problems.append(f"index {index} carries term {seen[0]} (route {seen[1]}) and "
+                                f"term {term} (route {op.key})")
+    return problems
+
+
+def check_route_count(ops: Iterable[Op], routes_total: int) -> str | None:
+    """None if the replicated count of routed requests is between the `ok` routes and the
+    `ok` + `info` routes (each request id counts once); else what is wrong."""
+    ops = list(ops)
+    ok = len({op.key for op in ops if op.kind == "route" and op.outcome == "ok"})
+    maybe = len({op.key for op in ops if op.kind == "route" and op.outcome == "info"})
+    if ok <= routes_total <= ok + maybe:
+        return None
+    return f"{routes_total} routes recorded, expected between {ok} (acknowledged) and " \
+           f"{ok + maybe} (acknowledged + unknown)"
 
 
 def percentile(values: Sequence[float], p: float) -> float:

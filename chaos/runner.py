@@ -1,19 +1,18 @@
 """Attack a real 3-member cluster under load and judge the recorded history (Jepsen-style).
 
-Clients (asyncio, through the public HTTP API with the same client routers use) run a mix of
-linearizable reads and compare-and-set writes on a few register keys, plus puts of unique
-keys, recording every operation's invocation, completion and outcome: `ok`, `fail` (a
-definite error: it did not happen) or `info` (unknown: it may have happened). A probe writes
-every 50 ms to time failovers. Between healthy periods a nemesis injects one fault, holds it,
-heals it; then the clients pause while every replica must reach the same state digest.
-
-Faults in this version: kill -9 of the leader and of a follower (then restart), SIGSTOP of the
-leader for longer than an election timeout (then SIGCONT), and kill -9 of every member at
-once (then restart). Network partitions, unsynced-write loss, a full disk and a corrupted
-journal tail are not implemented yet.
+Clients (asyncio, through the public HTTP API with the same clients routers use) run a mix of
+linearizable reads and compare-and-set writes on a few register keys and puts of unique keys;
+routers register inference nodes and a model, then route requests (committed and dry-run)
+and report their completion. Every operation's invocation, completion and outcome is
+recorded: `ok`, `fail` (a definite error: it did not happen) or `info` (unknown: it may have
+happened). A probe writes every 50 ms to time failovers. Between healthy periods a nemesis
+(`nemesis.py`) injects one fault, holds it, heals it; then the clients pause while every
+replica must reach the same state digest.
 
 At the end: every acknowledged put is read back; each register's history must be
-linearizable (`checker.check_register`); convergence must have held after every fault.
+linearizable (`checker.check_register`); route decisions must come from a leader holding its
+quorum (`checker.check_decisions`) and the replicated route count must match the acknowledged
+routes; convergence must have held after every fault.
 """
 
 from __future__ import annotations
@@ -26,15 +25,27 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from cache_plane.client import CachePlaneClient
 from veristore_py.client import KeyNotFoundError, VeristoreClient
 from veristore_py.errors import VeristoreError
 from veristore_py.localcluster import LocalCluster
 
-from .checker import INF, Op, check_acked_writes, check_register, failover_stats
+from .checker import (
+    INF,
+    Op,
+    check_acked_writes,
+    check_decisions,
+    check_register,
+    check_route_count,
+    failover_stats,
+)
+from .nemesis import FAULTS, Disks, Nemesis
+from .network import Network
 
-FAULTS = ("kill-leader", "kill-follower", "pause-leader", "restart-all")
 REGISTERS = 4
 TOKEN = "chaos-token"
+MODEL = "chaos-model"
+INFERENCE_NODES = ("inference-0", "inference-1")
 
 
 @dataclass
@@ -42,9 +53,13 @@ class Report:
     seed: int
     cycles: int
     faults: dict[str, int] = field(default_factory=dict)
+    fault_log: list[dict[str, Any]] = field(default_factory=list)
     operations: dict[str, int] = field(default_factory=dict)
+    operations_by_kind: dict[str, dict[str, int]] = field(default_factory=dict)
     lost_writes: list[str] = field(default_factory=list)
     registers: dict[str, str] = field(default_factory=dict)
+    decision_violations: list[str] = field(default_factory=list)
+    route_count: str | None = None
     convergence: list[dict[str, Any]] = field(default_factory=list)
     failover: dict[str, Any] = field(default_factory=dict)
     failover_by_fault: dict[str, Any] = field(default_factory=dict)
@@ -53,6 +68,7 @@ class Report:
     @property
     def passed(self) -> bool:
         return (not self.lost_writes and "violation" not in self.registers.values()
+                and not self.decision_violations and self.route_count is None
                 and all(c["converged"] for c in self.convergence))
 
 
@@ -109,6 +125,60 @@ async def _client(pid: int, urls: list[str], history: History, stop: asyncio.Eve
             await asyncio.sleep(rng.uniform(0, 0.02))
 
 
+async def _route_op(client: CachePlaneClient, history: History, pid: int, kind: str,
+                    request_id: str, blocks: list[int]) -> Op:
+    t0 = history.now()
+    try:
+        got = await client.route(MODEL, block_hashes=blocks, request_id=request_id,
+                                 dry_run=kind == "route-dry")
+        op = Op(pid, kind, request_id, (), t0, history.now(), "ok",
+                (got["term"], got["index"], got["node_id"]))
+    except VeristoreError as exc:
+        outcome = "fail" if exc.definite else "info"
+        op = Op(pid, kind, request_id, (), t0, history.now() if outcome == "fail" else INF,
+                outcome)
+    history.ops.append(op)
+    return op
+
+
+async def _complete_op(client: CachePlaneClient, history: History, pid: int, request_id: str,
+                       node_id: str, blocks: list[int]) -> None:
+    t0 = history.now()
+    try:
+        await client.complete(request_id, node_id, block_hashes=blocks)
+        history.ops.append(Op(pid, "complete", request_id, (), t0, history.now(), "ok"))
+    except VeristoreError as exc:
+        history.ops.append(Op(pid, "complete", request_id, (), t0,
+                              history.now() if exc.definite else INF,
+                              "fail" if exc.definite else "info"))
+
+
+async def _setup_fleet(urls: list[str]) -> None:
+    """Register the model and the inference nodes the routers route to."""
+    async with CachePlaneClient(urls, token=TOKEN, timeout=30.0) as client:
+        await client.register_model(MODEL, block_size=16)
+        for node_id in INFERENCE_NODES:
+            await client.register_node(node_id, f"http://{node_id}.invalid:8000", [MODEL],
+                                       capacity_blocks=100_000, max_active=100_000)
+
+
+async def _router(pid: int, urls: list[str], history: History, stop: asyncio.Event,
+                  paused: asyncio.Event, rng: random.Random) -> None:
+    """Route requests sharing a few prefixes (25% dry-run) and report each routed one done."""
+    prefixes = [[rng.getrandbits(63) for _ in range(8)] for _ in range(4)]
+    n = 0
+    async with CachePlaneClient(urls, token=TOKEN, timeout=4.0, attempt_timeout=1.0) as client:
+        while not stop.is_set():
+            await paused.wait()
+            n += 1
+            blocks = rng.choice(prefixes) + [rng.getrandbits(63) for _ in range(rng.randint(1, 4))]
+            kind = "route-dry" if rng.random() < 0.25 else "route"
+            op = await _route_op(client, history, pid, kind, f"r{pid}-{n}", blocks)
+            if kind == "route" and op.outcome == "ok":
+                await _complete_op(client, history, pid, op.key, op.result[2], blocks)
+            await asyncio.sleep(rng.uniform(0, 0.02))
+
+
 async def _probe(urls: list[str], history: History, stop: asyncio.Event,
                  successes: list[float]) -> None:
     n = 0
@@ -146,35 +216,20 @@ async def _converge(cluster: LocalCluster, timeout: float = 5.0) -> tuple[bool, 
     return False, time.monotonic() - started
 
 
-async def _fault(cluster: LocalCluster, kind: str, rng: random.Random) -> None:
-    leader = await asyncio.to_thread(cluster.wait_for_leader, 30.0)
-    if kind == "kill-leader":
-        cluster.kill(leader)
-        await asyncio.sleep(rng.uniform(1.0, 2.0))
-        cluster.start_node(leader)
-    elif kind == "kill-follower":
-        victim = rng.choice([i for i in range(cluster.size) if i != leader])
-        cluster.kill(victim)
-        await asyncio.sleep(rng.uniform(1.0, 2.0))
-        cluster.start_node(victim)
-    elif kind == "pause-leader":
-        cluster.pause(leader)
-        await asyncio.sleep(rng.uniform(2.5, 3.5))  # longer than an election timeout
-        cluster.resume(leader)
-    else:  # restart-all
-        for i in range(cluster.size):
-            cluster.kill(i)
-        await asyncio.sleep(rng.uniform(0.2, 0.5))
-        cluster.start()
-
-
-async def run(cycles: int, seed: int, clients: int = 4, base_dir: str | None = None) -> Report:
+async def run(cycles: int, seed: int, clients: int = 4, routers: int = 2,
+              base_dir: str | None = None) -> Report:
     rng = random.Random(seed)
     schedule = [FAULTS[i % len(FAULTS)] for i in range(cycles)]
     rng.shuffle(schedule)
     report = Report(seed, cycles)
     cluster = LocalCluster(base_dir or tempfile.mkdtemp(prefix="chaos-"), module="cache_plane",
-                           api_token=TOKEN, settings={"log_level": "warning"})
+                           api_token=TOKEN, settings={"log_level": "warning"},
+                           proxy_links=True,
+                           # the routers' inference nodes send no heartbeats
+                           env={"CACHE_PLANE_NODE_LEASE_MS": str(24 * 3600 * 1000)})
+    network = Network(cluster.links)
+    disks = Disks(cluster)
+    nemesis = Nemesis(cluster, network, disks, rng)
     history = History()
     stop, running = asyncio.Event(), asyncio.Event()
     running.set()
@@ -182,17 +237,24 @@ async def run(cycles: int, seed: int, clients: int = 4, base_dir: str | None = N
     failovers: list[tuple[str, float]] = []
     started = time.monotonic()
     try:
+        network.start()
+        disks.mount()
         cluster.start()
         await asyncio.to_thread(cluster.wait_for_leader, 30.0)
+        await _setup_fleet(cluster.urls)
         tasks = [asyncio.create_task(_client(p, cluster.urls, history, stop, running,
                                              random.Random(seed * 100 + p)))
                  for p in range(clients)]
+        tasks += [asyncio.create_task(_router(50 + p, cluster.urls, history, stop, running,
+                                              random.Random(seed * 100 + 50 + p)))
+                  for p in range(routers)]
         tasks.append(asyncio.create_task(_probe(cluster.urls, history, stop, probe_ok)))
         for kind in schedule:
             await asyncio.sleep(rng.uniform(1.0, 2.0))  # healthy period
             report.faults[kind] = report.faults.get(kind, 0) + 1
-            t_fault = history.now()
-            await _fault(cluster, kind, rng)
+            details = await nemesis.inject(kind, history.now)
+            t_fault = details["at_s"]
+            report.fault_log.append({"fault": kind, **details})
             await asyncio.to_thread(cluster.wait_for_leader, 30.0)
             for _ in range(100):  # first probe write that completed after the fault
                 later = [t for t in probe_ok if t > t_fault]
@@ -212,11 +274,16 @@ async def run(cycles: int, seed: int, clients: int = 4, base_dir: str | None = N
         await _final_checks(cluster, history, report)
     finally:
         cluster.close()
+        network.close()
+        disks.unmount()
     report.operations = {o: sum(1 for op in history.ops if op.outcome == o)
                          for o in ("ok", "fail", "info")}
+    for op in history.ops:
+        by_kind = report.operations_by_kind.setdefault(op.kind, {"ok": 0, "fail": 0, "info": 0})
+        by_kind[op.outcome] += 1
     report.failover = failover_stats([s for _, s in failovers])
     report.failover_by_fault = {k: failover_stats([s for f, s in failovers if f == k])
-                                for k in FAULTS}
+                                for k in FAULTS if k in report.faults}
     report.elapsed_s = round(time.monotonic() - started, 1)
     return report
 
@@ -232,7 +299,10 @@ async def _final_checks(cluster: LocalCluster, history: History, report: Report)
                 final[key] = None
         for r in range(REGISTERS):  # a final read joins each register's history
             await _run_op(client, history, 100, "read", f"reg-{r}", ())
+        stats = await client.request("GET", "/v1/stats")
     report.lost_writes = [op.key for op in check_acked_writes(history.ops, final)]
+    report.decision_violations = check_decisions(history.ops)
+    report.route_count = check_route_count(history.ops, int(stats["routes_total"]))
     for r in range(REGISTERS):
         key = f"reg-{r}"
         report.registers[key] = check_register([op for op in history.ops if op.key == key])
@@ -244,8 +314,11 @@ def summary(report: Report) -> str:
         f"chaos run: seed {report.seed}, {report.cycles} fault cycles in {report.elapsed_s} s",
         f"  faults: {', '.join(f'{k} {v}' for k, v in sorted(report.faults.items()))}",
         f"  operations: {report.operations}",
+        f"  by kind: {report.operations_by_kind}",
         f"  lost acknowledged writes: {len(report.lost_writes)}",
         f"  registers: {report.registers}",
+        f"  route decisions from a leader without its quorum: "
+        f"{len(report.decision_violations)}; route count: {report.route_count or 'consistent'}",
         f"  converged after every fault: "
         f"{all(c['converged'] for c in report.convergence)} "
         f"(slowest {max((c['seconds'] for c in report.convergence), default=0):.2f} s)",

@@ -51,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
             for problem in exc.problems:
                 print(f"  - {problem}", file=sys.stderr)
             return 2
-        serve(settings)
+        try:
+            serve(settings)
+        except VeristoreError as exc:  # e.g. a damaged journal: say what to do
+            print(f"cannot start: {exc}", file=sys.stderr)
+            return 1
         return 0
     from .client import VeristoreClient
 

@@ -15,7 +15,9 @@ by `storage.py`; this module wires PySyncObj to them:
 
 A failing LMDB write inside `apply_entry` (disk gone, not map full) is re-raised on purpose:
 PySyncObj then retries the same entry on the next tick and the node stops applying (and stops
-being ready) instead of skipping an entry and diverging from its peers.
+being ready) instead of skipping an entry and diverging from its peers. A failing journal sync
+(a full disk) likewise stops the tick before anything is sent. Both resume once the disk has
+room again; if LMDB panicked instead, the process exits for its supervisor to restart it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import zlib
 from concurrent.futures import Future
 from typing import Any
 
+import lmdb
 import structlog
 from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj import tcp_connection as _tcp_connection
@@ -35,7 +38,13 @@ from pysyncobj.transport import TCPTransport
 
 from .codec import decode_batch
 from .config import NodeSettings
-from .errors import InvalidCommandError, LeadershipLostError, NoLeaderError, NotLeaderError
+from .errors import (
+    InvalidCommandError,
+    LeadershipLostError,
+    NoLeaderError,
+    NotLeaderError,
+    StorageError,
+)
 from .group_commit import GroupCommitter
 from .journal import LmdbJournal, install_journal_factory
 from .snapshot import SnapshotManager, prepare_journal
@@ -64,6 +73,19 @@ def store_peer_messages() -> None:
     """
     _tcp_connection.zlib = types.SimpleNamespace(
         compress=_stored, decompress=zlib.decompress)
+
+
+def _exit_if_panicked(exc: StorageError, logger: Any) -> None:
+    """Stop the process if LMDB has panicked (e.g. a failed meta-page write on a full disk).
+
+    Other write failures (ENOSPC on data pages) leave the environment usable: PySyncObj
+    retries the tick and the node resumes once space is back. After MDB_PANIC every later
+    transaction fails until the environment is reopened, so the node would be stuck for good;
+    exiting lets the supervisor (systemd) restart it, and a restart is always safe.
+    """
+    if isinstance(exc.__cause__, lmdb.PanicError):
+        logger.critical("storage_panic_exiting", error=str(exc))
+        os._exit(70)  # EX_SOFTWARE; skip cleanup that would touch the broken environment
 
 
 class DurableTransport(TCPTransport):
@@ -170,7 +192,11 @@ class VeristoreNode(SyncObj):
         except InvalidCommandError as exc:
             self._log.error("entry_undecodable", index=index, error=str(exc))
             return None
-        return self.store.apply_entry(index, batch.stamp_ms, batch.commands)
+        try:
+            return self.store.apply_entry(index, batch.stamp_ms, batch.commands)
+        except StorageError as exc:
+            _exit_if_panicked(exc, self._log)
+            raise
 
     def _setCodeVersion(self, args: Any, callback: Any) -> None:  # noqa: N802 (PySyncObj's name)
         """Refuse PySyncObj's `set_version` admin command.
@@ -186,7 +212,11 @@ class VeristoreNode(SyncObj):
 
     def sync_journal(self) -> None:
         """fsync the journal if anything was written since the last sync (tick thread)."""
-        self._journal.sync()
+        try:
+            self._journal.sync()
+        except StorageError as exc:
+            _exit_if_panicked(exc, self._log)
+            raise
 
     def submit(self, command: Any) -> Future[Any]:
         """Propose `command` on this leader; the future resolves to its apply result.

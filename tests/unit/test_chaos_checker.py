@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from chaos.checker import INF, Op, check_acked_writes, check_register
+from chaos.checker import (
+    INF,
+    Op,
+    check_acked_writes,
+    check_decisions,
+    check_register,
+    check_route_count,
+)
 
 
 def cas(p, exp, new, t0, t1, outcome="ok", result=True):
@@ -54,3 +61,33 @@ def test_acked_writes_missing_from_the_final_state_are_reported():
     maybe = Op(0, "put", "w2", ("y",), 0, INF, "info")
     assert check_acked_writes([ok, maybe], {"w1": "x"}) == []
     assert check_acked_writes([ok, maybe], {}) == [ok]
+
+
+def route(key, invoke, complete, term, index, kind="route", outcome="ok"):
+    return Op(1, kind, key, (), invoke, complete, outcome, (term, index, "n1"))
+
+
+def test_decisions_from_a_leader_with_its_quorum_pass():
+    ops = [route("a", 0, 1, 1, 10), route("b", 2, 3, 1, 11), route("c", 2.5, 4, 1, 11, "route-dry"),
+           route("d", 5, 6, 2, 15)]
+    assert check_decisions(ops) == []
+
+
+def test_a_stale_leader_deciding_after_a_newer_commit_is_reported():
+    """A dry-run invoked after route 'b' committed index 20 must not see an older state."""
+    ops = [route("a", 0, 1, 1, 10), route("b", 2, 3, 2, 20), route("stale", 4, 5, 1, 12, "route-dry")]
+    problems = check_decisions(ops)
+    assert len(problems) == 1 and "stale" in problems[0] and "index 12" in problems[0]
+
+
+def test_one_index_with_two_terms_is_reported():
+    ops = [route("a", 0, 1, 1, 10), route("b", 0, 1, 2, 10)]
+    assert "carries term" in check_decisions(ops)[0]
+
+
+def test_route_count_must_cover_acknowledged_routes():
+    ops = [route("a", 0, 1, 1, 10), route("b", 0, 1, 1, 11),
+           route("c", 0, INF, 0, 0, outcome="info"), route("d", 0, 1, 0, 0, outcome="fail")]
+    assert check_route_count(ops, 2) is None and check_route_count(ops, 3) is None
+    assert "expected between 2" in check_route_count(ops, 1)
+    assert check_route_count(ops, 4) is not None
