@@ -18,8 +18,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=4, help="KV register/put clients")
     p.add_argument("--routers", type=int, default=2, help="route/complete clients")
     p.add_argument("--out", help="write the JSON report here")
+    p.add_argument("--log-level", default="warning", help="members' log level")
     args = parser.parse_args(argv)
-    report = asyncio.run(run(args.cycles, args.seed, args.clients, args.routers))
+    report = asyncio.run(run(args.cycles, args.seed, args.clients, args.routers,
+                             log_level=args.log_level))
     print(summary(report))
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -60,6 +62,7 @@ class Report:
     registers: dict[str, str] = field(default_factory=dict)
     decision_violations: list[str] = field(default_factory=list)
     route_count: str | None = None
+    stalls: list[dict[str, Any]] = field(default_factory=list)
     convergence: list[dict[str, Any]] = field(default_factory=list)
     failover: dict[str, Any] = field(default_factory=dict)
     failover_by_fault: dict[str, Any] = field(default_factory=dict)
@@ -69,6 +72,7 @@ class Report:
     def passed(self) -> bool:
         return (not self.lost_writes and "violation" not in self.registers.values()
                 and not self.decision_violations and self.route_count is None
+                and not self.stalls
                 and all(c["converged"] for c in self.convergence))
 
 
@@ -217,13 +221,13 @@ async def _converge(cluster: LocalCluster, timeout: float = 5.0) -> tuple[bool, 
 
 
 async def run(cycles: int, seed: int, clients: int = 4, routers: int = 2,
-              base_dir: str | None = None) -> Report:
+              base_dir: str | None = None, log_level: str = "warning") -> Report:
     rng = random.Random(seed)
     schedule = [FAULTS[i % len(FAULTS)] for i in range(cycles)]
     rng.shuffle(schedule)
     report = Report(seed, cycles)
     cluster = LocalCluster(base_dir or tempfile.mkdtemp(prefix="chaos-"), module="cache_plane",
-                           api_token=TOKEN, settings={"log_level": "warning"},
+                           api_token=TOKEN, settings={"log_level": log_level},
                            proxy_links=True,
                            # the routers' inference nodes send no heartbeats
                            env={"CACHE_PLANE_NODE_LEASE_MS": str(24 * 3600 * 1000)})
@@ -236,13 +240,15 @@ async def run(cycles: int, seed: int, clients: int = 4, routers: int = 2,
     probe_ok: list[float] = []
     failovers: list[tuple[str, float]] = []
     started = time.monotonic()
+    clean_end = False
+    tasks: list[asyncio.Task[None]] = []
     try:
         network.start()
         disks.mount()
         cluster.start()
         await asyncio.to_thread(cluster.wait_for_leader, 30.0)
         await _setup_fleet(cluster.urls)
-        tasks = [asyncio.create_task(_client(p, cluster.urls, history, stop, running,
+        tasks += [asyncio.create_task(_client(p, cluster.urls, history, stop, running,
                                              random.Random(seed * 100 + p)))
                  for p in range(clients)]
         tasks += [asyncio.create_task(_router(50 + p, cluster.urls, history, stop, running,
@@ -255,7 +261,12 @@ async def run(cycles: int, seed: int, clients: int = 4, routers: int = 2,
             details = await nemesis.inject(kind, history.now)
             t_fault = details["at_s"]
             report.fault_log.append({"fault": kind, **details})
-            await asyncio.to_thread(cluster.wait_for_leader, 30.0)
+            try:
+                await asyncio.to_thread(cluster.wait_for_leader, 30.0)
+            except TimeoutError:  # a violation: record what each member says, and stop
+                report.stalls.append({"fault": kind, "members": [
+                    cluster.status(i) for i in range(cluster.size)]})
+                break
             for _ in range(100):  # first probe write that completed after the fault
                 later = [t for t in probe_ok if t > t_fault]
                 if later:
@@ -267,14 +278,27 @@ async def run(cycles: int, seed: int, clients: int = 4, routers: int = 2,
             converged, took = await _converge(cluster)
             report.convergence.append({"fault": kind, "converged": converged,
                                        "seconds": round(took, 3)})
+            print(f"  cycle {len(report.fault_log)}/{cycles}: {report.fault_log[-1]}, "
+                  f"converged {converged} in {took:.2f} s", file=sys.stderr, flush=True)
             running.set()
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.to_thread(cluster.wait_for_leader, 30.0)
-        await _final_checks(cluster, history, report)
+        if not report.stalls:
+            await asyncio.to_thread(cluster.wait_for_leader, 30.0)
+            await _final_checks(cluster, history, report)
+        clean_end = report.passed
     finally:
+        stop.set()
+        running.set()
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=10)
         cluster.close()
         network.close()
+        if not clean_end:  # keep the evidence: tmpfs contents vanish on unmount
+            for node in cluster.nodes:
+                shutil.copytree(node.data_dir, node.data_dir + "-kept", dirs_exist_ok=True)
         disks.unmount()
     report.operations = {o: sum(1 for op in history.ops if op.outcome == o)
                          for o in ("ok", "fail", "info")}
@@ -324,8 +348,22 @@ def summary(report: Report) -> str:
         f"(slowest {max((c['seconds'] for c in report.convergence), default=0):.2f} s)",
         f"  failover (fault -> first acknowledged write): p50 {f['p50_s']:.2f} s, "
         f"p99 {f['p99_s']:.2f} s, max {f['max_s']:.2f} s over {f['count']} faults",
-        f"  verdict: {'PASS' if report.passed else 'FAIL'}",
     ]
+    for kind, stats in report.failover_by_fault.items():
+        lines.append(f"    {kind}: p50 {stats['p50_s']:.2f} s, p99 {stats['p99_s']:.2f} s "
+                     f"({stats['count']})")
+    journal = [d for d in report.fault_log if d["fault"] == "corrupt-journal"]
+    if journal:
+        refused = sum(1 for d in journal if d.get("refused_to_start"))
+        clear = sum(1 for d in journal if d.get("clear_error"))
+        lines.append(f"  truncated journals: {refused} of {len(journal)} refused to start "
+                     f"({clear} with the clear error), replaced and caught up")
+    skipped = [d for d in report.fault_log if "skipped" in d]
+    if skipped:
+        lines.append(f"  skipped: {len(skipped)} faults ({skipped[0]['skipped']})")
+    for stall in report.stalls:
+        lines.append(f"  NO LEADER within 30 s after {stall['fault']}")
+    lines.append(f"  verdict: {'PASS' if report.passed else 'FAIL'}")
     return "\n".join(lines)
 
 

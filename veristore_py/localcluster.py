@@ -9,7 +9,10 @@ proxy (`links`), so chaos tests can cut and heal single links. PySyncObj opens o
 connection per pair of members, from the member whose own address sorts higher to the
 other, and the connecting side announces its own address. So member i names a lower member
 j by the link's proxy address (which sorts below every member address, so i still dials),
-and a higher member by its real address (i only accepts from it).
+and a higher member by its real address (i only accepts from it). Members then name each
+other differently, so such a cluster runs with ``dynamic_membership = false``: with it on,
+PySyncObj replaces a member's peer list with the one inside a snapshot it installs, which is
+the sender's naming.
 """
 
 from __future__ import annotations
@@ -135,7 +138,10 @@ class LocalCluster:
         ]
         if self.token_file:
             lines.append(f"api_token_file = {_toml_value(self.token_file)}")
-        for key, value in self.settings.items():
+        settings = dict(self.settings)
+        if self.proxy_links:
+            settings["dynamic_membership"] = False  # see the module docstring
+        for key, value in settings.items():
             lines.append(f"{key} = {_toml_value(value)}")
         for other in self.nodes:
             if other is not node:
