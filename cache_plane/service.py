@@ -203,7 +203,9 @@ class CachePlaneService:
         if body.get("session_id"):
             command["session_id"] = body["session_id"]
         dry_run = bool(body.get("dry_run"))
-        self.node.require_leader()
+        # Decided from local state: a new leader must first apply the previous term's entries
+        # (else e.g. a just-registered model looks unknown, a definite but false answer).
+        self.node.require_current_leader()
         with self.node.store.lock:
             index = self.node.store.applied_index
             decision: RouteDecision | None = None

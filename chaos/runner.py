@@ -58,6 +58,7 @@ class Report:
     fault_log: list[dict[str, Any]] = field(default_factory=list)
     operations: dict[str, int] = field(default_factory=dict)
     operations_by_kind: dict[str, dict[str, int]] = field(default_factory=dict)
+    not_ok_reasons: dict[str, int] = field(default_factory=dict)  # most common, for reading
     lost_writes: list[str] = field(default_factory=list)
     registers: dict[str, str] = field(default_factory=dict)
     decision_violations: list[str] = field(default_factory=list)
@@ -103,7 +104,8 @@ async def _run_op(client: VeristoreClient, history: History, pid: int, kind: str
         op = Op(pid, kind, key, args, t0, history.now(), "ok", result)
     except VeristoreError as exc:
         outcome = "fail" if exc.definite else "info"
-        op = Op(pid, kind, key, args, t0, history.now() if outcome == "fail" else INF, outcome)
+        op = Op(pid, kind, key, args, t0, history.now() if outcome == "fail" else INF, outcome,
+                str(exc)[:200])
     history.ops.append(op)
     return op
 
@@ -140,7 +142,7 @@ async def _route_op(client: CachePlaneClient, history: History, pid: int, kind: 
     except VeristoreError as exc:
         outcome = "fail" if exc.definite else "info"
         op = Op(pid, kind, request_id, (), t0, history.now() if outcome == "fail" else INF,
-                outcome)
+                outcome, str(exc)[:200])
     history.ops.append(op)
     return op
 
@@ -302,9 +304,14 @@ async def run(cycles: int, seed: int, clients: int = 4, routers: int = 2,
         disks.unmount()
     report.operations = {o: sum(1 for op in history.ops if op.outcome == o)
                          for o in ("ok", "fail", "info")}
+    reasons: dict[str, int] = {}
     for op in history.ops:
         by_kind = report.operations_by_kind.setdefault(op.kind, {"ok": 0, "fail": 0, "info": 0})
         by_kind[op.outcome] += 1
+        if op.outcome != "ok":
+            reason = f"{op.kind} {op.outcome}: {str(op.result)[:80]}"
+            reasons[reason] = reasons.get(reason, 0) + 1
+    report.not_ok_reasons = dict(sorted(reasons.items(), key=lambda kv: -kv[1])[:12])
     report.failover = failover_stats([s for _, s in failovers])
     report.failover_by_fault = {k: failover_stats([s for f, s in failovers if f == k])
                                 for k in FAULTS if k in report.faults}

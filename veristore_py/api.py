@@ -195,9 +195,7 @@ async def read(request: web.Request, command: dict[str, Any]) -> dict[str, Any]:
     if consistency == "linearizable":
         return await propose(node, command)
     if consistency == "lease":
-        node.require_leader()
-        if not node.leader_caught_up():
-            raise NoLeaderError("new leader is still catching up")
+        node.require_current_leader()
         target = node.raftCommitIndex
         for _ in range(200):
             if node.raftLastApplied >= target:

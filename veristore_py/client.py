@@ -141,6 +141,12 @@ class VeristoreClient:
                         endpoint = redirect.base
                     last = NoLeaderError("redirected to the leader")
                     break
+                except ClientRequestError as exc:
+                    if maybe_applied:  # this answer does not undo an earlier attempt
+                        raise CommitTimeoutError(
+                            f"an earlier attempt may have been applied; this one was refused: "
+                            f"{exc.detail}") from exc
+                    raise
                 except _Retry as retry:
                     last = retry.error
                     maybe_applied = maybe_applied or (method != "GET" and not last.definite)

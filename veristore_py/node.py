@@ -267,6 +267,15 @@ class VeristoreNode(SyncObj):
         if not self.has_quorum_lease():
             raise NoLeaderError("this leader has not heard from a majority recently")
 
+    def require_current_leader(self) -> None:
+        """`require_leader`, and this leader has applied every entry committed before its
+        term (its own no-op entry), so its local state holds everything acknowledged so far:
+        it acknowledges only what it has applied. Decisions made from local state need this.
+        """
+        self.require_leader()
+        if not self.leader_caught_up():
+            raise NoLeaderError("new leader is still applying the previous term's entries")
+
     def leader_caught_up(self) -> bool:
         """True once this leader has applied an entry of its own term (lease reads are safe)."""
         noop = getattr(self, "_SyncObj__noopIDx", None)
