@@ -189,6 +189,11 @@ class CachePlaneService:
         impossible (see `CachePlaneMachine._planned`). Routes proposed but not yet applied
         count as active on their node, so concurrent decisions spread out.
         """
+        # Decided from local state: a new leader must first apply the previous term's entries
+        # (else e.g. a just-registered model looks unknown, a definite but false answer), and
+        # a follower must redirect before it judges the request against its own state (one
+        # rebuilding its store after a crash knows no models yet).
+        self.node.require_current_leader()
         # Hashing holds the GIL (cbor2), so a thread would not help; it is bounded by
         # max_prompt_tokens and done inline.
         blocks = self._blocks(body)
@@ -203,9 +208,6 @@ class CachePlaneService:
         if body.get("session_id"):
             command["session_id"] = body["session_id"]
         dry_run = bool(body.get("dry_run"))
-        # Decided from local state: a new leader must first apply the previous term's entries
-        # (else e.g. a just-registered model looks unknown, a definite but false answer).
-        self.node.require_current_leader()
         with self.node.store.lock:
             index = self.node.store.applied_index
             decision: RouteDecision | None = None

@@ -59,6 +59,7 @@ class Report:
     operations: dict[str, int] = field(default_factory=dict)
     operations_by_kind: dict[str, dict[str, int]] = field(default_factory=dict)
     not_ok_reasons: dict[str, int] = field(default_factory=dict)  # most common, for reading
+    not_ok_first_at: dict[str, list[float]] = field(default_factory=dict)  # their first times
     lost_writes: list[str] = field(default_factory=list)
     registers: dict[str, str] = field(default_factory=dict)
     decision_violations: list[str] = field(default_factory=list)
@@ -311,7 +312,11 @@ async def run(cycles: int, seed: int, clients: int = 4, routers: int = 2,
         if op.outcome != "ok":
             reason = f"{op.kind} {op.outcome}: {str(op.result)[:80]}"
             reasons[reason] = reasons.get(reason, 0) + 1
+            first = report.not_ok_first_at.setdefault(reason, [])
+            if len(first) < 3:
+                first.append(round(op.invoke, 2))
     report.not_ok_reasons = dict(sorted(reasons.items(), key=lambda kv: -kv[1])[:12])
+    report.not_ok_first_at = {r: report.not_ok_first_at[r] for r in report.not_ok_reasons}
     report.failover = failover_stats([s for _, s in failovers])
     report.failover_by_fault = {k: failover_stats([s for f, s in failovers if f == k])
                                 for k in FAULTS if k in report.faults}

@@ -176,3 +176,18 @@ def test_openapi_document_is_valid_openapi_31():
     from cache_plane.api.openapi import document
 
     validate(document())
+
+
+async def test_a_member_that_may_not_decide_redirects_before_judging_the_request(
+        client, node, monkeypatch):
+    """Regression (chaos run): a follower rebuilding its state knew no models and answered
+    routes with a definite 404 unknown_model instead of redirecting to the leader."""
+    from veristore_py.errors import NotLeaderError
+
+    def not_leader() -> None:
+        raise NotLeaderError("127.0.0.1:1")
+
+    monkeypatch.setattr(node, "require_current_leader", not_leader)
+    r = await client.post("/v1/route", json={"model": "never-registered", "block_hashes": [1]},
+                          headers=AUTH, allow_redirects=False)
+    assert r.status in (307, 503), await r.text()
