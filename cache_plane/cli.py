@@ -3,6 +3,9 @@
   cache-plane serve --config FILE          run one cluster member (Raft + HTTP API)
   cache-plane cluster up [--nodes 3] [--dir DIR]   local cluster on loopback (development)
   cache-plane cluster down [--dir DIR]     stop it
+  cache-plane cluster members [--endpoint URL]     members, leader, reachability
+  cache-plane backup --endpoint URL --out FILE     fresh snapshot of a live member's state
+  cache-plane restore --backup FILE --data-dir DIR seed a fresh member's empty data dir
   cache-plane status [--endpoint URL]      members, leader, term, indexes, node table
   cache-plane route --model M --prompt TEXT [--endpoint URL]   a decision and its breakdown
   cache-plane demo                         local cluster + simulated fleet + short workload
@@ -74,6 +77,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # -- cluster up / down ----------------------------------------------------------------------
 
 def cmd_cluster(args: argparse.Namespace) -> int:
+    if args.action == "members":
+        return _print_members(args.endpoint)
     state_path = os.path.join(args.dir, STATE_FILE)
     if args.action == "up":
         if os.path.exists(state_path):
@@ -125,6 +130,57 @@ def _stop_pid(pid: int, grace: float = 10.0) -> None:
         time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
+
+
+def _print_members(endpoint: str) -> int:
+    async def fetch() -> dict[str, Any]:
+        async with CachePlaneClient([endpoint]) as c:
+            return await c.cluster(endpoint)
+
+    try:
+        view = asyncio.run(fetch())
+    except VeristoreError as exc:
+        print(f"error: {exc.detail}", file=sys.stderr)
+        return 1
+    print(f"asked {view['raft_address']} ({view['state']}); leader {view['leader'] or 'unknown'}"
+          f", term {view['term']}")
+    for m in view["members"]:
+        role = "leader" if m["raft"] == view["leader"] else "member"
+        print(f"  {m['raft']:<22} http {m['http'] or '?':<22} {role:<7} "
+              f"{'connected' if m['connected'] else 'UNREACHABLE'}")
+    return 0
+
+
+# -- backup / restore -----------------------------------------------------------------------
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from .operations import BackupError, download_backup
+
+    token = args.token
+    if args.token_file:
+        with open(args.token_file, encoding="utf-8") as f:
+            token = f.read().strip()
+    try:
+        header = asyncio.run(download_backup(args.endpoint, args.out, token))
+    except BackupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"backup of {args.endpoint} at applied index {header['applied']} written to "
+          f"{args.out} ({os.path.getsize(args.out)} bytes)")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from .operations import BackupError, restore_backup
+
+    try:
+        header = restore_backup(args.backup, args.data_dir)
+    except BackupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.data_dir} seeded with the state at applied index {header['applied']}; start "
+          f"the member now: it catches up the rest from the leader")
+    return 0
 
 
 # -- status / route -------------------------------------------------------------------------
@@ -297,11 +353,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-format", choices=["auto", "json", "console"])
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("cluster", help="start or stop a local development cluster")
-    p.add_argument("action", choices=["up", "down"])
+    p = sub.add_parser("cluster", help="local development cluster (up/down); members of any "
+                                       "cluster (members)")
+    p.add_argument("action", choices=["up", "down", "members"])
     p.add_argument("--nodes", type=int, default=3)
     p.add_argument("--dir", default=".cluster", help="data and state directory (default .cluster)")
+    p.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help="members: any member's URL")
     p.set_defaults(func=cmd_cluster)
+
+    p = sub.add_parser("backup", help="download a fresh snapshot of a live member's state")
+    p.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help="the member to back up")
+    p.add_argument("--out", required=True, help="file to write (written atomically)")
+    p.add_argument("--token", default=os.environ.get("CACHE_PLANE_API_TOKEN"),
+                   help="bearer token (default: $CACHE_PLANE_API_TOKEN)")
+    p.add_argument("--token-file", help="file holding the bearer token")
+    p.set_defaults(func=cmd_backup)
+
+    p = sub.add_parser("restore", help="seed a fresh member's empty data dir with a backup")
+    p.add_argument("--backup", required=True, help="file written by 'cache-plane backup'")
+    p.add_argument("--data-dir", required=True, help="the new member's (empty) data dir")
+    p.set_defaults(func=cmd_restore)
 
     for name, func, help_text in (("status", cmd_status, "members, leader, indexes, node table"),
                                   ("route", cmd_route, "ask where a prompt would go")):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -292,11 +293,29 @@ def add_kv_routes(app: web.Application) -> None:
     app.router.add_post("/v1/kv/{key}/cas", kv_cas)
 
 
+async def backup(request: web.Request) -> web.StreamResponse:
+    """POST /v1/backup: take a snapshot now and stream it (`cache-plane restore` seeds a fresh
+    member's data dir with it). Authenticated like every mutating request."""
+    node = request.app[NODE]
+    path = await asyncio.to_thread(node.fresh_snapshot)
+    with open(path, "rb") as f:  # opened once: a newer snapshot renamed over it cannot tear it
+        size = os.fstat(f.fileno()).st_size
+        response = web.StreamResponse(headers={
+            "Content-Type": "application/octet-stream", "Content-Length": str(size),
+            "Content-Disposition": 'attachment; filename="snapshot.bin"'})
+        await response.prepare(request)
+        while chunk := await asyncio.to_thread(f.read, 1 << 20):
+            await response.write(chunk)
+    await response.write_eof()
+    return response
+
+
 def add_status_routes(app: web.Application) -> None:
     app.router.add_get("/v1/status", status)
     app.router.add_get("/v1/digest", digest)
     app.router.add_get("/health/live", live)
     app.router.add_get("/health/ready", ready)
+    app.router.add_post("/v1/backup", backup)
 
 
 def create_app(node: VeristoreNode, settings: NodeSettings, api_token: str | None) -> web.Application:

@@ -39,6 +39,7 @@ from pysyncobj.transport import TCPTransport
 from .codec import decode_batch
 from .config import NodeSettings
 from .errors import (
+    CommitTimeoutError,
     InvalidCommandError,
     LeadershipLostError,
     NoLeaderError,
@@ -339,6 +340,27 @@ class VeristoreNode(SyncObj):
         """Member of a cluster with a known leader, and caught up with what it has committed."""
         return (not self._stopped and self.leader_address() is not None
                 and self.raftLastApplied >= self.raftCommitIndex and bool(self.isReady()))
+
+    # -- backups ---------------------------------------------------------------------------
+
+    def fresh_snapshot(self, timeout_s: float = 60.0) -> str:
+        """Take a snapshot now (PySyncObj log compaction) and return the snapshot file's path.
+
+        The file (`snapshot.bin`: header with the last applied entry + an LMDB copy of the
+        state) is fsynced and renamed into place before this returns; a later snapshot
+        replaces it by rename, so a reader that opened it keeps a consistent copy.
+        Raises CommitTimeoutError if no snapshot completes within `timeout_s`.
+        """
+        built = self.snapshots.built
+        self.forceLogCompaction()
+        deadline = time.monotonic() + timeout_s
+        while self.snapshots.built == built:
+            if time.monotonic() > deadline:
+                raise CommitTimeoutError(f"no snapshot completed within {timeout_s}s")
+            if self._stopped:
+                raise NoLeaderError("node is stopping")
+            time.sleep(0.02)
+        return os.path.join(self.settings.data_dir, "snapshot.bin")
 
     # -- lifecycle -------------------------------------------------------------------------
 

@@ -83,6 +83,15 @@ def _op(summary: str, body: str | None = None, *, mutating: bool = True,
     return op
 
 
+def _backup_op() -> dict[str, Any]:
+    """Answered by the member asked (any member, no redirect): its state as a snapshot file."""
+    op = _op("Snapshot this member's state now and download it (for `cache-plane restore`)")
+    op["responses"].pop("307")
+    op["responses"]["200"] = {"description": "snapshot file", "content": {
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+    return op
+
+
 def _id_param(name: str) -> list[dict[str, Any]]:
     return [{"name": name, "in": "path", "required": True, "schema": ID}]
 
@@ -110,6 +119,7 @@ def document() -> dict[str, Any]:
                                       "KVEvents")},
         "/v1/cluster": {"get": _op("Members, leader, term, indexes, health", mutating=False)},
         "/v1/stats": {"get": _op("Hit rates, reuse, evictions, rejections", mutating=False)},
+        "/v1/backup": {"post": _backup_op()},
         "/health/live": {"get": _op("Process is up", mutating=False)},
         "/health/ready": {"get": _op("Member with a known leader, caught up", mutating=False)},
         "/metrics": {"get": _op("Prometheus metrics", mutating=False)},

@@ -1,4 +1,5 @@
-"""The `cache-plane` CLI against real processes: cluster up, status, route, cluster down."""
+"""The `cache-plane` CLI against real processes: cluster up, status, route, members, backup,
+restore, cluster down."""
 
 from __future__ import annotations
 
@@ -29,6 +30,19 @@ def test_cluster_up_status_route_down_leaves_no_process(tmp_path):
         assert "term" in status.stdout
         route = cli("route", "--endpoint", state["urls"][1], "--model", "m", "--prompt", "hi")
         assert route.returncode == 1 and "unknown_model" in route.stderr
+        members = cli("cluster", "members", "--endpoint", state["urls"][2])
+        assert members.returncode == 0 and members.stdout.count("connected") == 3
+        assert "leader" in members.stdout
+        backup = cli("backup", "--endpoint", state["urls"][1], "--out", str(tmp_path / "b.bin"))
+        assert backup.returncode == 0 and "applied index" in backup.stdout, backup.stderr
+        fresh = tmp_path / "fresh"
+        restore = cli("restore", "--backup", str(tmp_path / "b.bin"), "--data-dir", str(fresh))
+        assert restore.returncode == 0 and (fresh / "snapshot.bin").exists(), restore.stderr
+        again = cli("restore", "--backup", str(tmp_path / "b.bin"), "--data-dir", str(fresh))
+        assert again.returncode == 1 and "not empty" in again.stderr
+        bogus = cli("restore", "--backup", str(tmp_path / "cluster.json"), "--data-dir",
+                    str(tmp_path / "other"))
+        assert bogus.returncode == 1 and "not a usable backup" in bogus.stderr
     finally:
         down = cli("cluster", "down", "--dir", str(tmp_path))
     assert down.returncode == 0
