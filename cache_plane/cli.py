@@ -4,6 +4,7 @@
   cache-plane cluster up [--nodes 3] [--dir DIR]   local cluster on loopback (development)
   cache-plane cluster down [--dir DIR]     stop it
   cache-plane cluster members [--endpoint URL]     members, leader, reachability
+  cache-plane cluster add --raft H:P --http H:P    add a member (remove: --raft H:P)
   cache-plane backup --endpoint URL --out FILE     fresh snapshot of a live member's state
   cache-plane restore --backup FILE --data-dir DIR seed a fresh member's empty data dir
   cache-plane status [--endpoint URL]      members, leader, term, indexes, node table
@@ -79,6 +80,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_cluster(args: argparse.Namespace) -> int:
     if args.action == "members":
         return _print_members(args.endpoint)
+    if args.action in ("add", "remove"):
+        return _change_member(args)
     state_path = os.path.join(args.dir, STATE_FILE)
     if args.action == "up":
         if os.path.exists(state_path):
@@ -148,6 +151,27 @@ def _print_members(endpoint: str) -> int:
         role = "leader" if m["raft"] == view["leader"] else "member"
         print(f"  {m['raft']:<22} http {m['http'] or '?':<22} {role:<7} "
               f"{'connected' if m['connected'] else 'UNREACHABLE'}")
+    return 0
+
+
+def _change_member(args: argparse.Namespace) -> int:
+    if not args.raft or (args.action == "add" and not args.http):
+        print("cluster add needs --raft and --http; cluster remove needs --raft", file=sys.stderr)
+        return 2
+
+    async def change() -> Any:
+        async with CachePlaneClient([args.endpoint], token=args.token, timeout=60.0) as c:
+            if args.action == "add":
+                return await c.request("POST", "/v1/cluster/members",
+                                       json={"raft": args.raft, "http": args.http})
+            return await c.request("DELETE", f"/v1/cluster/members/{args.raft}")
+
+    try:
+        asyncio.run(change())
+    except VeristoreError as exc:
+        print(f"error: {exc.detail}", file=sys.stderr)
+        return 1
+    print(f"{'added' if args.action == 'add' else 'removed'} member {args.raft}")
     return 0
 
 
@@ -355,10 +379,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cluster", help="local development cluster (up/down); members of any "
                                        "cluster (members)")
-    p.add_argument("action", choices=["up", "down", "members"])
+    p.add_argument("action", choices=["up", "down", "members", "add", "remove"])
     p.add_argument("--nodes", type=int, default=3)
     p.add_argument("--dir", default=".cluster", help="data and state directory (default .cluster)")
-    p.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help="members: any member's URL")
+    p.add_argument("--endpoint", default=DEFAULT_ENDPOINT,
+                   help="members/add/remove: any member's URL (changes go to the leader)")
+    p.add_argument("--raft", help="add/remove: the member's Raft address host:port")
+    p.add_argument("--http", help="add: the member's HTTP address host:port")
+    p.add_argument("--token", default=os.environ.get("CACHE_PLANE_API_TOKEN"),
+                   help="add/remove: bearer token (default: $CACHE_PLANE_API_TOKEN)")
     p.set_defaults(func=cmd_cluster)
 
     p = sub.add_parser("backup", help="download a fresh snapshot of a live member's state")

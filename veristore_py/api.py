@@ -78,7 +78,7 @@ def error_response(status: int, code: str, detail: str, definite: bool,
 
 def leader_url(request: web.Request, exc: NotLeaderError) -> str | None:
     """The URL of this same request on the leader, if its HTTP address is known."""
-    http = request.app[SETTINGS].peer_http(exc.leader)
+    http = request.app[NODE].peer_http(exc.leader)
     return None if http is None else f"http://{http}{request.rel_url}"
 
 
@@ -310,12 +310,42 @@ async def backup(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def add_member(request: web.Request) -> web.Response:
+    """POST /v1/cluster/members {raft, http}: add a member (leader only; one at a time)."""
+    body = await read_json(request)
+    raft = _address(body, "raft")
+    http = _address(body, "http")
+    await asyncio.to_thread(request.app[NODE].change_membership, "add", raft, http)
+    return json_response({"added": raft, "http": http})
+
+
+async def remove_member(request: web.Request) -> web.Response:
+    """DELETE /v1/cluster/members/{raft}: remove a member (leader only; not the leader)."""
+    raft = request.match_info["raft"]
+    await asyncio.to_thread(request.app[NODE].change_membership, "remove", raft)
+    return json_response({"removed": raft})
+
+
+def _address(body: dict[str, Any], name: str) -> str:
+    value = body.get(name)
+    host, sep, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
+    if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+        raise InvalidCommandError(f"field {name!r} must be host:port")
+    return str(value)
+
+
+def add_membership_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/cluster/members", add_member)
+    app.router.add_delete("/v1/cluster/members/{raft}", remove_member)
+
+
 def add_status_routes(app: web.Application) -> None:
     app.router.add_get("/v1/status", status)
     app.router.add_get("/v1/digest", digest)
     app.router.add_get("/health/live", live)
     app.router.add_get("/health/ready", ready)
     app.router.add_post("/v1/backup", backup)
+    add_membership_routes(app)
 
 
 def create_app(node: VeristoreNode, settings: NodeSettings, api_token: str | None) -> web.Application:

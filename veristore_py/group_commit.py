@@ -60,7 +60,8 @@ class CommitStats:
     timeouts: int = 0
 
 
-def _failure(reason: int) -> VeristoreError:
+def failure(reason: int) -> VeristoreError:
+    """The error for a PySyncObj FAIL_REASON (definite where nothing was committed)."""
     if reason == FAIL_REASON.QUEUE_FULL:
         return OverloadedError("Raft command queue is full")
     if reason in (FAIL_REASON.MISSING_LEADER, FAIL_REASON.NOT_LEADER, FAIL_REASON.DISCARDED):
@@ -214,7 +215,7 @@ class GroupCommitter:
         if proposal is None:
             return  # already timed out or failed over
         if reason != FAIL_REASON.SUCCESS:
-            exc = _failure(reason)
+            exc = failure(reason)
             for future in proposal.futures:
                 _settle(future, exc=exc)
             return

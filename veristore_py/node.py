@@ -32,7 +32,7 @@ from typing import Any
 
 import lmdb
 import structlog
-from pysyncobj import SyncObj, SyncObjConf, replicated
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 from pysyncobj import tcp_connection as _tcp_connection
 from pysyncobj.transport import TCPTransport
 
@@ -46,13 +46,14 @@ from .errors import (
     NotLeaderError,
     StorageError,
 )
-from .group_commit import GroupCommitter
+from .group_commit import GroupCommitter, failure
 from .journal import LmdbJournal, install_journal_factory
 from .snapshot import SnapshotManager, prepare_journal
 from .state import KVMachine, Machine, Result
 from .storage import StateStore
 
 log = structlog.get_logger(__name__)
+MEMBER_HTTP_PREFIX = "sys/member-http/"  # replicated KV records of members added at run time
 
 _STATE_NAMES = {0: "follower", 1: "candidate", 2: "leader"}
 
@@ -304,7 +305,7 @@ class VeristoreNode(SyncObj):
         for node in sorted(self.otherNodes, key=lambda n: n.id):
             members.append({
                 "raft": node.address,
-                "http": self.settings.peer_http(node.address),
+                "http": self.peer_http(node.address),
                 "self": False,
                 "connected": self.isNodeConnected(node),
                 "match_index": raw.get("match_idx_server_" + node.id),
@@ -315,7 +316,7 @@ class VeristoreNode(SyncObj):
             "http_address": self.settings.http_address,
             "state": _STATE_NAMES.get(raw.get("state", -1), "unknown"),
             "leader": leader,
-            "leader_http": self.settings.peer_http(leader) if leader else None,
+            "leader_http": self.peer_http(leader) if leader else None,
             "term": self.raftCurrentTerm,
             "commit_index": self.raftCommitIndex,
             "applied_index": self.raftLastApplied,
@@ -340,6 +341,59 @@ class VeristoreNode(SyncObj):
         """Member of a cluster with a known leader, and caught up with what it has committed."""
         return (not self._stopped and self.leader_address() is not None
                 and self.raftLastApplied >= self.raftCommitIndex and bool(self.isReady()))
+
+    # -- membership ------------------------------------------------------------------------
+
+    def peer_http(self, raft_address: str | None) -> str | None:
+        """The HTTP address of member `raft_address`: from the config file, else from the
+        replicated record `add_member` wrote for a member added at run time."""
+        known = self.settings.peer_http(raft_address)
+        if known is not None or raft_address is None:
+            return known
+        got = self.store.read({"op": "get", "key": (MEMBER_HTTP_PREFIX + raft_address).encode()})
+        value = got.get("value") if got.get("found") else None
+        return None if value is None else bytes(value).decode("utf-8", "replace")
+
+    def change_membership(self, action: str, raft_address: str, http_address: str | None = None,
+                          timeout_s: float = 30.0) -> None:
+        """Add or remove one member through the Raft log (PySyncObj's single-server change).
+
+        The new member's HTTP address is committed first (a replicated KV record) so every
+        member can redirect clients to it once it leads. One change at a time; the leader
+        cannot remove itself (stop it instead: another member takes over, then remove it).
+        Raises InvalidCommandError for a change that makes no sense, NoLeaderError /
+        LeadershipLostError / CommitTimeoutError as for any write.
+        """
+        self.require_current_leader()
+        members = {n.address for n in self.otherNodes} | {self.settings.raft_address}
+        if action == "add":
+            if raft_address in members:
+                raise InvalidCommandError(f"{raft_address} is already a member")
+            if not http_address:
+                raise InvalidCommandError("adding a member needs its http address")
+            key = (MEMBER_HTTP_PREFIX + raft_address).encode()
+            self.submit({"op": "put", "key": key, "value": http_address.encode()}).result(
+                timeout_s)
+            change = self.addNodeToCluster
+        elif action == "remove":
+            if raft_address == self.settings.raft_address:
+                raise InvalidCommandError(
+                    "this member leads: stop it (another member takes over), then remove it "
+                    "through the new leader")
+            if raft_address not in members:
+                raise InvalidCommandError(f"{raft_address} is not a member")
+            change = self.removeNodeFromCluster
+        else:
+            raise InvalidCommandError("action must be add or remove")
+        done: Future[int] = Future()
+        change(raft_address, callback=lambda _result, error: done.set_result(error))
+        try:
+            error = done.result(timeout_s)
+        except TimeoutError as exc:
+            raise CommitTimeoutError(f"membership change not committed in {timeout_s}s") from exc
+        if error != FAIL_REASON.SUCCESS:
+            raise failure(error)
+        self._log.info("membership_changed", action=action, member=raft_address)
 
     # -- backups ---------------------------------------------------------------------------
 

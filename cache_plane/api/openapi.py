@@ -30,6 +30,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         queue_depth={"type": "integer", "minimum": 0, "maximum": 2**30},
         used_blocks={"type": "integer", "minimum": 0, "maximum": 2**31},
     ),
+    "AddMember": _obj(
+        ["raft", "http"], raft={"type": "string", "pattern": "^.+:[0-9]{1,5}$", "maxLength": 256},
+        http={"type": "string", "pattern": "^.+:[0-9]{1,5}$", "maxLength": 256},
+    ),
     "RegisterModel": _obj(
         ["model_id"], model_id=ID,
         block_size={"type": "integer", "minimum": 1, "maximum": 65536},
@@ -120,6 +124,10 @@ def document() -> dict[str, Any]:
         "/v1/cluster": {"get": _op("Members, leader, term, indexes, health", mutating=False)},
         "/v1/stats": {"get": _op("Hit rates, reuse, evictions, rejections", mutating=False)},
         "/v1/backup": {"post": _backup_op()},
+        "/v1/cluster/members": {"post": _op("Add a Raft member (one change at a time)",
+                                            "AddMember")},
+        "/v1/cluster/members/{raft}": {"delete": _op("Remove a Raft member (not the leader)"),
+                                       "parameters": _id_param("raft")},
         "/health/live": {"get": _op("Process is up", mutating=False)},
         "/health/ready": {"get": _op("Member with a known leader, caught up", mutating=False)},
         "/metrics": {"get": _op("Prometheus metrics", mutating=False)},
