@@ -121,6 +121,8 @@ class VeristoreNode(SyncObj):
         self.committer: GroupCommitter | None = None
         self._log = log.bind(node=settings.raft_address)
         self._stopped = False
+        self._membership_lock = threading.Lock()
+        self._membership_pending: Future[int] | None = None
         conf = SyncObjConf(
             password=settings.resolved_password(),
             bindAddress=settings.raft_bind_address or settings.raft_address,
@@ -359,13 +361,48 @@ class VeristoreNode(SyncObj):
         """Add or remove one member through the Raft log (PySyncObj's single-server change).
 
         The new member's HTTP address is committed first (a replicated KV record) so every
-        member can redirect clients to it once it leads. One change at a time; the leader
-        cannot remove itself (stop it instead: another member takes over, then remove it).
+        member can redirect clients to it once it leads. One uncommitted change at a time;
+        refused if the new member set would have no reachable majority (remove dead members
+        before adding); the leader cannot remove itself (stop it: another member takes over,
+        then remove it there).
         Raises InvalidCommandError for a change that makes no sense, NoLeaderError /
         LeadershipLostError / CommitTimeoutError as for any write.
         """
         self.require_current_leader()
         members = {n.address for n in self.otherNodes} | {self.settings.raft_address}
+        reachable = {self.settings.raft_address} | {
+            n.address for n in self.otherNodes if self.isNodeConnected(n)}
+        after = members | {raft_address} if action == "add" else members - {raft_address}
+        if len(reachable & after) <= len(after) // 2:
+            # e.g. adding a fourth member while one of three is down: nothing could commit
+            # until the new one caught up. Remove dead members first, then add.
+            raise InvalidCommandError(
+                f"after this change only {len(reachable & after)} of {len(after)} members "
+                f"would be reachable, not a majority: remove unreachable members first")
+        with self._membership_lock:  # PySyncObj's own one-change-at-a-time guard is dead code
+            pending = self._membership_pending
+            if pending is not None and not pending.done():
+                raise InvalidCommandError("another membership change is not committed yet")
+            done: Future[int] = Future()
+            self._membership_pending = done
+        try:
+            change = self._membership_change(action, raft_address, members, http_address,
+                                             timeout_s)
+        except BaseException:
+            done.set_result(FAIL_REASON.DISCARDED)  # nothing proposed: free the slot
+            raise
+        change(raft_address, callback=lambda _result, error: done.set_result(error))
+        try:
+            error = done.result(timeout_s)
+        except TimeoutError as exc:
+            raise CommitTimeoutError(f"membership change not committed in {timeout_s}s") from exc
+        if error != FAIL_REASON.SUCCESS:
+            raise failure(error)
+        self._log.info("membership_changed", action=action, member=raft_address)
+
+    def _membership_change(self, action: str, raft_address: str, members: set[str],
+                           http_address: str | None, timeout_s: float) -> Any:
+        """Check `action` and return the PySyncObj method that makes it (see above)."""
         if action == "add":
             if raft_address in members:
                 raise InvalidCommandError(f"{raft_address} is already a member")
@@ -385,15 +422,7 @@ class VeristoreNode(SyncObj):
             change = self.removeNodeFromCluster
         else:
             raise InvalidCommandError("action must be add or remove")
-        done: Future[int] = Future()
-        change(raft_address, callback=lambda _result, error: done.set_result(error))
-        try:
-            error = done.result(timeout_s)
-        except TimeoutError as exc:
-            raise CommitTimeoutError(f"membership change not committed in {timeout_s}s") from exc
-        if error != FAIL_REASON.SUCCESS:
-            raise failure(error)
-        self._log.info("membership_changed", action=action, member=raft_address)
+        return change
 
     # -- backups ---------------------------------------------------------------------------
 

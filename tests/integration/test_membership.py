@@ -52,6 +52,17 @@ def test_add_then_remove_a_member(cluster_factory, tmp_path):
         bad = cli("cluster", "add", "--endpoint", cluster.urls[leader], "--raft", "nonsense",
                   "--http", http)
         assert bad.returncode == 1 and "host:port" in bad.stderr
+        follower = (leader + 1) % 3
+        cluster.kill(follower)  # with one of three down, a fourth member leaves no majority
+        refused = cli("cluster", "add", "--endpoint", cluster.urls[leader], "--raft", raft,
+                      "--http", http)
+        assert refused.returncode == 1 and "not a majority" in refused.stderr
+        cluster.start_node(follower)
+        leader = cluster.wait_for_leader()
+        deadline = time.monotonic() + 10
+        while not all(m["connected"] for m in status(cluster.urls[leader])["members"]):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
         added = cli("cluster", "add", "--endpoint", cluster.urls[(leader + 1) % 3],
                     "--raft", raft, "--http", http)  # a follower: the client follows the 307
         assert added.returncode == 0, added.stderr
