@@ -1,4 +1,15 @@
-"""Run one veristore node process: Raft node + HTTP API until SIGTERM/SIGINT."""
+"""Run one veristore node process: Raft node + HTTP API until SIGTERM/SIGINT.
+
+A stop signal shuts the node down in an order that keeps the cluster answering:
+
+1. stop accepting HTTP connections and let in-flight requests finish (they may be waiting
+   for their commit; at most `commit_timeout_s` + `DRAIN_GRACE_S`, then they are cancelled);
+2. if this node leads, hand leadership to a caught-up follower (PySyncObj's TimeoutNow, at
+   most `HANDOVER_TIMEOUT_S`), so the others do not wait out an election timeout;
+3. stop Raft, wait for a snapshot being written, close LMDB; the process exits 0.
+
+All of it stays inside the systemd unit's `TimeoutStopSec` (30 s).
+"""
 
 from __future__ import annotations
 
@@ -11,11 +22,16 @@ from aiohttp import web
 
 from .api import create_app
 from .config import NodeSettings
+from .errors import VeristoreError
 from .logs import configure_logging
 from .node import VeristoreNode
 from .state import Machine
+from .tick import run_on_tick
 
 log = structlog.get_logger(__name__)
+
+DRAIN_GRACE_S = 2.0
+HANDOVER_TIMEOUT_S = 3.0
 
 AppFactory = Callable[[VeristoreNode, NodeSettings, "str | None"], web.Application]
 
@@ -23,7 +39,8 @@ AppFactory = Callable[[VeristoreNode, NodeSettings, "str | None"], web.Applicati
 async def run_node(settings: NodeSettings, node: VeristoreNode, app: web.Application) -> None:
     """Serve `app` on the settings' HTTP address until a stop signal, then stop cleanly."""
     host, _, port = settings.http_address.rpartition(":")
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           shutdown_timeout=settings.commit_timeout_s + DRAIN_GRACE_S)
     await runner.setup()
     site = web.TCPSite(runner, host.strip("[]"), int(port), reuse_address=True)
     await site.start()
@@ -34,12 +51,43 @@ async def run_node(settings: NodeSettings, node: VeristoreNode, app: web.Applica
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("node_stopping")
-    # Finish in-flight HTTP requests first (they may be waiting on commits), then stop Raft.
-    await runner.shutdown()
-    await runner.cleanup()
+    log.info("node_stopping", leader=node.is_leader())
+    await runner.cleanup()  # stop accepting, finish in-flight requests, app cleanup
+    await hand_over_leadership(node, HANDOVER_TIMEOUT_S)
     await asyncio.to_thread(node.stop)
     log.info("node_stopped")
+
+
+async def hand_over_leadership(node: VeristoreNode, timeout: float) -> str | None:
+    """If this node leads, make a caught-up follower leader; return its Raft address.
+
+    Asks PySyncObj's TimeoutNow transfer (most caught-up connected follower) every 50 ms
+    until another member leads or `timeout` passes. None when this node does not lead, has
+    no connected follower, or nobody took over in time (then the others elect a leader
+    after an election timeout, as after a crash).
+    """
+    if not node.is_leader():
+        return None
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    me = node.settings.raft_address
+    while loop.time() < deadline:
+        if not node.is_leader():
+            leader = node.leader_address()
+            if leader is not None and leader != me:
+                log.info("leadership_handed_over", new_leader=leader, term=node.raftCurrentTerm)
+                return leader
+        elif not any(node.isNodeConnected(n) for n in node.otherNodes):
+            return None
+        else:
+            try:  # transferLeadership sends on the transport: only from the tick thread
+                await run_on_tick(node, lambda: node.transferLeadership(None),
+                                  timeout=max(0.1, deadline - loop.time()))
+            except VeristoreError:
+                return None
+        await asyncio.sleep(0.05)
+    log.warning("leadership_handover_timed_out", timeout_s=timeout)
+    return None
 
 
 def serve(settings: NodeSettings, app_factory: AppFactory = create_app,

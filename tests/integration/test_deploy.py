@@ -105,7 +105,7 @@ class UnitMembers:
             (self.etc / path.name).write_text(_replace(path.read_text(), replacements))
             env = (ROOT / "deploy" / "config" / "cache-plane.env.example").read_text()
             (self.etc / f"{path.stem}.env").write_text(
-                env + "CACHE_PLANE_NODE_LEASE_MS=3600000\nCACHE_PLANE_LOG_LEVEL=warning\n")
+                env + "CACHE_PLANE_NODE_LEASE_MS=3600000\nCACHE_PLANE_LOG_LEVEL=info\n")
         d = unit_directives()
         self.replacements = {**replacements, "%i": "{member}"}
         exe = shutil.which("cache-plane")
@@ -237,6 +237,8 @@ def test_rolling_restart_under_load_as_the_units_run_the_members(tmp_path):
                 time.sleep(0.5)
             time.sleep(0.5)
         assert load.errors == [] and len(load.ok) > 20, (load.errors[:5], len(load.ok))
+        logs = "".join((tmp_path / f"{name}.log").read_text() for name in members.names)
+        assert "leadership_handed_over" in logs  # the stopped leader handed over on SIGTERM
         stats, nodes, models = asyncio.run(_state(urls))
         assert stats["routes_total"] == len(load.ok)  # every acknowledged route, once
         assert [n["node_id"] for n in nodes] == ["gpu-a"] and [m["model_id"] for m in models] == ["m"]
