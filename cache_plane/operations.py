@@ -20,6 +20,7 @@ import aiohttp
 
 from veristore_py.errors import StorageError
 from veristore_py.snapshot import read_header
+from veristore_py.storage import fsync_dir
 
 SNAPSHOT_FILE = "snapshot.bin"
 
@@ -77,11 +78,7 @@ def restore_backup(backup_path: str, data_dir: str) -> dict[str, Any]:
         dst.flush()
         os.fsync(dst.fileno())
     os.replace(target + ".partial", target)
-    fd = os.open(data_dir, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(data_dir)
     return header
 
 

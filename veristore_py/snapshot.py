@@ -31,7 +31,7 @@ from pysyncobj.node import TCPNode
 
 from .codec import pack, unpack
 from .errors import StorageError
-from .storage import StateStore, _fsync_dir
+from .storage import StateStore, fsync_dir
 
 log = structlog.get_logger(__name__)
 
@@ -144,7 +144,7 @@ class SnapshotManager:
                     os.remove(building)
                 else:
                     os.replace(building, final)
-                    _fsync_dir(os.path.dirname(os.path.abspath(final)))
+                    fsync_dir(os.path.dirname(os.path.abspath(final)))
                     outcome = SERIALIZER_STATE.SUCCESS
                     self.built += 1
                     log.info("snapshot_built", applied=header["applied"],
@@ -172,7 +172,7 @@ class SnapshotManager:
         # this node acknowledges the install (the acknowledgement follows this call).
         with open(path, "rb") as f:
             os.fsync(f.fileno())
-        _fsync_dir(os.path.dirname(os.path.abspath(path)))
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
         with open(path, "rb") as f:
             header = read_header(f)
             if header["applied"] > self._store.applied_index:

@@ -330,20 +330,21 @@ class StateStore:
             shutil.copyfileobj(src, dst, 1 << 20)
             dst.flush()
             os.fsync(dst.fileno())
-        _fsync_dir(incoming)
+        fsync_dir(incoming)
         with self._exclusive():
             self._env.close()
             old = self.path + ".old"
             shutil.rmtree(old, ignore_errors=True)
             os.rename(self.path, old)
             os.rename(incoming, self.path)
-            _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+            fsync_dir(os.path.dirname(os.path.abspath(self.path)))
             shutil.rmtree(old, ignore_errors=True)
             self._open()
         log.info("snapshot_installed", path=self.path, applied_index=self._applied)
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
+    """Make a rename or new file in directory `path` durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
