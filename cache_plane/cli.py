@@ -33,7 +33,7 @@ from veristore_py.errors import ConfigError, VeristoreError
 from veristore_py.localcluster import LocalCluster
 
 from .client import CachePlaneClient
-from .sim.engine import EngineConfig, Request, fresh
+from .sim.engine import DEFAULT_LATENCY, EngineConfig, Request, fresh
 from .sim.fleet import Fleet, run
 from .sim.policies import CachePlanePolicy, RoundRobin
 from .sim.workloads import shared_prompts
@@ -345,6 +345,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_sim_node(args: argparse.Namespace) -> int:
     from aiohttp import web
 
+    from .sim.engine import LatencyModel
     from .sim.server import SimNodeSettings, create_app
 
     token = None
@@ -355,10 +356,29 @@ def cmd_sim_node(args: argparse.Namespace) -> int:
         node_id=args.node_id, model=args.model, address=args.address or f"{args.host}:{args.port}",
         block_size=args.block_size, capacity_blocks=args.capacity_blocks,
         max_num_seqs=args.max_num_seqs, time_scale=args.time_scale,
+        latency=LatencyModel(args.prefill_ms_per_token, args.prefill_base_ms,
+                             args.decode_base_ms, args.decode_ms_per_seq),
         cluster_urls=tuple(args.cluster or ()), api_token=token)
     web.run_app(create_app(settings), host=args.host, port=args.port, print=None,
                 access_log=None)
     return 0
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _nonnegative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -430,8 +450,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--capacity-blocks", type=int, default=27_500)
     p.add_argument("--max-num-seqs", type=int, default=128)
-    p.add_argument("--time-scale", type=float, default=1.0,
+    p.add_argument("--time-scale", type=_positive_float, default=1.0,
                    help="virtual ms per real ms (10: ten times faster than real time)")
+    for flag, default, what in (
+            ("--prefill-ms-per-token", DEFAULT_LATENCY.prefill_ms_per_token,
+             "prefill time per uncached prompt token"),
+            ("--prefill-base-ms", DEFAULT_LATENCY.prefill_base_ms,
+             "fixed cost of a step that prefills"),
+            ("--decode-base-ms", DEFAULT_LATENCY.decode_base_ms, "fixed cost of a decode step"),
+            ("--decode-ms-per-seq", DEFAULT_LATENCY.decode_ms_per_seq,
+             "decode step cost per running sequence")):
+        p.add_argument(flag, type=_nonnegative_float, default=default,
+                       help=f"{what} (default {default}; docs/simulation.md cites the source)")
     p.add_argument("--cluster", action="append", metavar="URL",
                    help="register with this cache-plane member (repeatable)")
     p.add_argument("--api-token-file", help="file holding the cluster's bearer token")

@@ -13,9 +13,9 @@ Order of decision (the seed router's, made load-aware):
    the estimate drains as time passes; routes the leader has sent but not applied add theirs;
    and a node running more than `balance_slack` (1.5) times the fleet's mean of active
    requests loses `balance_weight` (1.0) per unit above that (both +1-smoothed), so a popular
-   prefix spills to other nodes before one node carries the fleet; for a request that starts
-   a session, the same term applies to the sessions each node already holds (the session's
-   later turns will follow it there);
+   prefix spills to other nodes before one node carries the fleet; a request that starts a
+   session is balanced tighter (slack `session_balance_slack`, 1.0), on active requests and
+   again on the sessions each node already holds (the session's later turns follow it);
 3. a prompt with no reuse anywhere is a miss, placed by the same score (least backlog wins),
    then fewest evictions, then most free blocks.
 A node is eligible when it is up, serves the model, is below its max active requests, and
@@ -45,6 +45,7 @@ class PolicyConfig:
     backlog_weight: float = 0.25
     balance_weight: float = 1.0
     balance_slack: float = 1.5
+    session_balance_slack: float = 1.0
     session_max_load: float = 1.0
 
 
@@ -98,6 +99,8 @@ def decide(model: ModelSpec, keys: Sequence[int], nodes: Sequence[Node], index: 
     up = [n for n in serving if n.state == "up"] or serving
     mean_active = sum(n.active + inflight.get(n.id, (0, 0))[0] for n in up) / len(up)
     mean_sessions = sum(sessions.get(n.id, 0) for n in up) / len(up) if sessions else 0.0
+    # A request that starts a session brings its later turns along: balance tighter.
+    slack = config.balance_slack if sessions is None else config.session_balance_slack
     for node in serving:
         match = matches.get(node.slot)
         overlap = match.blocks if match else 0
@@ -120,10 +123,9 @@ def decide(model: ModelSpec, keys: Sequence[int], nodes: Sequence[Node], index: 
         elif evict and evict > _evictable(node.slot, used, keys[:overlap], is_pinned,
                                           pinned_count):
             reason = "no_room"
-        excess = max((active + 1) / (mean_active + 1) - config.balance_slack, 0.0)
+        excess = max((active + 1) / (mean_active + 1) - slack, 0.0)
         if sessions is not None:
-            excess += max((sessions.get(node.id, 0) + 1) / (mean_sessions + 1)
-                          - config.balance_slack, 0.0)
+            excess += max((sessions.get(node.id, 0) + 1) / (mean_sessions + 1) - slack, 0.0)
         score = ((weighted - config.backlog_weight * queued_blocks) / total if total else 0.0) \
             - config.load_weight * load - config.balance_weight * excess
         candidates.append(Candidate(node.id, overlap, weighted, load, free, evict, score,

@@ -46,7 +46,7 @@ class ServiceSettings:
     session_max_load: float = 1.0      # session affinity holds while load is below this
     # The fleet's prefill speed (tokens/s per node), to estimate each node's prefill backlog;
     # stamped into route commands by the leader. 0 turns the backlog term off.
-    prefill_tokens_per_s: int = 16_000
+    prefill_tokens_per_s: int = 28_000
     max_prompt_tokens: int = 1 << 20
 
     def validate(self) -> list[str]:

@@ -49,10 +49,11 @@ class LatencyModel:
         return prefill + decode
 
 
-# Meant to resemble Llama-3.1-8B (BF16) on one H100-80GB with vLLM: estimates, not yet tied
-# to a cited measurement (docs/simulation.md says where each number comes from).
-DEFAULT_LATENCY = LatencyModel(prefill_ms_per_token=0.06, prefill_base_ms=10.0,
-                               decode_base_ms=7.0, decode_ms_per_seq=0.12)
+# Llama-3-8B (BF16) on one H100-80GB with vLLM, fitted to published measurements
+# (docs/simulation.md cites them): ~28k prefill tokens/s, ~7 ms per decode step at a few
+# sequences, ~0.02 ms more per running sequence.
+DEFAULT_LATENCY = LatencyModel(prefill_ms_per_token=0.035, prefill_base_ms=10.0,
+                               decode_base_ms=7.0, decode_ms_per_seq=0.02)
 # KV cache of that setup: ~440k tokens (57 GB of free HBM at 128 KiB per token).
 DEFAULT_KV_TOKENS = 440_000
 

@@ -33,7 +33,7 @@ from aiohttp import web
 
 from ..client import CachePlaneClient
 from ..hashing import DEFAULT_SEED, block_hashes
-from .engine import DEFAULT_KV_TOKENS, Engine, EngineConfig, Request
+from .engine import DEFAULT_KV_TOKENS, DEFAULT_LATENCY, Engine, EngineConfig, LatencyModel, Request
 
 log = structlog.get_logger(__name__)
 VOCAB = 32_000
@@ -48,6 +48,7 @@ class SimNodeSettings:
     capacity_blocks: int = DEFAULT_KV_TOKENS // 16
     max_num_seqs: int = 128
     time_scale: float = 1.0
+    latency: LatencyModel = DEFAULT_LATENCY
     hash_seed: str = DEFAULT_SEED
     cluster_urls: tuple[str, ...] = ()
     api_token: str | None = None
@@ -66,7 +67,8 @@ class SimNode:
     def __init__(self, settings: SimNodeSettings) -> None:
         self.settings = settings
         self.engine = Engine(settings.node_id, EngineConfig(
-            settings.capacity_blocks, settings.block_size, settings.max_num_seqs))
+            settings.capacity_blocks, settings.block_size, settings.max_num_seqs,
+            settings.latency))
         self.tokens: dict[str, asyncio.Queue[int | None]] = {}
         self.wake = asyncio.Event()
         self.epoch = time.monotonic()

@@ -55,3 +55,23 @@ async def test_repeated_prompt_hits_the_prefix_cache(client):
 async def test_bad_requests_get_openai_style_errors(client, path, body, status):
     resp = await client.post(path, data=body, headers={"Content-Type": "application/json"})
     assert resp.status == status and (await resp.json())["object"] == "error"
+
+
+def test_latency_flags_reach_the_engine_and_bad_values_are_refused(capsys):
+    from cache_plane.cli import build_parser
+    from cache_plane.sim.engine import DEFAULT_LATENCY, LatencyModel
+
+    args = build_parser().parse_args(["sim-node", "--decode-ms-per-seq", "0.5",
+                                      "--prefill-ms-per-token", "0.1"])
+    assert (args.prefill_ms_per_token, args.prefill_base_ms, args.decode_base_ms,
+            args.decode_ms_per_seq) == (0.1, DEFAULT_LATENCY.prefill_base_ms,
+                                        DEFAULT_LATENCY.decode_base_ms, 0.5)
+    from cache_plane.sim.server import SimNode
+    node = SimNode(SimNodeSettings(latency=LatencyModel(0.1, 0.0, 1.0, 0.5)))
+    assert node.engine.config.latency.decode_ms_per_seq == 0.5
+    for bad in (["--decode-base-ms", "-1"], ["--prefill-ms-per-token", "nan"],
+                ["--time-scale", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser().parse_args(["sim-node", *bad])
+        assert exit_info.value.code == 2
+        assert bad[0] in capsys.readouterr().err

@@ -74,6 +74,21 @@ def test_session_affinity_wins_until_node_overloaded():
     assert s3["node_id"] != s1["node_id"]
 
 
+def test_a_session_start_is_balanced_tighter_than_a_single_request():
+    """Holding the prefix outweighs a little extra load for one request, not for a session
+    start, whose later turns will follow it (session_balance_slack 1.0 vs balance_slack 1.5)."""
+    h = cluster(nodes=("a", "b", "c", "d"), capacity=1000, max_active=100)
+    system = list(range(1, 61))
+    h(op="cp.kv_events", node="a", seq=1, model="m",
+      events=[{"type": "stored", "block_hashes": system}])
+    h(op="cp.heartbeat", node="a", active=2, queue=0, now_ms=0, lease_ms=LEASE)
+    one = h.m.decide({"op": "cp.route", "model": "m", "blocks": [*system, 900],
+                      "request_id": "p", "now_ms": 0}, {})
+    start = h.m.decide({"op": "cp.route", "model": "m", "blocks": [*system, 900],
+                        "request_id": "q", "now_ms": 0, "session_id": "new"}, {})
+    assert one.node_id == "a" and start.node_id != "a"
+
+
 def test_rejections_name_the_reason():
     """No node for the model, all busy, prompt too large: each has its own reason."""
     h = cluster(nodes=("a",), capacity=5, max_active=1)
