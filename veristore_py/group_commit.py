@@ -15,13 +15,14 @@ Failure mapping (what the caller may assume):
 
 from __future__ import annotations
 
+import bisect
 import collections
 import functools
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -50,6 +51,10 @@ class _Proposal:
     size: int = 0
 
 
+# Upper bounds of the batch-size histogram (commands per Raft entry); the last is +Inf.
+BATCH_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
 @dataclass(slots=True)
 class CommitStats:
     """Counters for metrics and benchmarks."""
@@ -58,6 +63,15 @@ class CommitStats:
     commands: int = 0
     largest_batch: int = 0
     timeouts: int = 0
+    # entries by batch size: batch_counts[i] counts sizes <= BATCH_BOUNDS[i] (and above the
+    # previous bound); the extra last slot counts larger batches
+    batch_counts: list[int] = field(default_factory=lambda: [0] * (len(BATCH_BOUNDS) + 1))
+
+    def count_batch(self, size: int) -> None:
+        self.entries += 1
+        self.commands += size
+        self.largest_batch = max(self.largest_batch, size)
+        self.batch_counts[bisect.bisect_left(BATCH_BOUNDS, size)] += 1
 
 
 def failure(reason: int) -> VeristoreError:
@@ -159,9 +173,7 @@ class GroupCommitter:
                 self._next_id += 1
                 deadline = time.monotonic() + self._commit_timeout_s
                 self._inflight[proposal_id] = _Proposal(futures, deadline, size)
-            self.stats.entries += 1
-            self.stats.commands += len(commands)
-            self.stats.largest_batch = max(self.stats.largest_batch, len(commands))
+            self.stats.count_batch(len(commands))
             entry = encode_batch(self._wall_clock_ms(), commands)
             try:
                 self._propose(entry, functools.partial(self._done, proposal_id))

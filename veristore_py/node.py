@@ -334,6 +334,7 @@ class VeristoreNode(SyncObj):
                 "entries": committer.stats.entries,
                 "commands": committer.stats.commands,
                 "largest_batch": committer.stats.largest_batch,
+                "batch_counts": list(committer.stats.batch_counts),
                 "timeouts": committer.stats.timeouts,
                 "pending": committer.pending,
             },

@@ -14,14 +14,16 @@ import contextlib
 import html
 import time
 from collections.abc import AsyncIterator
+from itertools import accumulate
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from veristore_py import api as kv_api
 from veristore_py.config import NodeSettings
+from veristore_py.group_commit import BATCH_BOUNDS
 from veristore_py.node import VeristoreNode
 
 from ..service import CachePlaneService
@@ -73,17 +75,24 @@ class _StateCollector:
         ):
             yield GaugeMetricFamily(f"cache_plane_{name}", doc, value=value)
         gc = status["group_commit"] or {}
-        yield GaugeMetricFamily("cache_plane_group_commit_entries", "Raft entries proposed",
-                                value=gc.get("entries", 0))
-        yield GaugeMetricFamily("cache_plane_group_commit_commands", "Commands proposed",
-                                value=gc.get("commands", 0))
+        counts = gc.get("batch_counts") or [0] * (len(BATCH_BOUNDS) + 1)
+        cumulative = list(accumulate(counts))
+        yield HistogramMetricFamily(
+            "cache_plane_raft_entry_commands",
+            "Commands per Raft entry this member proposed (group-commit batch size)",
+            buckets=[*((str(b), c) for b, c in zip(BATCH_BOUNDS, cumulative, strict=False)),
+                     ("+Inf", cumulative[-1])],
+            sum_value=gc.get("commands", 0))
+        yield CounterMetricFamily("cache_plane_group_commit_timeouts",
+                                  "Proposals that timed out before commit",
+                                  value=gc.get("timeouts", 0))
         stats = self.service.stats()
         yield GaugeMetricFamily("cache_plane_block_hit_ratio", "Reused / requested prompt blocks",
                                 value=stats["block_hit_rate"])
         yield GaugeMetricFamily("cache_plane_indexed_blocks", "Indexed (node, block) entries",
                                 value=stats["indexed_blocks"])
-        yield GaugeMetricFamily("cache_plane_evictions", "Blocks evicted (total)",
-                                value=stats["evictions"])
+        yield CounterMetricFamily("cache_plane_evicted_blocks", "Blocks evicted",
+                                  value=stats["evictions"])
 
 
 @web.middleware

@@ -134,6 +134,8 @@ async def test_auth_metrics_openapi_docs_health(client):
     metrics = await (await client.get("/metrics")).text()
     assert "cache_plane_http_request_duration_seconds_bucket" in metrics
     assert "cache_plane_raft_term" in metrics
+    assert 'cache_plane_raft_entry_commands_bucket{le="+Inf"}' in metrics
+    assert "cache_plane_evicted_blocks_total" in metrics
     spec = await (await client.get("/openapi.json")).json()
     assert spec["openapi"].startswith("3.1") and "/v1/route" in spec["paths"]
     assert "llm-serving-cache API" in await (await client.get("/docs")).text()

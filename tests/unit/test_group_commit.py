@@ -14,7 +14,7 @@ from veristore_py.errors import (
     LeadershipLostError,
     NoLeaderError,
 )
-from veristore_py.group_commit import GroupCommitter
+from veristore_py.group_commit import BATCH_BOUNDS, GroupCommitter
 
 
 class FakeRaft:
@@ -69,7 +69,13 @@ def test_batches_respect_command_limit():
         while not all(f.done() for f in futures):
             raft.release()
             threading.Event().wait(0.001)
-        assert max(len(decode_batch(e).commands) for e in raft.entries) <= 10
+        sizes = [len(decode_batch(e).commands) for e in raft.entries]
+        assert max(sizes) <= 10
+        # the batch-size histogram (exported as cache_plane_raft_entry_commands) saw each entry
+        stats = gc.stats
+        assert (stats.entries, stats.commands, sum(stats.batch_counts)) == (len(sizes), 35,
+                                                                            len(sizes))
+        assert stats.batch_counts[BATCH_BOUNDS.index(16)] == sum(1 for n in sizes if n > 8)
     finally:
         gc.close()
 
