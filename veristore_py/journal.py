@@ -36,10 +36,13 @@ from typing import Any
 
 import lmdb
 import pysyncobj.syncobj as _syncobj_module
+import structlog
 from pysyncobj.journal import Journal
 
 from .codec import pack, unpack
 from .errors import StorageError
+
+log = structlog.get_logger(__name__)
 
 _KEY = struct.Struct(">Q")
 _TERM = struct.Struct(">Q")
@@ -197,13 +200,21 @@ class LmdbJournal(Journal):
         self.close()
 
     def close(self) -> None:
-        """Flush and close (idempotent)."""
+        """Flush and close (idempotent).
+
+        A flush that fails (full disk) only loses writes nobody was told about: entries are
+        acknowledged, and counted by a leader, only after a sync that succeeded.
+        """
         if self._env is None:
             return
-        self.onOneSecondTimer()
-        self.sync()
-        self._env.close()
-        self._env = None  # type: ignore[assignment]
+        try:
+            self.onOneSecondTimer()
+            self.sync()
+        except StorageError as exc:
+            log.warning("journal_flush_failed_at_close", error=str(exc))
+        finally:
+            self._env.close()
+            self._env = None  # type: ignore[assignment]
 
 
 def lmdb_truncation(env: lmdb.Environment, path: str) -> str | None:

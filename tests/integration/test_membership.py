@@ -79,8 +79,14 @@ def test_add_then_remove_a_member(cluster_factory, tmp_path):
         # every member knows the new member's HTTP address (for redirects), from the log
         for url in cluster.urls:
             assert {m["raft"]: m["http"] for m in status(url)["members"]}[raft] == http
-        members = cli("cluster", "members", "--endpoint", f"http://{http}")
-        assert members.returncode == 0 and members.stdout.count("connected") == 4
+        # the new member's links to the other followers come up shortly after it caught up
+        deadline = time.monotonic() + 10
+        while True:
+            members = cli("cluster", "members", "--endpoint", f"http://{http}")
+            if members.returncode == 0 and members.stdout.count("connected") == 4:
+                break
+            assert time.monotonic() < deadline, members.stdout
+            time.sleep(0.2)
         again = cli("cluster", "add", "--endpoint", cluster.urls[leader], "--raft", raft,
                     "--http", http)
         assert again.returncode == 1 and "already a member" in again.stderr
