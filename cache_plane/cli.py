@@ -63,8 +63,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"  - {problem}", file=sys.stderr)
         return 2
-    machine = CachePlaneMachine(PolicyConfig(service_settings.load_weight,
-                                             service_settings.session_max_load))
+    # (the leader also stamps both into every route command, so replicas that re-decide a
+    # route use the leader's values even where members are configured differently)
+    machine = CachePlaneMachine(PolicyConfig(load_weight=service_settings.load_weight,
+                                             session_max_load=service_settings.session_max_load))
     try:
         serve(node_settings,
               lambda node, settings, token: create_app(node, settings, token, service_settings),
@@ -180,12 +182,8 @@ def _change_member(args: argparse.Namespace) -> int:
 def cmd_backup(args: argparse.Namespace) -> int:
     from .operations import BackupError, download_backup
 
-    token = args.token
-    if args.token_file:
-        with open(args.token_file, encoding="utf-8") as f:
-            token = f.read().strip()
     try:
-        header = asyncio.run(download_backup(args.endpoint, args.out, token))
+        header = asyncio.run(download_backup(args.endpoint, args.out, args.token))
     except BackupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -408,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http", help="add: the member's HTTP address host:port")
     p.add_argument("--token", default=os.environ.get("CACHE_PLANE_API_TOKEN"),
                    help="add/remove: bearer token (default: $CACHE_PLANE_API_TOKEN)")
+    p.add_argument("--token-file", help="file holding the bearer token")
     p.set_defaults(func=cmd_cluster)
 
     p = sub.add_parser("backup", help="download a fresh snapshot of a live member's state")
@@ -427,7 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   ("route", cmd_route, "ask where a prompt would go")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--endpoint", default=DEFAULT_ENDPOINT)
-        p.add_argument("--token", default=os.environ.get("CACHE_PLANE_API_TOKEN"))
+        p.add_argument("--token", default=os.environ.get("CACHE_PLANE_API_TOKEN"),
+                       help="bearer token (default: $CACHE_PLANE_API_TOKEN)")
+        p.add_argument("--token-file", help="file holding the bearer token")
         if name == "route":
             p.add_argument("--model", required=True)
             p.add_argument("--prompt", required=True)
@@ -471,6 +472,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "token_file", None):
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                args.token = f.read().strip()
+        except OSError as exc:
+            print(f"cannot read --token-file: {exc}", file=sys.stderr)
+            return 2
     return int(args.func(args))
 
 

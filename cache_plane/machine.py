@@ -40,7 +40,7 @@ import struct
 from array import array
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import repeat
 from typing import Any
 
@@ -162,6 +162,25 @@ def _int(cmd: Mapping[str, Any], name: str, lo: int, hi: int, default: int | Non
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise _Invalid(f"field '{name}' must be an integer in [{lo}, {hi}]")
     return value
+
+
+def _policy(cmd: Mapping[str, Any], default: PolicyConfig) -> PolicyConfig:
+    """The policy the leader stamped into a route command (its settings), else `default`.
+
+    Operators set `load_weight` and `session_max_load` per member; a replica re-deciding a
+    route must use the leader's values, not its own, or replicas with different settings
+    would diverge.
+    """
+    changes = {}
+    for name, positive in (("load_weight", False), ("session_max_load", True)):
+        value = cmd.get(name)
+        if value is None:
+            continue
+        if (isinstance(value, bool) or not isinstance(value, int | float)
+                or not 0 <= value <= 1e6 or (positive and value == 0)):
+            raise _Invalid(f"field '{name}' must be a number in {'(' if positive else '['}0, 1e6]")
+        changes[name] = float(value)
+    return replace(default, **changes) if changes else default
 
 
 def _pairs(cmd: Mapping[str, Any], name: str) -> list[tuple[int, int]]:
@@ -323,13 +342,15 @@ class CachePlaneMachine:
         """
         try:
             model, blocks, session = self._route_inputs(command, hashes_checked)
+            policy = _policy(command, self.policy)
         except _Invalid as exc:
             return error("invalid_command", str(exc)).result
         if model is None:
             return error("unknown_model", f"model {command.get('model')!r} is not registered").result
         rate = command.get("prefill_tokens_per_s", 0)
         return self._decide(model, block_keys(model.code, blocks), session,
-                            command.get("now_ms", 0), rate if type(rate) is int else 0, inflight)
+                            command.get("now_ms", 0), rate if type(rate) is int else 0, inflight,
+                            policy)
 
     def _session_node(self, session: str | None, now_ms: Any) -> str | None:
         if session is not None and session in self.sessions:
@@ -340,12 +361,13 @@ class CachePlaneMachine:
 
     def _decide(self, model: ModelSpec, keys: list[int], session: str | None, now_ms: Any,
                 prefill_rate: int,
-                inflight: Mapping[str, tuple[int, int]] | None = None) -> RouteDecision:
+                inflight: Mapping[str, tuple[int, int]] | None = None,
+                policy: PolicyConfig | None = None) -> RouteDecision:
         session_node = self._session_node(session, now_ms)
         # A new session commits its later turns to the node chosen now: spread sessions too.
         new_session = session is not None and session_node is None
         return decide(model, keys, list(self.nodes.values()), self.index, self._is_pinned,
-                      self._pinned_count, session_node, self.policy, inflight or {},
+                      self._pinned_count, session_node, policy or self.policy, inflight or {},
                       now_ms if isinstance(now_ms, int) else 0, prefill_rate,
                       self.session_count if new_session else None)
 
@@ -691,6 +713,7 @@ class CachePlaneMachine:
         rate = _int(cmd, "prefill_tokens_per_s", 0, 1 << 40, 0)
         planned = _str(cmd, "node", optional=True)
         victims = _pairs(cmd, "evict")
+        policy = _policy(cmd, self.policy)
         if model is None:
             return error("unknown_model", f"model {cmd.get('model')!r} is not registered").result
         if request_id in self.requests:  # a retried route: answer with the original decision
@@ -705,7 +728,7 @@ class CachePlaneMachine:
             replanned = decision is None
             self.stats.replanned += replanned
         if decision is None:
-            decision = self._decide(model, keys, session, now, rate)
+            decision = self._decide(model, keys, session, now, rate, policy=policy)
         result = decision_result(decision, model, request_id,
                                  self.nodes[decision.node_id].address if decision.node_id else None)
         result["index"] = ctx.index

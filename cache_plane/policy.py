@@ -5,9 +5,10 @@ Order of decision (the seed router's, made load-aware):
 2. otherwise every eligible node is scored by the prefill work the request would wait for
    there: the prompt blocks it cannot reuse (tier-weighted) plus the node's prefill backlog,
    as a fraction of the prompt, minus `load_weight` x load (active + queued per allowed active
-   request). score = (weighted overlap - backlog) / prompt blocks - load_weight x load, so 1.0
-   is a full hit on an idle node, and reuse wins until the node holding the prefix has more
-   prefill queued than the prefix would save (NVIDIA Dynamo's cost function has this shape).
+   request). score = (weighted overlap - backlog_weight x backlog) / prompt blocks
+   - load_weight x load (backlog_weight 1.0), so 1.0 is a full hit on an idle node, and reuse
+   wins until the node holding the prefix has more prefill queued than the prefix would save
+   (NVIDIA Dynamo's cost function has this shape).
    The backlog is estimated from the node's `prefill_until_ms`: every route adds its new
    tokens at the fleet's prefill rate (`prefill_tokens_per_s`, stamped by the leader), and
    the estimate drains as time passes; routes the leader has sent but not applied add theirs;
@@ -42,7 +43,7 @@ class PolicyConfig:
     """Weights of the scorer; defaults favour reuse until a node is clearly busier."""
 
     load_weight: float = 0.5
-    backlog_weight: float = 0.25
+    backlog_weight: float = 1.0
     balance_weight: float = 1.0
     balance_slack: float = 1.5
     session_balance_slack: float = 1.0

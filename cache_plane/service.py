@@ -204,6 +204,8 @@ class CachePlaneService:
             "request_ttl_ms": self.settings.request_ttl_ms,
             "session_ttl_ms": self.settings.session_ttl_ms,
             "prefill_tokens_per_s": self.settings.prefill_tokens_per_s,
+            "load_weight": self.settings.load_weight,
+            "session_max_load": self.settings.session_max_load,
         }
         if body.get("session_id"):
             command["session_id"] = body["session_id"]

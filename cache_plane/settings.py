@@ -60,8 +60,13 @@ class ServiceSettings:
             problems.append("cache_plane.block_ttl_ms must be >= 0")
         if self.expire_interval_s <= 0:
             problems.append("cache_plane.expire_interval_s must be > 0")
-        if self.load_weight < 0 or self.session_max_load <= 0:
-            problems.append("cache_plane.load_weight must be >= 0 and session_max_load > 0")
+        # (both travel in route commands, whose apply accepts them in these ranges only)
+        if not 0 <= self.load_weight <= 1e6:
+            problems.append("cache_plane.load_weight must be a number in [0, 1e6]")
+        if not 0 < self.session_max_load <= 1e6:
+            problems.append("cache_plane.session_max_load must be a number in (0, 1e6]")
+        if self.max_prompt_tokens > 1 << 20:
+            problems.append("cache_plane.max_prompt_tokens must be <= 1048576 (the API's limit)")
         return problems
 
 
@@ -74,7 +79,8 @@ def load(path: str | None, env: Mapping[str, str] | None = None,
     env = dict(os.environ if env is None else env)
     problems: list[str] = []
     try:
-        node = load_settings(path, env=env, overrides=overrides, env_prefix=ENV_PREFIX)
+        node = load_settings(path, env=env, overrides=overrides, env_prefix=ENV_PREFIX,
+                             sections=frozenset({"cache_plane"}))
     except ConfigError as exc:
         problems.extend(exc.problems)
         node = None

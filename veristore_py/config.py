@@ -230,8 +230,15 @@ def _parse_peer(raw: Any) -> Peer:
 
 def load_settings(path: str | None = None, env: Mapping[str, str] | None = None,
                   overrides: Mapping[str, Any] | None = None,
-                  env_prefix: str = ENV_PREFIX) -> NodeSettings:
-    """Build validated settings from a TOML file, then environment, then `overrides`."""
+                  env_prefix: str = ENV_PREFIX,
+                  sections: frozenset[str] = frozenset()) -> NodeSettings:
+    """Build validated settings from a TOML file, then environment, then `overrides`.
+
+    A top-level key of the file that is no setting is an error (a typo must not be ignored),
+    and so is a table other than `sections` (the tables an application built on veristore
+    reads itself; they are handed over in `extra`). Environment variables with the prefix
+    that name no setting are ignored: the prefix is shared with client-side variables.
+    """
     problems: list[str] = []
     values: dict[str, Any] = {}
     extra: dict[str, Any] = {}
@@ -244,8 +251,13 @@ def load_settings(path: str | None = None, env: Mapping[str, str] | None = None,
         for key, raw in data.items():
             if key in _FIELDS and key != "extra":
                 values[key] = ("file", raw)
-            else:
+            elif key in sections:
                 extra[key] = raw
+            elif isinstance(raw, Mapping):
+                problems.append(f"unknown section [{key}] in {path}"
+                                + (f" (known: {', '.join(sorted(sections))})" if sections else ""))
+            else:
+                problems.append(f"unknown setting {key!r} in {path}")
     for key, raw in (env if env is not None else os.environ).items():
         if key.startswith(env_prefix):
             name = key[len(env_prefix):].lower()
@@ -261,6 +273,9 @@ def load_settings(path: str | None = None, env: Mapping[str, str] | None = None,
         except (ValueError, TypeError) as exc:
             problems.append(f"{name} (from {source}): {exc}")
     try:
-        return NodeSettings(**coerced, extra=extra).validate()
+        settings = NodeSettings(**coerced, extra=extra).validate()
     except ConfigError as exc:
         raise ConfigError(problems + exc.problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return settings

@@ -244,13 +244,11 @@ def create_app(node: VeristoreNode, settings: NodeSettings, api_token: str | Non
     r.add_post("/v1/complete", complete)
     r.add_post("/v1/kv-events", kv_events)
     r.add_get("/v1/cluster", kv_api.status)  # same view as /v1/status
-    r.add_post("/v1/backup", kv_api.backup)
-    kv_api.add_membership_routes(app)
     r.add_get("/v1/stats", stats)
     r.add_get("/metrics", metrics)
     r.add_get("/openapi.json", openapi)
     r.add_get("/docs", docs)
     kv_api.add_kv_routes(app)
-    kv_api.add_status_routes(app)
+    kv_api.add_status_routes(app)  # status, digest, health, backup, membership
     app.cleanup_ctx.append(_housekeeping)
     return app

@@ -28,7 +28,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "Heartbeat": _obj(
         [], active_requests={"type": "integer", "minimum": 0, "maximum": 2**30},
         queue_depth={"type": "integer", "minimum": 0, "maximum": 2**30},
-        used_blocks={"type": "integer", "minimum": 0, "maximum": 2**31},
+        used_blocks={"type": "integer", "minimum": 0, "maximum": 2**31, "description": "accepted (vLLM/llm-d compatibility), not used yet"},
     ),
     "AddMember": _obj(
         ["raft", "http"], raft={"type": "string", "pattern": "^.+:[0-9]{1,5}$", "maxLength": 256},
@@ -44,14 +44,14 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         token_ids={"type": "array", "items": TOKEN, "maxItems": 2**20},
         block_hashes={"type": "array", "items": U64, "maxItems": 2**17},
         prompt={"type": "string", "maxLength": 2**22},
-        max_tokens={"type": "integer", "minimum": 0, "maximum": 2**24},
+        max_tokens={"type": "integer", "minimum": 0, "maximum": 2**24, "description": "accepted (vLLM/llm-d compatibility), not used yet"},
         dry_run={"type": "boolean"},
     ),
     "Complete": _obj(
         ["request_id", "node_id"], request_id=ID, node_id=ID,
         status={"enum": ["ok", "failed", "cancelled"]},
         block_hashes={"type": "array", "items": U64, "maxItems": 2**17},
-        output_tokens={"type": "integer", "minimum": 0},
+        output_tokens={"type": "integer", "minimum": 0, "description": "accepted (vLLM/llm-d compatibility), not used yet"},
     ),
     "KVEvents": _obj(
         ["node_id", "seq", "events"], node_id=ID, model=ID,
@@ -59,7 +59,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         events={"type": "array", "maxItems": 10_000, "items": _obj(
             ["type"], type={"enum": ["stored", "removed", "cleared"]},
             block_hashes={"type": "array", "items": U64, "maxItems": 2**17},
-            parent_hash={"anyOf": [U64, {"type": "null"}]},
+            parent_hash={"anyOf": [U64, {"type": "null"}], "description": "accepted (vLLM/llm-d compatibility), not used yet"},
             tier={"enum": ["gpu", "cpu", "disk"]},
         )},
     ),

@@ -90,7 +90,13 @@ def test_add_then_remove_a_member(cluster_factory, tmp_path):
         again = cli("cluster", "add", "--endpoint", cluster.urls[leader], "--raft", raft,
                     "--http", http)
         assert again.returncode == 1 and "already a member" in again.stderr
-        removed = cli("cluster", "remove", "--endpoint", cluster.urls[leader], "--raft", raft)
+        wrong = tmp_path / "wrong-token"
+        wrong.write_text("not-the-token\n")
+        refused = cli("cluster", "remove", "--endpoint", cluster.urls[leader], "--raft", raft,
+                      "--token-file", str(wrong))  # the file wins over the environment
+        assert refused.returncode == 1 and len(status(cluster.urls[leader])["members"]) == 4
+        removed = cli("cluster", "remove", "--endpoint", cluster.urls[leader], "--raft", raft,
+                      "--token-file", str(cluster.token_file))
         assert removed.returncode == 0, removed.stderr
         assert len(status(cluster.urls[leader])["members"]) == 3
         leader_raft = cluster.nodes[leader].raft

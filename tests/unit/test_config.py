@@ -69,3 +69,20 @@ def test_bad_toml_is_a_config_error(tmp_path):
     """An unparsable file is reported as such."""
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_settings(write(tmp_path, "raft_address = "), env={})
+
+
+def test_unknown_keys_and_sections_are_errors_even_when_the_rest_is_valid(tmp_path):
+    """A typo in the file is reported, not ignored; so is a value that does not parse."""
+    path = write(tmp_path, 'raft_address = "127.0.0.1:7000"\nhttp_address = "127.0.0.1:8000"\n'
+                           'data_dir = "/tmp/x"\nheartbeat_ms = 50\n[cache_plane]\nx = 1\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, env={"VERISTORE_ELECTION_MIN_S": "soon"})
+    text = " | ".join(err.value.problems)
+    assert "unknown setting 'heartbeat_ms'" in text and "unknown section [cache_plane]" in text
+    assert "election_min_s (from env VERISTORE_ELECTION_MIN_S)" in text
+    # an application names the tables it reads itself; they are handed over untouched
+    path = write(tmp_path, 'raft_address = "127.0.0.1:7000"\nhttp_address = "127.0.0.1:8000"\n'
+                           'data_dir = "/tmp/x"\n[cache_plane]\nx = 1\n')
+    s = load_settings(path, env={"VERISTORE_NOT_A_SETTING": "1"},
+                      sections=frozenset({"cache_plane"}))
+    assert s.extra == {"cache_plane": {"x": 1}}

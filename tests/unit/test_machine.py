@@ -89,6 +89,32 @@ def test_a_session_start_is_balanced_tighter_than_a_single_request():
     assert one.node_id == "a" and start.node_id != "a"
 
 
+def test_a_replan_uses_the_policy_the_leader_stamped_not_the_replicas_own():
+    """Members may be configured differently; re-deciding a route must not diverge."""
+    from cache_plane.policy import PolicyConfig
+
+    def replica(own: PolicyConfig):
+        h = cluster(nodes=("a", "b"), capacity=100, max_active=10)
+        h.m.policy = own
+        h(op="cp.kv_events", node="a", seq=1, model="m",
+          events=[{"type": "stored", "block_hashes": [1, 2]}])
+        h(op="cp.heartbeat", node="a", active=5, queue=0, now_ms=0, lease_ms=LEASE)
+        return h
+
+    owns = (PolicyConfig(load_weight=0.0), PolicyConfig(load_weight=50.0))
+    # unstamped, each replica's own weight decides: the weight matters here ...
+    plain = [replica(own).route([1, 2, 3], "r")["node_id"] for own in owns]
+    assert plain[0] != plain[1]
+    # ... and with the leader's weight in the command, every replica decides alike
+    stamped = [replica(own)(op="cp.route", model="m", blocks=[1, 2, 3], request_id="r",
+                            now_ms=0, load_weight=0.5, session_max_load=1.0)["node_id"]
+               for own in owns]
+    assert stamped[0] == stamped[1]
+    bad = cluster()(op="cp.route", model="m", blocks=[1], request_id="x", now_ms=0,
+                    load_weight="heavy")
+    assert bad["error"] == "invalid_command" and "load_weight" in bad["detail"]
+
+
 def test_rejections_name_the_reason():
     """No node for the model, all busy, prompt too large: each has its own reason."""
     h = cluster(nodes=("a",), capacity=5, max_active=1)
