@@ -36,6 +36,7 @@ Store keys (all under ``cp/``)::
 
 from __future__ import annotations
 
+import functools
 import struct
 from array import array
 from collections import Counter, deque
@@ -48,7 +49,7 @@ from veristore_py.codec import pack, unpack
 from veristore_py.state import ApplyContext, KVMachine, Mutation, Outcome, Reader, Result, error
 
 from .index import GPU, PENDING, TIER_CODES, TIER_NAMES, PrefixIndex, block_keys, split_key
-from .model import ModelSpec, Node, RouteDecision
+from .model import Candidate, ModelSpec, Node, RouteDecision
 from .policy import DEFAULT_POLICY, PolicyConfig, decide, route_type
 
 PREFIX = b"cp/"
@@ -171,16 +172,25 @@ def _policy(cmd: Mapping[str, Any], default: PolicyConfig) -> PolicyConfig:
     route must use the leader's values, not its own, or replicas with different settings
     would diverge.
     """
-    changes = {}
+    weights = []
     for name, positive in (("load_weight", False), ("session_max_load", True)):
         value = cmd.get(name)
-        if value is None:
-            continue
-        if (isinstance(value, bool) or not isinstance(value, int | float)
-                or not 0 <= value <= 1e6 or (positive and value == 0)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                  or not 0 <= value <= 1e6 or (positive and value == 0)):
             raise _Invalid(f"field '{name}' must be a number in {'(' if positive else '['}0, 1e6]")
-        changes[name] = float(value)
-    return replace(default, **changes) if changes else default
+        weights.append(value)
+    if weights == [None, None]:
+        return default
+    return _with_weights(default, *weights)
+
+
+@functools.lru_cache(maxsize=64)
+def _with_weights(default: PolicyConfig, load_weight: float | None,
+                  session_max_load: float | None) -> PolicyConfig:
+    return replace(default, load_weight=default.load_weight if load_weight is None
+                   else float(load_weight),
+                   session_max_load=default.session_max_load if session_max_load is None
+                   else float(session_max_load))
 
 
 def _pairs(cmd: Mapping[str, Any], name: str) -> list[tuple[int, int]]:
@@ -941,7 +951,7 @@ def decision_result(decision: RouteDecision, model: ModelSpec, request_id: str,
         "matched_tokens": decision.matched_blocks * model.block_size,
         "total_blocks": decision.total_blocks,
         "evicted_blocks": len(decision.evict),
-        "candidates": [c._asdict() for c in decision.candidates],
+        "candidates": [dict(zip(Candidate._fields, c, strict=True)) for c in decision.candidates],
     }
 
 
