@@ -36,6 +36,7 @@ class CacheMachineModel(RuleBasedStateMachine):
         self.ref_requests: dict[str, str] = {}    # request -> node
         self.capacity = {"n1": 6, "n2": 9, "n3": 12}
         self.plans: list[tuple[dict, int]] = []   # leader-decided routes, index when decided
+        self.planned = 0  # plans made (their request ids)
         self.apply({"op": "cp.register_model", "model": "m", "block_size": 16})
 
     def teardown(self):
@@ -101,7 +102,9 @@ class CacheMachineModel(RuleBasedStateMachine):
     @rule(blocks=PROMPTS, session=st.sampled_from([None, "s1", "s2"]))
     def plan(self, blocks, session):
         """The leader decides now; the decision is applied later (maybe stale by then)."""
-        cmd = {"op": "cp.route", "model": "m", "blocks": blocks, "request_id": f"p{self.index}",
+        # (a unique id: a repeated one is a retry, answered with the first decision)
+        self.planned += 1
+        cmd = {"op": "cp.route", "model": "m", "blocks": blocks, "request_id": f"p{self.planned}",
                "now_ms": self.now, "request_ttl_ms": 5 * LEASE}
         if session:
             cmd["session_id"] = session
