@@ -1,4 +1,5 @@
-"""`python -m chaos run --cycles N --seed S [--out FILE]`: attack a cluster, judge the history."""
+"""`python -m chaos run --cycles N --seed S [--faults K,K] [--out FILE]`: attack a cluster,
+judge the history."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import asyncio
 import sys
 
+from .nemesis import FAULTS
 from .runner import run, summary, to_json
 
 
@@ -19,9 +21,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--routers", type=int, default=2, help="route/complete clients")
     p.add_argument("--out", help="write the JSON report here")
     p.add_argument("--log-level", default="warning", help="members' log level")
+    p.add_argument("--faults", default=",".join(FAULTS),
+                   help="comma-separated fault kinds to cycle through (default: all: "
+                        f"{','.join(FAULTS)})")
     args = parser.parse_args(argv)
+    faults = tuple(f.strip() for f in args.faults.split(",") if f.strip())
+    unknown = sorted(set(faults) - set(FAULTS))
+    if unknown or not faults:
+        parser.error(f"--faults: unknown kinds {unknown}; known: {', '.join(FAULTS)}")
     report = asyncio.run(run(args.cycles, args.seed, args.clients, args.routers,
-                             log_level=args.log_level))
+                             log_level=args.log_level, faults=faults))
     print(summary(report))
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:

@@ -24,6 +24,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -224,9 +225,14 @@ async def _converge(cluster: LocalCluster, timeout: float = 5.0) -> tuple[bool, 
 
 
 async def run(cycles: int, seed: int, clients: int = 4, routers: int = 2,
-              base_dir: str | None = None, log_level: str = "warning") -> Report:
+              base_dir: str | None = None, log_level: str = "warning",
+              faults: Sequence[str] = FAULTS) -> Report:
+    """Run `cycles` faults, each kind of `faults` in turn, in an order shuffled by `seed`."""
+    unknown = sorted(set(faults) - set(FAULTS))
+    if unknown or not faults:
+        raise ValueError(f"unknown fault kinds {unknown}; known: {', '.join(FAULTS)}")
     rng = random.Random(seed)
-    schedule = [FAULTS[i % len(FAULTS)] for i in range(cycles)]
+    schedule = [faults[i % len(faults)] for i in range(cycles)]
     rng.shuffle(schedule)
     report = Report(seed, cycles)
     cluster = LocalCluster(base_dir or tempfile.mkdtemp(prefix="chaos-"), module="cache_plane",
