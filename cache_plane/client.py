@@ -38,10 +38,12 @@ class CachePlaneClient(VeristoreClient):
         return await self.request("POST", "/v1/nodes", json=body)
 
     async def heartbeat(self, node_id: str, active_requests: int = 0,
-                        queue_depth: int = 0) -> dict[str, Any]:
+                        queue_depth: int = 0, used_blocks: int | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"active_requests": active_requests, "queue_depth": queue_depth}
+        if used_blocks is not None:
+            body["used_blocks"] = used_blocks
         return await self.request("POST", f"/v1/nodes/{quote(node_id, safe='')}/heartbeat",
-                                  json={"active_requests": active_requests,
-                                        "queue_depth": queue_depth})
+                                  json=body)
 
     async def route(self, model: str, *, token_ids: list[int] | None = None,
                     block_hashes: list[int] | None = None, prompt: str | None = None,

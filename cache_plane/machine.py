@@ -85,13 +85,14 @@ class _Rejected(Exception):
 def _node_wire(node: Node) -> list[Any]:
     return [node.slot, node.address, list(node.models), node.capacity_blocks, node.max_active,
             [list(p) for p in node.labels], node.state, node.active, node.queue,
-            node.lease_until_ms, node.last_event_seq, node.prefill_until_ms, node.instance]
+            node.lease_until_ms, node.last_event_seq, node.prefill_until_ms, node.instance,
+            node.reported_used]
 
 
 def _node_from_wire(node_id: str, w: list[Any]) -> Node:
     return Node(node_id, w[0], w[1], tuple(w[2]), w[3], w[4], tuple(tuple(p) for p in w[5]),
                 w[6], w[7], w[8], w[9], w[10], w[11] if len(w) > 11 else 0,
-                w[12] if len(w) > 12 else "")
+                w[12] if len(w) > 12 else "", w[13] if len(w) > 13 else -1)
 
 
 @dataclass(slots=True)
@@ -655,8 +656,11 @@ class CachePlaneMachine:
         queue = _int(cmd, "queue", 0, 1 << 30)
         now = _int(cmd, "now_ms", 0, 1 << 62)
         lease = _int(cmd, "lease_ms", 1, 1 << 40)
+        used = _int(cmd, "used", 0, 1 << 31) if cmd.get("used") is not None else None
         rec = self._known_node(cmd)
         rec.active, rec.queue, rec.lease_until_ms = active, queue, now + lease
+        if used is not None:
+            rec.reported_used = used
         if rec.state == "down":
             rec.state = "up"
         self._save_node(m, rec)

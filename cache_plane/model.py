@@ -35,6 +35,7 @@ class Node:
     last_event_seq: int = -1
     prefill_until_ms: int = 0  # when the prefill work routed here should be done (estimate)
     instance: str = ""         # the engine process's id as it registered (restart detection)
+    reported_used: int = -1    # KV blocks in use by the engine's own count (-1: never reported)
 
     @property
     def load(self) -> float:

@@ -112,10 +112,13 @@ class CachePlaneService:
         })
 
     async def heartbeat(self, node_id: str, body: dict[str, Any]) -> dict[str, Any]:
-        return await self.submit({
+        command = {
             "op": "cp.heartbeat", "node": node_id, "active": body.get("active_requests", 0),
             "queue": body.get("queue_depth", 0), "lease_ms": self.settings.node_lease_ms,
-        })
+        }
+        if body.get("used_blocks") is not None:  # the engine's own count, shown beside ours
+            command["used"] = body["used_blocks"]
+        return await self.submit(command)
 
     async def drain(self, node_id: str) -> dict[str, Any]:
         return await self.submit({"op": "cp.drain", "node": node_id})
@@ -152,7 +155,8 @@ class CachePlaneService:
                 "used_blocks": used, "free_blocks": max(rec.capacity_blocks - used, 0),
                 "max_active": rec.max_active, "active_requests": rec.active,
                 "queue_depth": rec.queue, "labels": dict(rec.labels),
-                "lease_until_ms": rec.lease_until_ms, "instance_id": rec.instance}
+                "lease_until_ms": rec.lease_until_ms, "instance_id": rec.instance,
+                "reported_used_blocks": rec.reported_used if rec.reported_used >= 0 else None}
 
     def models(self) -> list[dict[str, Any]]:
         with self.node.store.lock:

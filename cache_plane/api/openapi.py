@@ -28,7 +28,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "Heartbeat": _obj(
         [], active_requests={"type": "integer", "minimum": 0, "maximum": 2**30},
         queue_depth={"type": "integer", "minimum": 0, "maximum": 2**30},
-        used_blocks={"type": "integer", "minimum": 0, "maximum": 2**31, "description": "accepted (vLLM/llm-d compatibility), not used yet"},
+        used_blocks={"type": "integer", "minimum": 0, "maximum": 2**31,
+                     "description": "the engine's own count of KV blocks in use; GET /v1/nodes "
+                                    "shows it as reported_used_blocks beside the index's "
+                                    "used_blocks (a growing gap means lost KV events)"},
     ),
     "AddMember": _obj(
         ["raft", "http"], raft={"type": "string", "pattern": "^.+:[0-9]{1,5}$", "maxLength": 256},

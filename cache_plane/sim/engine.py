@@ -131,6 +131,11 @@ class Engine:
         return len(self.pool) + len(self.refs) + self.reserved
 
     @property
+    def held_blocks(self) -> int:
+        """Blocks holding KV (cached or in use), not counting reservations for output."""
+        return len(self.pool) + len(self.refs)
+
+    @property
     def load(self) -> int:
         """Requests on this engine (running + waiting)."""
         return len(self.running) + len(self.waiting)

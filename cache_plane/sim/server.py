@@ -181,7 +181,8 @@ class SimNode:
             if now - beat >= s.lease_ms / 3000:
                 beat = now
                 await self.client.heartbeat(s.node_id, active_requests=len(self.engine.running),
-                                            queue_depth=len(self.engine.waiting))
+                                            queue_depth=len(self.engine.waiting),
+                                            used_blocks=self.engine.held_blocks)
 
 
 SIM_NODE: web.AppKey[SimNode] = web.AppKey("sim_node", SimNode)

@@ -88,6 +88,10 @@ async def test_nodes_models_heartbeat_drain_delete(client):
                                                             "queue_depth": 1}))[0] == 200
     node = await (await client.get("/v1/nodes/gpu1")).json()
     assert node["active_requests"] == 2 and node["queue_depth"] == 1
+    assert node["reported_used_blocks"] is None  # the engine never said
+    assert (await post(client, "/v1/nodes/gpu1/heartbeat", {"used_blocks": 7}))[0] == 200
+    node = await (await client.get("/v1/nodes/gpu1")).json()
+    assert node["reported_used_blocks"] == 7 and node["used_blocks"] >= 0
     assert (await post(client, "/v1/nodes/gpu1/drain", {}))[1]["state"] == "draining"
     r = await client.delete("/v1/nodes/gpu1", headers=AUTH)
     assert r.status == 200
