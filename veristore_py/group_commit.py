@@ -59,7 +59,6 @@ BATCH_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 class CommitStats:
     """Counters for metrics and benchmarks."""
 
-    entries: int = 0
     commands: int = 0
     largest_batch: int = 0
     timeouts: int = 0
@@ -67,8 +66,11 @@ class CommitStats:
     # previous bound); the extra last slot counts larger batches
     batch_counts: list[int] = field(default_factory=lambda: [0] * (len(BATCH_BOUNDS) + 1))
 
+    @property
+    def entries(self) -> int:
+        return sum(self.batch_counts)
+
     def count_batch(self, size: int) -> None:
-        self.entries += 1
         self.commands += size
         self.largest_batch = max(self.largest_batch, size)
         self.batch_counts[bisect.bisect_left(BATCH_BOUNDS, size)] += 1

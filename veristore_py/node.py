@@ -206,9 +206,6 @@ class VeristoreNode(SyncObj):
     def apply_entry(self, entry: bytes) -> list[Result] | None:
         """Apply one batch entry (runs on every replica, in log order). Never raises for input."""
         index = self.raftLastApplied + 1  # PySyncObj bumps raftLastApplied after this returns
-        if not self.otherNodes:
-            # Alone, a leader commits without sending anything, so the send hook never syncs.
-            self.sync_journal()
         try:
             batch = decode_batch(entry)
         except InvalidCommandError as exc:
