@@ -7,7 +7,8 @@ the service (512 new 16-token blocks each, completed, so the blocks stay indexed
 - process RSS growth per indexed block (Python's memory copy of the index plus the LMDB pages
   the process has touched; see routing_core.py for the index's Python heap alone);
 - state store (LMDB data file, allocated bytes) per indexed block, with the block log as the
-  routes left it and after the leader's block-log compaction folded it into block records;
+  routes left it and after the leader's block-log compaction replaced it with per-node
+  checkpoints;
 - Raft journal bytes per route, before and after log compaction (a snapshot);
 - snapshot.bin bytes per indexed block: also the size of a backup (`cache-plane backup`).
 
@@ -72,8 +73,8 @@ async def fill(service: CachePlaneService, routes: int) -> None:
 
 
 async def compact_block_log(service: CachePlaneService) -> None:
-    while service.machine.log_records > 0:
-        await service.submit({"op": "cp.compact_log", "limit": 200})
+    while service.machine.log.record_count > 0:  # each command checkpoints the largest log
+        await service.submit({"op": "cp.compact_log"})
 
 
 def wait_for_snapshot(node: VeristoreNode, built: int, timeout: float = 120.0) -> None:

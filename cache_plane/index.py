@@ -176,6 +176,33 @@ class PrefixIndex:
         """Total (node, block) entries."""
         return sum(len(lru) for lru in self._lru.values())
 
+    def export(self, slot: int) -> tuple[list[int], list[int], bytes]:
+        """Node `slot`'s (keys, touch times, tiers), least recently used first (C-level)."""
+        lru = self._lru.get(slot)
+        if not lru:
+            return [], [], b""
+        keys, times = list(lru), list(lru.values())
+        tiers, pending = self._tiers.get(slot), self._pending.get(slot)
+        if not tiers and not pending:
+            return keys, times, bytes(len(keys))
+        merged = dict(tiers or {})
+        merged.update(dict.fromkeys(pending or (), PENDING))
+        return keys, times, bytes(map(merged.get, keys, repeat(GPU)))
+
+    def restore(self, slot: int, keys: Sequence[int], times: Sequence[int],
+                tiers: bytes) -> None:
+        """Replace node `slot`'s state with an `export` of it."""
+        self.drop_node(slot)
+        if not keys:
+            return
+        self._lru[slot] = dict(zip(keys, times, strict=True))
+        if not any(tiers):  # all GPU: the usual case
+            self._tiers[slot], self._pending[slot] = {}, {}
+            return
+        self._tiers[slot] = {key: tier for key, tier in zip(keys, tiers, strict=True)
+                             if tier in (CPU, DISK)}
+        self._pending[slot] = dict.fromkeys(compress(keys, map(PENDING.__eq__, tiers)))
+
     # -- updates ---------------------------------------------------------------------------
 
     def add(self, slot: int, keys: Sequence[int], tier: int, at_ms: int = 0) -> None:

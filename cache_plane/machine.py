@@ -12,23 +12,17 @@ stamps ``now_ms``, ids and TTLs into each command and nothing here reads a clock
 iterates several nodes does it in node-id order. A handler validates everything before it
 changes anything, so an invalid command leaves no trace; no handler raises.
 
-Touch log: a route touches (LRU) every block it reuses. Instead of rewriting one record per
-block, it appends one ``cp/tl/`` record listing them. `rebuild` replays block records and touch
-records merged by their sequence numbers, which reproduces the live LRU order exactly: a
-touch of a block that was (re)written later is replayed before that block exists and is
-skipped, as it should be. `cp.compact_touches`, proposed by the leader when the log grows,
-folds the oldest touch records back into block records (deduplicated) and deletes them.
+The prefix index is stored as a block log plus per-node checkpoints (`blocklog`): a command
+writes one record per block operation, not one per block, and `cp.compact_log`, proposed by
+the leader, replaces one node's log with a checkpoint of its index.
 
 Store keys (all under ``cp/``)::
 
-    cp/meta                               counters, next slot / model code, LRU sequence,
-                                          last leader time seen
+    cp/meta                               counters, next slot / model code, block-log
+                                          sequence, last leader time seen
     cp/model/<id>                         [code, block_size, hash_seed, epoch]
     cp/node/<id>                          Node fields
-    cp/blk/<slot:u16><model:u16><hash:u64> <tier:u8><lru_seq:u64><touched_ms:u64>
-    cp/tl/<first_seq:u64>                 <slot:u16><model:u16><touched_ms:u64><block:u64>...
-                                          (reserves sequence numbers first .. first + n - 1)
-                                          one route's LRU touches (see "touch log" below)
+    cp/log/..., cp/ck/..., cp/blk/...     the prefix index (see `blocklog`)
     cp/sess/<id>                          [node_id, expires_ms]
     cp/req/<id>                           [node_id, model_code, blocks, pending, expires_ms,
                                            route_type, matched_blocks]
@@ -37,30 +31,22 @@ Store keys (all under ``cp/``)::
 from __future__ import annotations
 
 import functools
-import struct
 from array import array
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from itertools import repeat
 from typing import Any
 
 from veristore_py.codec import pack, unpack
 from veristore_py.state import ApplyContext, KVMachine, Mutation, Outcome, Reader, Result, error
 
+from .blocklog import ADD, REMOVE, TOUCH, BlockLog, Replay
 from .index import GPU, PENDING, TIER_CODES, TIER_NAMES, PrefixIndex, block_keys, split_key
 from .model import Candidate, ModelSpec, Node, RouteDecision
 from .policy import DEFAULT_POLICY, PolicyConfig, decide, route_type
 
 PREFIX = b"cp/"
 META_KEY = b"cp/meta"
-_BLK = b"cp/blk/"
-_BLK_KEY = struct.Struct(">HHQ")
-_BLK_VALUE = struct.Struct(">BQQ")  # tier, lru_seq, touched_ms (fixed layout: hot path)
-_LOG = b"cp/log/"
-_LOG_KEY = struct.Struct(">Q")
-_LOG_HEAD = struct.Struct(">BBHHQ")  # op, tier, slot, model, at_ms; then blocks (u64 each)
-TOUCH, ADD, REMOVE = 0, 1, 2  # block-log operations
 MASK64 = (1 << 64) - 1
 MAX_PROMPT_BLOCKS = 1 << 17
 MAX_SLOTS = 1 << 16
@@ -119,25 +105,6 @@ class Stats:
     def wire(self) -> list[Any]:
         return [self.routes, self.rejections, self.blocks_requested, self.blocks_reused,
                 self.tokens_reused, self.evictions, self.replanned]
-
-
-def block_key(slot: int, model: int, block: int) -> bytes:
-    return _BLK + _BLK_KEY.pack(slot, model, block)
-
-
-def _store_key(slot: int, key: int) -> bytes:
-    """The store key of index key `key` (model << 64 | block) on node `slot`."""
-    return _BLK + _BLK_KEY.pack(slot, key >> 64, key & MASK64)
-
-
-def _log_blocks(raw: bytes) -> tuple[int, ...]:
-    """The block hashes of a block-log record."""
-    count = (len(raw) - _LOG_HEAD.size) // 8
-    return struct.unpack_from(f">{count}Q", raw, _LOG_HEAD.size)
-
-
-def _consume(iterator: Iterable[object]) -> None:
-    deque(iterator, maxlen=0)
 
 
 def _by_model(keys: Iterable[int]) -> dict[int, list[int]]:
@@ -253,9 +220,7 @@ class CachePlaneMachine:
         self.requests: dict[str, RequestRecord] = {}
         self.pins: dict[int, Counter[int]] = {}  # slot -> index key -> active requests
         self.stats = Stats()
-        self.seq = 0
-        self.log_records = 0  # block-log records not yet compacted
-        self._op_buffer: list[Any] | None = None  # the block-log op being coalesced
+        self.log = BlockLog()
         self._reader: Reader | None = None
         self.now = 0
         self.next_slot = 0
@@ -273,7 +238,7 @@ class CachePlaneMachine:
             return self.kv.apply(command, reader, ctx)
         mutations: list[Mutation] = []
         self._reader = reader
-        self._op_buffer = None
+        self.log.discard()  # an operation a refused command left buffered
         now = command.get("now_ms", self.now)
         if isinstance(now, int) and not isinstance(now, bool) and now >= 0:
             self.now = now  # the leader's clock, stamped into the command
@@ -285,35 +250,24 @@ class CachePlaneMachine:
             return error(exc.code, str(exc))
         finally:
             self._reader = None  # only valid inside this apply
-        self._flush_ops(mutations)
+        self.log.flush(mutations)
         mutations.append((META_KEY, self._meta_wire()))
         return Outcome(tuple(mutations), result)
 
     def rebuild(self, items: Iterable[tuple[bytes, bytes]]) -> None:
         """Reconstruct the memory state from every stored (key, value) pair.
 
-        Block records and block-log records are replayed merged by sequence number, which
-        reproduces the live index and LRU order exactly (see the module docstring).
+        The index is replayed from its block log and checkpoints (see `blocklog`), which
+        reproduces the live index and LRU order exactly.
         """
         self.reset()
-        events: list[tuple[int, int, int, int, int, int, Any]] = []
+        replay = Replay(self.log)
         for key, raw in items:
-            if not key.startswith(PREFIX):
-                continue
-            if key.startswith(_BLK):
-                slot, model, block = _BLK_KEY.unpack(key[len(_BLK):])
-                tier, seq, touched = _BLK_VALUE.unpack(raw)
-                events.append((seq, ADD, tier, slot, model, touched, (block,)))
-                continue
-            if key.startswith(_LOG):
-                (seq,) = _LOG_KEY.unpack(key[len(_LOG):])
-                op, tier, slot, model, at = _LOG_HEAD.unpack_from(raw)
-                events.append((seq, op, tier, slot, model, at, _log_blocks(raw)))
-                self.log_records += 1
+            if not key.startswith(PREFIX) or replay.add(key, raw):
                 continue
             value = unpack(raw)
             if key == META_KEY:
-                self.next_slot, self.next_model, self.seq, stats, self.now = value
+                self.next_slot, self.next_model, self.log.seq, stats, self.now = value
                 self.stats = Stats(*stats)
             elif key.startswith(b"cp/model/"):
                 model_id = key[9:].decode()
@@ -327,16 +281,7 @@ class CachePlaneMachine:
                 node, model, req_blocks, pending, expires, kind, matched = value
                 self.requests[key[7:].decode()] = RequestRecord(
                     node, model, tuple(req_blocks), tuple(pending), expires, kind, matched)
-        events.sort(key=lambda e: e[0])
-        for _seq, op, tier, slot, model, at, blocks in events:
-            keys = block_keys(model, blocks)
-            if op == ADD:
-                self.index.add(slot, keys, tier, at)
-            elif op == TOUCH:
-                self.index.touch_held(slot, keys, at)
-            else:
-                for removed in keys:
-                    self.index.remove(slot, removed)
+        replay.into(self.index)
         for request in self.requests.values():
             self._pin(self.nodes[request.node].slot, block_keys(request.model, request.blocks))
 
@@ -403,7 +348,8 @@ class CachePlaneMachine:
     # -- internals: meta, blocks, pins -----------------------------------------------------
 
     def _meta_wire(self) -> bytes:
-        return pack([self.next_slot, self.next_model, self.seq, self.stats.wire(), self.now])
+        return pack([self.next_slot, self.next_model, self.log.seq, self.stats.wire(),
+                     self.now])
 
     def _is_pinned(self, slot: int, key: int) -> bool:
         return key in self.pins.get(slot, ())
@@ -427,30 +373,7 @@ class CachePlaneMachine:
 
     def _log_op(self, m: list[Mutation], op: int, slot: int, model: int,
                 keys: Iterable[int], tier: int = 0) -> None:
-        """Log a block operation; consecutive operations of the same shape share one record.
-
-        Records are written in program order and each reserves one sequence number per block
-        (first .. first + n - 1), so replaying them merged with block records by sequence
-        number repeats every operation in the order it happened.
-        """
-        buffered = self._op_buffer
-        if buffered is not None and buffered[:4] == [op, tier, slot, model]:
-            buffered[4].extend(keys)
-            return
-        self._flush_ops(m)
-        self._op_buffer = [op, tier, slot, model, list(keys)]
-
-    def _flush_ops(self, m: list[Mutation]) -> None:
-        buffered, self._op_buffer = self._op_buffer, None
-        if buffered is None or not buffered[4]:
-            return
-        op, tier, slot, model, keys = buffered
-        first = self.seq + 1
-        self.seq += len(keys)
-        self.log_records += 1
-        blocks = keys if model == 0 else list(map(MASK64.__and__, keys))
-        m.append((_LOG + _LOG_KEY.pack(first), _LOG_HEAD.pack(op, tier, slot, model, self.now)
-                  + struct.pack(f">{len(blocks)}Q", *blocks)))
+        self.log.log(m, op, slot, model, keys, tier, self.now)
 
     def _put_blocks(self, m: list[Mutation], slot: int, model: int, keys: Sequence[int],
                     tier: int) -> None:
@@ -818,49 +741,30 @@ class CachePlaneMachine:
 
     def _compact_log(self, cmd: Mapping[str, Any], ctx: ApplyContext,
                      m: list[Mutation]) -> Result:
-        """Fold the oldest `limit` block-log records into block records, then delete them.
+        """Checkpoint one node's index and delete its block log (see `blocklog`).
 
-        A pure function of the stored records (the memory state is unchanged): for each block
-        the records mention, its last operation among them decides. A removal deletes its
-        block record; an add or touch (re)writes it with that operation's sequence number and
-        time, and the tier of the last add (else the tier the block record already had). The
-        folded records are the oldest, so the merged replay in `rebuild` is unchanged.
+        `slot` names the node (by slot: a removed node's log is compacted too); without it,
+        the slot with the largest log. The memory state is unchanged.
         """
-        limit = _int(cmd, "limit", 1, 1 << 20, 1000)
-        if self._reader is None:
-            return {"ok": True, "records": 0, "blocks_rewritten": 0, "remaining": self.log_records}
-        last: dict[tuple[int, int], tuple[int, int, int]] = {}  # (slot, key) -> seq, at, op
-        tiers: dict[tuple[int, int], int] = {}
-        records = self._reader.scan(_LOG, _LOG, limit)
-        for record_key, raw in records:
-            (first,) = _LOG_KEY.unpack(record_key[len(_LOG):])
-            op, tier, slot, model, at = _LOG_HEAD.unpack_from(raw)
-            blocks = _log_blocks(raw)
-            ids = [(slot, model << 64 | b) for b in blocks]
-            # A block listed twice in one record took the position of its first listing.
-            positions = dict(zip(reversed(ids), reversed(range(first, first + len(ids))),
-                                 strict=True))
-            last.update(zip(positions, zip(positions.values(), repeat(at), repeat(op))))  # noqa: B905
-            if op == ADD:
-                tiers.update(zip(ids, repeat(tier)))
-            elif op == REMOVE:
-                _consume(map(tiers.pop, ids, repeat(None)))
-            m.append((record_key, None))
-        rewritten = 0
-        for (slot, key), (seq, at, op) in last.items():
-            store_key = _store_key(slot, key)
-            if op == REMOVE:
-                m.append((store_key, None))
-                continue
-            tier = tiers.get((slot, key))
-            if tier is None:
-                stored = self._reader.get(store_key)
-                tier = _BLK_VALUE.unpack(stored)[0] if stored is not None else GPU
-            m.append((store_key, _BLK_VALUE.pack(tier, seq, at)))
-            rewritten += 1
-        self.log_records = max(self.log_records - len(records), 0)
-        return {"ok": True, "records": len(records), "blocks_rewritten": rewritten,
-                "remaining": self.log_records}
+        slot = cmd.get("slot")
+        if slot is None:
+            slot = self.log.largest()
+        elif isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < MAX_SLOTS:
+            raise _Invalid(f"field 'slot' must be an integer in [0, {MAX_SLOTS - 1}]")
+        if slot is None:
+            return {"ok": True, "slot": None, "records": 0, "blocks": 0, "remaining": 0}
+        legacy: list[bytes] = []
+        if slot in self.log.legacy and self._reader is not None:
+            prefix = BlockLog.legacy_prefix(slot)
+            legacy = [key for key, _ in self._reader.scan(prefix, prefix, 1 << 62)]
+        records, blocks = self.log.checkpoint(m, slot, self.index, legacy)
+        return {"ok": True, "slot": slot, "records": records, "blocks": blocks,
+                "remaining": self.log.record_count}
+
+    def compaction_due(self) -> list[int]:
+        """Slots whose block log the leader should compact now, largest log first."""
+        live = {rec.slot for rec in self.nodes.values()}
+        return self.log.due(((slot, self.index.used(slot)) for slot in self.log.records), live)
 
     def _replay_route(self, request_id: str, model: ModelSpec, total: int,
                       ctx: ApplyContext) -> Result:

@@ -5,7 +5,7 @@ The service stamps what the pure machine must not compute itself: the leader's c
 model's block size and seed, proposes commands through the node's group committer, and maps
 machine results to errors. It also runs the leader's housekeeping: `cp.expire` every
 `expire_interval_s`, carrying the leader's clock (Patroni's `_expire` pattern), and
-`cp.compact_log` when the block log has grown.
+`cp.compact_log` for each node whose block log has outgrown its index.
 
 Reads of the machine's memory state (node tables, dry-run decisions) happen under the store's
 lock, on the leader after its quorum check.
@@ -40,10 +40,6 @@ ERROR_STATUS = {
     "node_down": 409,
     "invalid_command": 400,
 }
-# Fold block-log records into block records once this many accumulate, this many at a time
-# (a record is one operation of one command: a route writes two or three).
-LOG_COMPACT_AT = 2_000
-LOG_COMPACT_BATCH = 200
 # Admission rejections -> HTTP status.
 REJECTION_STATUS = {
     "prompt_too_large": 413,
@@ -308,7 +304,9 @@ class CachePlaneService:
                                          "block_ttl_ms": self.settings.block_ttl_ms})
                 if out.get("nodes_down"):
                     log.warning("nodes_declared_down", nodes=out["nodes_down"])
-                while self.machine.log_records >= LOG_COMPACT_AT:
-                    await self.submit({"op": "cp.compact_log", "limit": LOG_COMPACT_BATCH})
+                with self.node.store.lock:
+                    due = self.machine.compaction_due()
+                for slot in due:  # one node per command: apply stalls for one node at most
+                    await self.submit({"op": "cp.compact_log", "slot": slot})
             except VeristoreError as exc:
                 log.info("housekeeping_not_committed", error=exc.detail)

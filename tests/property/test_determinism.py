@@ -27,7 +27,8 @@ COMMAND = st.one_of(
               NODE, BLOCKS, st.integers(0, 50)),
     st.builds(lambda n: {"op": "cp.remove_node", "node": n}, NODE),
     st.builds(lambda t: {"op": "cp.expire", "now_ms": t}, st.integers(0, 20_000)),
-    st.builds(lambda n: {"op": "cp.compact_log", "limit": n}, st.integers(1, 4)),
+    st.builds(lambda n: {"op": "cp.compact_log"} if n < 0 else {"op": "cp.compact_log", "slot": n},
+              st.integers(-1, 3)),
 )
 
 

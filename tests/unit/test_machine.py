@@ -244,14 +244,53 @@ def test_block_ttl_expires_idle_unpinned_blocks_only():
 
 def test_compacting_touches_keeps_lru_order_across_rebuild():
     """Regression (found by hypothesis): blocks touched in one record keep their order after
-    the record is folded into block records and the machine is rebuilt from the store."""
+    the node's log is replaced by a checkpoint and the machine is rebuilt from the store."""
     h = cluster(nodes=("a",))
     h.route([56664, 33604], "r1")
     h.route([56664, 33604], "r2")
-    assert h(op="cp.compact_log", limit=1)["records"] == 1
+    out = h(op="cp.compact_log", slot=0)
+    assert (out["records"], out["blocks"], out["remaining"]) == (2, 2, 0)
+    assert not [k for k in h.store.data if k.startswith(b"cp/log/")]
     twin = CachePlaneMachine()
     twin.rebuild(sorted(h.store.data.items()))
     assert list(twin.index.lru_order(0)) == list(h.m.index.lru_order(0))
+
+
+def test_checkpoint_then_log_rebuilds_tiers_times_and_order():
+    """A checkpoint plus later log records rebuild the same index (tiers, pending, times);
+    a second checkpoint deletes the parts the first wrote beyond its own."""
+    h = cluster(nodes=("a", "b"), capacity=1000)
+    h(op="cp.kv_events", node="a", seq=1, events=[
+        {"type": "stored", "block_hashes": [1, 2, 3]},
+        {"type": "stored", "block_hashes": [4, 5], "tier": "cpu"},
+        {"type": "stored", "block_hashes": [6], "tier": "disk"}])
+    h.route([1, 2, 3, 7, 8], "r1", now=50)  # 7, 8 pending on a
+    assert h(op="cp.compact_log")["slot"] == 0  # the largest log
+    h.route([4, 5, 9], "r2", now=60)
+    h(op="cp.kv_events", node="a", seq=2, events=[{"type": "removed", "block_hashes": [2]}])
+
+    def view(m):
+        return [(list(m.index.export(s)[0]), list(m.index.export(s)[1]), m.index.export(s)[2])
+                for s in (0, 1)]
+
+    twin = CachePlaneMachine()
+    twin.rebuild(sorted(h.store.data.items()))
+    assert view(twin) == view(h.m)
+    assert twin.log.records == h.m.log.records and twin.log.blocks == h.m.log.blocks
+    h(op="cp.compact_log", slot=0)
+    h(op="cp.compact_log", slot=1)
+    assert h.m.compaction_due() == [] and h.m.log.record_count == 0
+    twin = CachePlaneMachine()
+    twin.rebuild(sorted(h.store.data.items()))
+    assert view(twin) == view(h.m)
+
+
+def test_compact_log_refuses_a_bad_slot_and_is_a_no_op_without_a_log():
+    """A malformed slot is an invalid command; nothing logged means nothing to do."""
+    h = cluster(nodes=())
+    assert h(op="cp.compact_log", slot=-1)["error"] == "invalid_command"
+    assert h(op="cp.compact_log")["records"] == 0
+    assert h(op="cp.compact_log", slot=7)["records"] == 0
 
 
 def test_a_restarted_engine_instance_loses_its_blocks_and_restarts_its_event_seqs():
@@ -275,3 +314,25 @@ def test_a_restarted_engine_instance_loses_its_blocks_and_restarts_its_event_seq
     bad = h(op="cp.register_node", node="a", address="a:8000", models=["m"], capacity_blocks=100,
             now_ms=0, lease_ms=LEASE, instance_id=5)
     assert bad["error"] == "invalid_command" and h.m.nodes["a"].instance == "two"
+
+
+def test_legacy_block_records_are_read_and_deleted_by_the_nodes_checkpoint():
+    """Stores from before checkpoints hold one cp/blk/ record per block: still rebuilt, merged
+    with later log records by sequence number, and dropped by that node's first checkpoint."""
+    import struct
+
+    h = cluster(nodes=("a",))
+    for seq, block in ((1, 10), (2, 11)):
+        h.store.data[b"cp/blk/" + struct.pack(">HHQ", 0, 0, block)] = struct.pack(">BQQ", 0, seq, 5)
+    h.m.rebuild(sorted(h.store.data.items()))
+    h.m.log.seq = 2  # as the meta record of such a store would say
+    assert list(h.m.index.lru_keys(0)) == [10, 11] and h.m.log.legacy == {0}
+    h.route([10, 12], "r", now=9)
+    assert list(h.m.index.lru_keys(0)) == [11, 12, 10]
+    h.m.rebuild(sorted(h.store.data.items()))
+    assert list(h.m.index.lru_keys(0)) == [11, 12, 10]
+    h(op="cp.compact_log", slot=0)
+    assert not [k for k in h.store.data if k.startswith(b"cp/blk/")]
+    twin = CachePlaneMachine()
+    twin.rebuild(sorted(h.store.data.items()))
+    assert list(twin.index.lru_keys(0)) == [11, 12, 10]
