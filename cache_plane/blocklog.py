@@ -102,13 +102,19 @@ class BlockLog:
 
     def log(self, m: list[Mutation], op: int, slot: int, model: int, keys: Iterable[int],
             tier: int, at_ms: int) -> None:
-        """Log a block operation; consecutive operations of the same shape share one record."""
+        """Log a block operation; consecutive operations of the same shape share one record.
+
+        Operations that share a block do not: replaying one record keeps a block listed
+        twice at its first position, where two operations move it to the second.
+        """
+        listed = dict.fromkeys(keys)  # a block listed twice in one operation: first position
         buffered = self._buffer
-        if buffered is not None and buffered[:5] == [op, tier, slot, model, at_ms]:
-            buffered[5].extend(keys)
+        if (buffered is not None and buffered[:5] == [op, tier, slot, model, at_ms]
+                and not any(map(buffered[5].__contains__, listed))):
+            buffered[5].update(listed)
             return
         self.flush(m)
-        self._buffer = [op, tier, slot, model, at_ms, list(keys)]
+        self._buffer = [op, tier, slot, model, at_ms, listed]
 
     def discard(self) -> None:
         """Forget the buffered operation (its command was refused)."""
@@ -119,7 +125,8 @@ class BlockLog:
         buffered, self._buffer = self._buffer, None
         if buffered is None or not buffered[5]:
             return
-        op, tier, slot, model, at_ms, keys = buffered
+        op, tier, slot, model, at_ms, listed = buffered
+        keys = list(listed)
         first = self.seq + 1
         self.seq += len(keys)
         self.records.setdefault(slot, []).append(first)
@@ -132,13 +139,14 @@ class BlockLog:
         """Slots whose log should be checkpointed, largest log first.
 
         `used` gives (slot, indexed blocks) per slot; a slot no node has any more is due as
-        soon as it has records (its checkpoint deletes them).
+        soon as it has records (its checkpoint deletes them), and so is a slot with legacy
+        block records (its checkpoint replaces them, once).
         """
         used_by_slot = dict(used)
-        due = [slot for slot, records in self.records.items() if records and (
+        due = {slot for slot, records in self.records.items() if records and (
             slot not in live_slots or len(records) >= MAX_LOG_RECORDS
-            or self.blocks.get(slot, 0) >= used_by_slot.get(slot, 0) + LOG_SLACK_BLOCKS)]
-        return sorted(due, key=lambda s: (-self.blocks.get(s, 0), s))
+            or self.blocks.get(slot, 0) >= used_by_slot.get(slot, 0) + LOG_SLACK_BLOCKS)}
+        return sorted(due | self.legacy, key=lambda s: (-self.blocks.get(s, 0), s))
 
     def largest(self) -> int | None:
         """The slot with the most logged blocks (lowest slot on ties), if any has a log."""

@@ -29,7 +29,7 @@ import operator
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import compress, filterfalse, repeat
+from itertools import compress, filterfalse, islice, repeat
 
 GPU, CPU, DISK, PENDING = 0, 1, 2, 3
 TIER_NAMES = ("gpu", "cpu", "disk", "pending")
@@ -94,16 +94,30 @@ class PrefixIndex:
             return PENDING
         return self._tiers.get(slot, {}).get(key, GPU)
 
+    def still_pending(self, slot: int, keys: Iterable[int]) -> list[int]:
+        """Those of `keys` that are pending on node `slot`, in order (C-level)."""
+        pending = self._pending.get(slot)
+        return list(filter(pending.__contains__, keys)) if pending else []
+
     def holders(self, model: int, block: int) -> list[tuple[int, int]]:
         """(slot, tier) pairs holding `block`, by slot (visits every node)."""
         return [(slot, tier) for slot in sorted(self._lru)
                 if (tier := self.tier(model, block, slot)) is not None]
 
-    def prefix(self, slot: int, keys: Sequence[int]) -> int:
-        """How many of `keys`, from the first, node `slot` holds consecutively."""
+    def prefix(self, slot: int, keys: Sequence[int], hint: int | None = None) -> int:
+        """How many of `keys`, from the first, node `slot` holds consecutively.
+
+        `hint`, a guess of the answer (the leader's, carried in a command), only makes the
+        call faster when it is right (one C-level pass, no lists): the answer never depends
+        on it.
+        """
         lru = self._lru.get(slot)
         if not lru or not keys or keys[0] not in lru:
             return 0
+        if (hint is not None and 0 < hint <= len(keys)
+                and (hint == len(keys) or keys[hint] not in lru)
+                and all(map(lru.__contains__, islice(keys, hint)))):
+            return hint
         start, step, total = 0, _FIRST_CHUNK, len(keys)
         while start < total:
             chunk = keys[start:start + step]

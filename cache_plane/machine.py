@@ -31,17 +31,19 @@ Store keys (all under ``cp/``)::
 from __future__ import annotations
 
 import functools
+import operator
 from array import array
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import compress, repeat
 from typing import Any
 
 from veristore_py.codec import pack, unpack
 from veristore_py.state import ApplyContext, KVMachine, Mutation, Outcome, Reader, Result, error
 
 from .blocklog import ADD, REMOVE, TOUCH, BlockLog, Replay
-from .index import GPU, PENDING, TIER_CODES, TIER_NAMES, PrefixIndex, block_keys, split_key
+from .index import GPU, PENDING, TIER_CODES, TIER_NAMES, PrefixIndex, block_keys
 from .model import Candidate, ModelSpec, Node, RouteDecision
 from .policy import DEFAULT_POLICY, PolicyConfig, decide, route_type
 
@@ -49,6 +51,7 @@ PREFIX = b"cp/"
 META_KEY = b"cp/meta"
 MASK64 = (1 << 64) - 1
 MAX_PROMPT_BLOCKS = 1 << 17
+MAX_TIME_MS = 1 << 62  # the largest leader time a command may carry
 MAX_SLOTS = 1 << 16
 MAX_ID_BYTES = 256
 
@@ -105,6 +108,10 @@ class Stats:
     def wire(self) -> list[Any]:
         return [self.routes, self.rejections, self.blocks_requested, self.blocks_reused,
                 self.tokens_reused, self.evictions, self.replanned]
+
+
+def _consume(iterator: Iterable[object]) -> None:
+    deque(iterator, maxlen=0)
 
 
 def _by_model(keys: Iterable[int]) -> dict[int, list[int]]:
@@ -240,7 +247,7 @@ class CachePlaneMachine:
         self._reader = reader
         self.log.discard()  # an operation a refused command left buffered
         now = command.get("now_ms", self.now)
-        if isinstance(now, int) and not isinstance(now, bool) and now >= 0:
+        if isinstance(now, int) and not isinstance(now, bool) and 0 <= now <= MAX_TIME_MS:
             self.now = now  # the leader's clock, stamped into the command
         try:
             result = handler(command, ctx, mutations)
@@ -360,9 +367,14 @@ class CachePlaneMachine:
     def _pin(self, slot: int, keys: Iterable[int]) -> None:
         self.pins.setdefault(slot, Counter()).update(keys)
 
-    def _unpin(self, slot: int, keys: Iterable[int]) -> None:
+    def _unpin(self, slot: int, keys: Sequence[int]) -> None:
         pins = self.pins.get(slot)
         if pins is None:
+            return
+        if len(dict.fromkeys(keys)) == len(keys):  # distinct keys (the usual case): C-level
+            counts = list(map(operator.sub, map(pins.get, keys, repeat(0)), repeat(1)))
+            dict.update(pins, zip(keys, counts, strict=True))
+            _consume(map(pins.pop, compress(keys, map((0).__ge__, counts)), repeat(None)))
             return
         for key in keys:
             count = pins.get(key, 0) - 1
@@ -447,8 +459,7 @@ class CachePlaneMachine:
         if rec is None:
             return
         self._unpin(rec.slot, block_keys(request.model, request.blocks))
-        pending = [key for key in block_keys(request.model, request.pending)
-                   if self.index.tier(*split_key(key), rec.slot) == PENDING]
+        pending = self.index.still_pending(rec.slot, block_keys(request.model, request.pending))
         if confirm:
             # The request is done with its blocks: they become GPU blocks and, like vLLM's
             # free queue, the chain's tail becomes the least recently used part of it.
@@ -527,7 +538,7 @@ class CachePlaneMachine:
         unknown = [x for x in models if x not in self.models]
         capacity = _int(cmd, "capacity_blocks", 1, 1 << 31)
         max_active = _int(cmd, "max_active", 1, 1 << 20)
-        now = _int(cmd, "now_ms", 0, 1 << 62)
+        now = _int(cmd, "now_ms", 0, MAX_TIME_MS)
         lease = _int(cmd, "lease_ms", 1, 1 << 40)
         labels = cmd.get("labels", {})
         if not isinstance(labels, Mapping) or not all(
@@ -577,7 +588,7 @@ class CachePlaneMachine:
     def _heartbeat(self, cmd: Mapping[str, Any], ctx: ApplyContext, m: list[Mutation]) -> Result:
         active = _int(cmd, "active", 0, 1 << 30)
         queue = _int(cmd, "queue", 0, 1 << 30)
-        now = _int(cmd, "now_ms", 0, 1 << 62)
+        now = _int(cmd, "now_ms", 0, MAX_TIME_MS)
         lease = _int(cmd, "lease_ms", 1, 1 << 40)
         used = _int(cmd, "used", 0, 1 << 31) if cmd.get("used") is not None else None
         rec = self._known_node(cmd)
@@ -605,7 +616,7 @@ class CachePlaneMachine:
 
     def _expire(self, cmd: Mapping[str, Any], ctx: ApplyContext, m: list[Mutation]) -> Result:
         """Leader-proposed expiry at the leader's `now_ms`: leases, sessions, requests."""
-        now = _int(cmd, "now_ms", 0, 1 << 62)
+        now = _int(cmd, "now_ms", 0, MAX_TIME_MS)
         block_ttl = _int(cmd, "block_ttl_ms", 0, 1 << 62, 0)
         downed = []
         for node_id in sorted(self.nodes):
@@ -644,7 +655,7 @@ class CachePlaneMachine:
         model, blocks, session = self._route_inputs(cmd)
         request_id = _str(cmd, "request_id")
         assert request_id is not None
-        now = _int(cmd, "now_ms", 0, 1 << 62)
+        now = _int(cmd, "now_ms", 0, MAX_TIME_MS)
         ttl = _int(cmd, "request_ttl_ms", 1, 1 << 40, 30_000)
         session_ttl = _int(cmd, "session_ttl_ms", 1, 1 << 40, 600_000)
         rate = _int(cmd, "prefill_tokens_per_s", 0, 1 << 40, 0)
@@ -661,7 +672,7 @@ class CachePlaneMachine:
         if planned is not None:
             victim_keys = [mc << 64 | b for mc, b in victims]
             decision = self._planned(model, keys, session, now, planned, victim_keys,
-                                     cmd.get("route_type"))
+                                     cmd.get("route_type"), cmd.get("matched"))
             replanned = decision is None
             self.stats.replanned += replanned
         if decision is None:
@@ -712,7 +723,8 @@ class CachePlaneMachine:
         return result
 
     def _planned(self, model: ModelSpec, keys: list[int], session: str | None, now: int,
-                 node_id: str, victims: list[int], kind: Any) -> RouteDecision | None:
+                 node_id: str, victims: list[int], kind: Any,
+                 matched_hint: Any = None) -> RouteDecision | None:
         """The leader's decision (node + eviction victims) if it can still be carried out.
 
         The leader decided against its applied state; commands applied since (other routes in
@@ -726,7 +738,9 @@ class CachePlaneMachine:
                 or rec.active >= rec.max_active or len(keys) > rec.capacity_blocks):
             return None
         slot = rec.slot
-        matched = self.index.prefix(slot, keys)
+        # The leader's matched count only speeds up the check (see `PrefixIndex.prefix`).
+        matched = self.index.prefix(slot, keys, matched_hint if type(matched_hint) is int
+                                    else None)
         new = len(self.index.missing(slot, keys[matched:]))
         evict: list[int] = []
         if victims:

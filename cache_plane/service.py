@@ -228,6 +228,7 @@ class CachePlaneService:
         result = decision_result(decision, model, request_id, address)
         if decision.node_id is not None and not dry_run:
             command.update(node=decision.node_id, route_type=decision.route_type,
+                           matched=decision.matched_blocks,
                            evict=[[key >> 64, key & MASK64] for key in decision.evict])
             node_id = decision.node_id
             new_blocks = decision.total_blocks - decision.matched_blocks

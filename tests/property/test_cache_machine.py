@@ -135,11 +135,14 @@ class CacheMachineModel(RuleBasedStateMachine):
         assert out["ok"] and not out.get("duplicate")
         del self.ref_requests[rid]
 
-    @rule(node=NODES, blocks=st.lists(st.integers(0, 70_000), max_size=5),
-          kind=st.sampled_from(["stored", "removed"]))
-    def kv_event(self, node, blocks, kind):
+    @rule(node=NODES, events=st.lists(st.fixed_dictionaries({
+        "type": st.sampled_from(["stored", "stored", "removed"]),
+        "block_hashes": st.lists(st.integers(0, 6) | st.integers(0, 70_000), max_size=5),
+        "tier": st.sampled_from(["gpu", "gpu", "gpu", "cpu", "disk"])}), min_size=1, max_size=4))
+    def kv_event(self, node, events):
+        """Engine events, several per command (same-shape ones share a log record)."""
         out = self.apply({"op": "cp.kv_events", "node": node, "seq": self.index,
-                          "events": [{"type": kind, "block_hashes": blocks}]})
+                          "events": events})
         assert out["ok"] == (self.ref_nodes.get(node, "down") != "down")
 
     @rule(data=st.data())

@@ -336,3 +336,25 @@ def test_legacy_block_records_are_read_and_deleted_by_the_nodes_checkpoint():
     twin = CachePlaneMachine()
     twin.rebuild(sorted(h.store.data.items()))
     assert list(twin.index.lru_keys(0)) == [11, 12, 10]
+
+
+def test_two_adds_of_one_block_in_a_command_rebuild_in_the_same_lru_order():
+    """Regression (review): same-shape operations of a command shared one log record even
+    when they listed the same block; replay kept it at its first position, live it moved."""
+    h = cluster(nodes=("a",))
+    h(op="cp.kv_events", node="a", seq=1, events=[
+        {"type": "stored", "block_hashes": [1, 2]}, {"type": "stored", "block_hashes": [1]}])
+    h.route([7, 8], "r", now=3)
+    h(op="cp.complete", request_id="r", node="a", status="ok", output_blocks=[8])
+    twin = CachePlaneMachine()
+    twin.rebuild(sorted(h.store.data.items()))
+    assert list(twin.index.lru_keys(0)) == list(h.m.index.lru_keys(0)) == [2, 1, 7, 8]
+
+
+def test_an_out_of_range_leader_time_is_ignored_not_raised():
+    """Regression (review): now_ms beyond 2**62 made the block-log record unpackable."""
+    h = cluster(nodes=("a",))
+    h(op="cp.kv_events", node="a", seq=1, now_ms=2**64,
+      events=[{"type": "stored", "block_hashes": [1]}])
+    assert h(op="cp.compact_log", slot=0)["ok"]
+    assert h.m.now < 2**62
