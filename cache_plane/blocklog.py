@@ -135,7 +135,9 @@ class BlockLog:
         m.append((LOG + _LOG_KEY.pack(first), _LOG_HEAD.pack(op, tier, slot, model, at_ms)
                   + struct.pack(f">{len(blocks)}Q", *blocks)))
 
-    def due(self, used: Iterable[tuple[int, int]], live_slots: set[int]) -> list[int]:
+    def due(self, used: Iterable[tuple[int, int]], live_slots: set[int],
+            slack_blocks: int = LOG_SLACK_BLOCKS,
+            max_records: int = MAX_LOG_RECORDS) -> list[int]:
         """Slots whose log should be checkpointed, largest log first.
 
         `used` gives (slot, indexed blocks) per slot; a slot no node has any more is due as
@@ -144,8 +146,8 @@ class BlockLog:
         """
         used_by_slot = dict(used)
         due = {slot for slot, records in self.records.items() if records and (
-            slot not in live_slots or len(records) >= MAX_LOG_RECORDS
-            or self.blocks.get(slot, 0) >= used_by_slot.get(slot, 0) + LOG_SLACK_BLOCKS)}
+            slot not in live_slots or len(records) >= max_records
+            or self.blocks.get(slot, 0) >= used_by_slot.get(slot, 0) + slack_blocks)}
         return sorted(due | self.legacy, key=lambda s: (-self.blocks.get(s, 0), s))
 
     def largest(self) -> int | None:

@@ -42,7 +42,7 @@ from typing import Any
 from veristore_py.codec import pack, unpack
 from veristore_py.state import ApplyContext, KVMachine, Mutation, Outcome, Reader, Result, error
 
-from .blocklog import ADD, REMOVE, TOUCH, BlockLog, Replay
+from .blocklog import ADD, LOG_SLACK_BLOCKS, MAX_LOG_RECORDS, REMOVE, TOUCH, BlockLog, Replay
 from .index import GPU, PENDING, TIER_CODES, TIER_NAMES, PrefixIndex, block_keys
 from .model import Candidate, ModelSpec, Node, RouteDecision
 from .policy import DEFAULT_POLICY, PolicyConfig, decide, route_type
@@ -775,10 +775,12 @@ class CachePlaneMachine:
         return {"ok": True, "slot": slot, "records": records, "blocks": blocks,
                 "remaining": self.log.record_count}
 
-    def compaction_due(self) -> list[int]:
+    def compaction_due(self, slack_blocks: int = LOG_SLACK_BLOCKS,
+                       max_records: int = MAX_LOG_RECORDS) -> list[int]:
         """Slots whose block log the leader should compact now, largest log first."""
         live = {rec.slot for rec in self.nodes.values()}
-        return self.log.due(((slot, self.index.used(slot)) for slot in self.log.records), live)
+        return self.log.due(((slot, self.index.used(slot)) for slot in self.log.records), live,
+                            slack_blocks, max_records)
 
     def _replay_route(self, request_id: str, model: ModelSpec, total: int,
                       ctx: ApplyContext) -> Result:

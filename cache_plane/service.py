@@ -292,6 +292,10 @@ class CachePlaneService:
                 "nodes": len(self.machine.nodes), "active_requests": len(self.machine.requests),
             }
 
+    def block_log_records(self) -> int:
+        with self.node.store.lock:
+            return self.machine.log.record_count
+
     # -- housekeeping ----------------------------------------------------------------------
 
     async def housekeeping(self) -> None:
@@ -306,7 +310,8 @@ class CachePlaneService:
                 if out.get("nodes_down"):
                     log.warning("nodes_declared_down", nodes=out["nodes_down"])
                 with self.node.store.lock:
-                    due = self.machine.compaction_due()
+                    due = self.machine.compaction_due(self.settings.block_log_slack_blocks,
+                                                      self.settings.block_log_max_records)
                 for slot in due:  # one node per command: apply stalls for one node at most
                     await self.submit({"op": "cp.compact_log", "slot": slot})
             except VeristoreError as exc:

@@ -48,10 +48,15 @@ class ServiceSettings:
     # stamped into route commands by the leader. 0 turns the backlog term off.
     prefill_tokens_per_s: int = 28_000
     max_prompt_tokens: int = 1 << 20
+    # Checkpoint a node's block log once it lists this many blocks more than the node's index
+    # holds, or has this many records (see cache_plane/blocklog.py).
+    block_log_slack_blocks: int = 65_536
+    block_log_max_records: int = 4_096
 
     def validate(self) -> list[str]:
         problems = []
-        for name in ("node_lease_ms", "request_ttl_ms", "session_ttl_ms", "max_prompt_tokens"):
+        for name in ("node_lease_ms", "request_ttl_ms", "session_ttl_ms", "max_prompt_tokens",
+                     "block_log_slack_blocks", "block_log_max_records"):
             if getattr(self, name) < 1:
                 problems.append(f"cache_plane.{name} must be >= 1")
         if self.prefill_tokens_per_s < 0:

@@ -239,7 +239,10 @@ async def run(cycles: int, seed: int, clients: int = 4, routers: int = 2,
                            api_token=TOKEN, settings={"log_level": log_level},
                            proxy_links=True,
                            # the routers' inference nodes send no heartbeats
-                           env={"CACHE_PLANE_NODE_LEASE_MS": str(24 * 3600 * 1000)})
+                           env={"CACHE_PLANE_NODE_LEASE_MS": str(24 * 3600 * 1000),
+                                # checkpoint block logs all the time, under every fault
+                                "CACHE_PLANE_BLOCK_LOG_SLACK_BLOCKS": "64",
+                                "CACHE_PLANE_BLOCK_LOG_MAX_RECORDS": "8"})
     network = Network(cluster.links)
     disks = Disks(cluster)
     nemesis = Nemesis(cluster, network, disks, rng)

@@ -93,6 +93,9 @@ class _StateCollector:
                                 value=stats["indexed_blocks"])
         yield CounterMetricFamily("cache_plane_evicted_blocks", "Blocks evicted",
                                   value=stats["evictions"])
+        yield GaugeMetricFamily("cache_plane_block_log_records",
+                                "Block-log records not yet replaced by a checkpoint",
+                                value=self.service.block_log_records())
 
 
 @web.middleware

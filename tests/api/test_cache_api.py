@@ -140,6 +140,7 @@ async def test_auth_metrics_openapi_docs_health(client):
     assert "cache_plane_raft_term" in metrics
     assert 'cache_plane_raft_entry_commands_bucket{le="+Inf"}' in metrics
     assert "cache_plane_evicted_blocks_total" in metrics
+    assert "cache_plane_block_log_records" in metrics
     spec = await (await client.get("/openapi.json")).json()
     assert spec["openapi"].startswith("3.1") and "/v1/route" in spec["paths"]
     assert "llm-serving-cache API" in await (await client.get("/docs")).text()
