@@ -29,6 +29,7 @@ Plugging in: PySyncObj builds its journal with `pysyncobj.syncobj.createJournal(
 
 from __future__ import annotations
 
+import collections
 import os
 import struct
 import threading
@@ -74,6 +75,8 @@ class LmdbJournal(Journal):
         self._log = self._env.open_db(b"log")
         self._meta = self._env.open_db(b"meta")
         self._entries: list[Entry] = []
+        # Entries deleteEntriesFrom took out of `_entries` but not yet off disk, oldest first.
+        self._removed: collections.deque[Entry] = collections.deque()
         # LMDB writes queued since the last sync: ("put", key, value) | ("del", key) | ("drop",)
         self._pending: list[tuple[Any, ...]] = []
         self._lock = threading.Lock()
@@ -117,21 +120,45 @@ class LmdbJournal(Journal):
                 txn.drop(self._log, delete=False)
 
     def add(self, command: bytes, idx: int, term: int) -> None:
-        """Append one entry (on disk after the next `sync()`)."""
+        """Append one entry (on disk after the next `sync()`).
+
+        After `deleteEntriesFrom`, an entry equal to the first one it removed (same index,
+        term and command) is that entry again: it is still on disk and stays. Any other entry
+        is a conflict: the removed tail is deleted from disk, in the same sync as this entry.
+        """
         command = bytes(command)
+        entry = (command, idx, term)
+        if self._removed:
+            if self._removed[0] == entry:
+                self._removed.popleft()
+                self._entries.append(entry)
+                return
+            self._pending.extend(("del", _KEY.pack(index)) for _, index, _ in self._removed)
+            self._removed.clear()
         self._pending.append(("put", _KEY.pack(idx), _TERM.pack(term) + command))
-        self._entries.append((command, idx, term))
+        self._entries.append(entry)
 
     def clear(self) -> None:
         """Drop every entry."""
         self._pending.append(("drop",))
         self._entries = []
+        self._removed.clear()
 
     def deleteEntriesFrom(self, entryFrom: int) -> None:  # noqa: N802 (PySyncObj's name)
-        """Drop entries at list positions >= entryFrom (a follower truncating a conflict)."""
+        """Drop entries at list positions >= entryFrom from the log PySyncObj sees.
+
+        PySyncObj 0.3.17 calls this whenever a follower holds entries past the leader's
+        `prevLogIdx`, even ones that match (Raft truncates only on a conflict). A leader that
+        rewound this follower's next index (a stale acknowledgement) and resends only part
+        of the tail would then leave committed entries, which the leader counts on this
+        follower, off its disk; if the leader failed then, they could be lost. So the tail
+        leaves memory only: on disk it stays until `add` finds a conflict (or returns the
+        same entries, which keeps them). A restart reads it back as an ordinary uncommitted
+        tail, which Raft allows any follower to hold.
+        """
         doomed = self._entries[entryFrom:]
-        self._pending.extend(("del", _KEY.pack(index)) for _, index, _ in doomed)
         del self._entries[entryFrom:]
+        self._removed.extendleft(reversed(doomed))
 
     def deleteEntriesTo(self, entryTo: int) -> None:  # noqa: N802
         """Drop entries at list positions < entryTo (compaction after a snapshot)."""

@@ -13,6 +13,25 @@ from typing import Any
 import structlog
 
 
+class _RewindIsNotDivergence(logging.Filter):
+    """Downgrade PySyncObj's "truncating already-applied log entries" from critical to info.
+
+    PySyncObj 0.3.17 logs it whenever a follower whose next index the leader rewound drops
+    matching entries it has applied; it warns that the state machine "may have diverged".
+    Here it cannot: `LmdbJournal` keeps that tail on disk until an entry conflicts with it,
+    and an entry that was applied was committed, so Raft only ever sends it back unchanged.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.CRITICAL and str(record.msg).startswith(
+                "truncating already-applied"):
+            record.msg = "follower_log_rewound: " + record.getMessage().split(" - ")[0]
+            record.args = ()
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            return logging.getLogger().isEnabledFor(logging.INFO)
+        return True
+
+
 def configure_logging(fmt: str = "auto", level: str = "info", **bind: Any) -> None:
     """Configure structlog and stdlib logging for this process; bind `bind` to every event."""
     if fmt == "auto":
@@ -39,4 +58,7 @@ def configure_logging(fmt: str = "auto", level: str = "info", **bind: Any) -> No
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    pysyncobj_log = logging.getLogger("pysyncobj.syncobj")
+    if not any(isinstance(f, _RewindIsNotDivergence) for f in pysyncobj_log.filters):
+        pysyncobj_log.addFilter(_RewindIsNotDivergence())
     structlog.contextvars.bind_contextvars(**bind)

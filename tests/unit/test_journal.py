@@ -123,3 +123,35 @@ def test_truncated_journal_refuses_to_open_with_a_clear_error(tmp_path):
     os.truncate(data, os.path.getsize(data) // 2)
     with pytest.raises(StorageError, match="truncated.*Replace it"):
         LmdbJournal(str(tmp_path / "j"))
+
+
+def test_a_truncated_tail_stays_on_disk_until_a_conflict(tmp_path):
+    """PySyncObj truncates a follower's matching tail too: the tail leaves PySyncObj's view
+    but not the disk; the same entries coming back keep it, a conflicting one deletes it."""
+    j = LmdbJournal(str(tmp_path / "j"))
+    for i in range(1, 7):
+        j.add(b"c%d" % i, i, 1)
+    j.sync()
+    j.deleteEntriesFrom(2)  # PySyncObj's view: 1, 2
+    j.sync()
+    assert [e[1] for e in j] == [1, 2]
+    j.close()
+    j = LmdbJournal(str(tmp_path / "j"))  # a crash here: the committed tail is still there
+    assert [e[1] for e in j] == [1, 2, 3, 4, 5, 6]
+    j.deleteEntriesFrom(2)
+    j.add(b"c3", 3, 1)  # the same entry again
+    j.deleteEntriesFrom(1)  # rewound again: 2 joins the removed tail
+    j.add(b"c2", 2, 1)
+    j.add(b"c3", 3, 1)
+    j.add(b"new4", 4, 2)  # a conflict: 4..6 of term 1 go
+    j.sync()
+    assert [e[1] for e in j] == [1, 2, 3, 4]
+    j.close()
+    j = LmdbJournal(str(tmp_path / "j"))
+    assert [(e[1], e[2]) for e in j] == [(1, 1), (2, 1), (3, 1), (4, 2)] and j[-1][0] == b"new4"
+    j.deleteEntriesFrom(0)
+    j.clear()
+    j.add(b"x", 10, 3)
+    j.sync()
+    j.close()
+    assert [e[1] for e in LmdbJournal(str(tmp_path / "j"))] == [10]
