@@ -29,7 +29,6 @@ Plugging in: PySyncObj builds its journal with `pysyncobj.syncobj.createJournal(
 
 from __future__ import annotations
 
-import collections
 import os
 import struct
 import threading
@@ -49,6 +48,7 @@ _KEY = struct.Struct(">Q")
 _TERM = struct.Struct(">Q")
 _META_TERM = b"term"
 _META_COMMIT = b"commit_index"
+_MEMBERSHIP = b"\x02"  # first byte of PySyncObj's membership-change commands (_COMMAND_TYPE)
 
 Entry = tuple[bytes, int, int]  # (command, index, term), PySyncObj's shape
 
@@ -75,8 +75,6 @@ class LmdbJournal(Journal):
         self._log = self._env.open_db(b"log")
         self._meta = self._env.open_db(b"meta")
         self._entries: list[Entry] = []
-        # Entries deleteEntriesFrom took out of `_entries` but not yet off disk, oldest first.
-        self._removed: collections.deque[Entry] = collections.deque()
         # LMDB writes queued since the last sync: ("put", key, value) | ("del", key) | ("drop",)
         self._pending: list[tuple[Any, ...]] = []
         self._lock = threading.Lock()
@@ -122,19 +120,18 @@ class LmdbJournal(Journal):
     def add(self, command: bytes, idx: int, term: int) -> None:
         """Append one entry (on disk after the next `sync()`).
 
-        After `deleteEntriesFrom`, an entry equal to the first one it removed (same index,
-        term and command) is that entry again: it is still on disk and stays. Any other entry
-        is a conflict: the removed tail is deleted from disk, in the same sync as this entry.
+        An index the log already holds means PySyncObj is resending after it rewound this
+        follower (see `deleteEntriesFrom`). Raft's rule then applies: the same entry is kept
+        as it is; a different one is a conflict, and the log is truncated from there (in the
+        same sync) before it is appended.
         """
         command = bytes(command)
         entry = (command, idx, term)
-        if self._removed:
-            if self._removed[0] == entry:
-                self._removed.popleft()
-                self._entries.append(entry)
-                return
-            self._pending.extend(("del", _KEY.pack(index)) for _, index, _ in self._removed)
-            self._removed.clear()
+        if self._entries and idx <= self._entries[-1][1]:
+            position = idx - self._entries[0][1]
+            if position < 0 or self._entries[position] == entry:
+                return  # (below the first entry: compacted, so committed and the same)
+            self._truncate(position)
         self._pending.append(("put", _KEY.pack(idx), _TERM.pack(term) + command))
         self._entries.append(entry)
 
@@ -142,23 +139,30 @@ class LmdbJournal(Journal):
         """Drop every entry."""
         self._pending.append(("drop",))
         self._entries = []
-        self._removed.clear()
 
     def deleteEntriesFrom(self, entryFrom: int) -> None:  # noqa: N802 (PySyncObj's name)
-        """Drop entries at list positions >= entryFrom from the log PySyncObj sees.
+        """PySyncObj's truncation of a follower's log at list position `entryFrom`: deferred.
 
         PySyncObj 0.3.17 calls this whenever a follower holds entries past the leader's
-        `prevLogIdx`, even ones that match (Raft truncates only on a conflict). A leader that
-        rewound this follower's next index (a stale acknowledgement) and resends only part
-        of the tail would then leave committed entries, which the leader counts on this
-        follower, off its disk; if the leader failed then, they could be lost. So the tail
-        leaves memory only: on disk it stays until `add` finds a conflict (or returns the
-        same entries, which keeps them). A restart reads it back as an ordinary uncommitted
-        tail, which Raft allows any follower to hold.
+        `prevLogIdx`, even ones that match; Raft truncates only from the first conflicting
+        entry. It happens in normal operation, after a stale acknowledgement rewinds the
+        leader's next index for this follower. Truncating then would drop entries the leader
+        already counts on this follower, from its disk and from the log its votes are judged
+        by; if the resend stops short and the leader fails, a committed entry could be lost.
+        So the tail stays, and `add` truncates from the first entry that conflicts. Except
+        when the tail holds a membership change: PySyncObj has already reversed those in
+        memory, so the log must lose them too (the old behaviour, logged as a warning).
         """
         doomed = self._entries[entryFrom:]
-        del self._entries[entryFrom:]
-        self._removed.extendleft(reversed(doomed))
+        if any(command[:1] == _MEMBERSHIP for command, _, _ in doomed):
+            log.warning("journal_truncated_membership_tail", first_index=doomed[0][1],
+                        last_index=doomed[-1][1])
+            self._truncate(entryFrom)
+
+    def _truncate(self, position: int) -> None:
+        doomed = self._entries[position:]
+        self._pending.extend(("del", _KEY.pack(index)) for _, index, _ in doomed)
+        del self._entries[position:]
 
     def deleteEntriesTo(self, entryTo: int) -> None:  # noqa: N802
         """Drop entries at list positions < entryTo (compaction after a snapshot)."""

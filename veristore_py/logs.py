@@ -16,10 +16,12 @@ import structlog
 class _RewindIsNotDivergence(logging.Filter):
     """Downgrade PySyncObj's "truncating already-applied log entries" from critical to info.
 
-    PySyncObj 0.3.17 logs it whenever a follower whose next index the leader rewound drops
-    matching entries it has applied; it warns that the state machine "may have diverged".
-    Here it cannot: `LmdbJournal` keeps that tail on disk until an entry conflicts with it,
-    and an entry that was applied was committed, so Raft only ever sends it back unchanged.
+    PySyncObj 0.3.17 logs it whenever a follower whose next index the leader rewound holds
+    entries past the resend point, and warns that the state machine "may have diverged".
+    Here it has not: `LmdbJournal.deleteEntriesFrom` keeps those entries and truncates only
+    from the first conflicting one, so votes and the disk see the whole log, Raft's election
+    rule holds, and an applied (committed) entry never conflicts. (A tail holding a
+    membership change is really truncated; the journal warns about that itself.)
     """
 
     def filter(self, record: logging.LogRecord) -> bool:

@@ -125,33 +125,43 @@ def test_truncated_journal_refuses_to_open_with_a_clear_error(tmp_path):
         LmdbJournal(str(tmp_path / "j"))
 
 
-def test_a_truncated_tail_stays_on_disk_until_a_conflict(tmp_path):
-    """PySyncObj truncates a follower's matching tail too: the tail leaves PySyncObj's view
-    but not the disk; the same entries coming back keep it, a conflicting one deletes it."""
+def test_a_rewound_follower_keeps_matching_entries_and_truncates_at_a_conflict(tmp_path):
+    """PySyncObj asks a follower to truncate past prevLogIdx even when its entries match:
+    the log keeps them (in memory, so votes see them, and on disk); resent entries are
+    no-ops; the first conflicting entry truncates from there, durably."""
     j = LmdbJournal(str(tmp_path / "j"))
     for i in range(1, 7):
         j.add(b"c%d" % i, i, 1)
     j.sync()
-    j.deleteEntriesFrom(2)  # PySyncObj's view: 1, 2
+    j.deleteEntriesFrom(2)  # PySyncObj: truncate after index 2
+    j.add(b"c3", 3, 1)      # the resend stops short
     j.sync()
-    assert [e[1] for e in j] == [1, 2]
+    assert [e[1] for e in j] == [1, 2, 3, 4, 5, 6] and j[-1] == (b"c6", 6, 1)
     j.close()
-    j = LmdbJournal(str(tmp_path / "j"))  # a crash here: the committed tail is still there
+    j = LmdbJournal(str(tmp_path / "j"))
     assert [e[1] for e in j] == [1, 2, 3, 4, 5, 6]
-    j.deleteEntriesFrom(2)
-    j.add(b"c3", 3, 1)  # the same entry again
-    j.deleteEntriesFrom(1)  # rewound again: 2 joins the removed tail
+    j.deleteEntriesFrom(1)
     j.add(b"c2", 2, 1)
     j.add(b"c3", 3, 1)
     j.add(b"new4", 4, 2)  # a conflict: 4..6 of term 1 go
+    j.add(b"new5", 5, 2)
     j.sync()
-    assert [e[1] for e in j] == [1, 2, 3, 4]
     j.close()
     j = LmdbJournal(str(tmp_path / "j"))
-    assert [(e[1], e[2]) for e in j] == [(1, 1), (2, 1), (3, 1), (4, 2)] and j[-1][0] == b"new4"
-    j.deleteEntriesFrom(0)
-    j.clear()
-    j.add(b"x", 10, 3)
+    assert [(e[1], e[2]) for e in j] == [(1, 1), (2, 1), (3, 1), (4, 2), (5, 2)]
+    assert j[-1][0] == b"new5"
+    j.close()
+
+
+def test_a_rewound_tail_with_a_membership_change_is_truncated(tmp_path):
+    """PySyncObj reverses membership changes of the tail before truncating, so such a tail
+    must really go (its old behaviour)."""
+    j = LmdbJournal(str(tmp_path / "j"))
+    for i, command in enumerate([b"\x00a", b"\x00b", b"\x02member", b"\x00d"], start=1):
+        j.add(command, i, 1)
+    j.deleteEntriesFrom(2)
+    assert [e[1] for e in j] == [1, 2]
+    j.add(b"\x02member", 3, 1)
     j.sync()
     j.close()
-    assert [e[1] for e in LmdbJournal(str(tmp_path / "j"))] == [10]
+    assert [e[1] for e in LmdbJournal(str(tmp_path / "j"))] == [1, 2, 3]
