@@ -62,10 +62,14 @@ def _raw_raft_member(index: int, raft_ports: list[int], http_port: int, journal_
                      password: str) -> None:
     """One member of the raw-PySyncObj baseline (see the module docstring)."""
     import json
+    import logging
 
     from aiohttp import web
     from pysyncobj import SyncObj, SyncObjConf, replicated
 
+    # Plain PySyncObj logs "truncating already-applied log entries" (critical) on followers
+    # now and then (docs/veristore.md, Known limits); keep it out of the table's output.
+    logging.getLogger("pysyncobj").setLevel(logging.CRITICAL + 1)
     addresses = [f"127.0.0.1:{p}" for p in raft_ports]
 
     class RawLog(SyncObj):
