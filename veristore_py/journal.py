@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import lmdb
@@ -75,6 +76,9 @@ class LmdbJournal(Journal):
         self._log = self._env.open_db(b"log")
         self._meta = self._env.open_db(b"meta")
         self._entries: list[Entry] = []
+        # (membership-change commands, reverse): set by the node to keep PySyncObj's member
+        # set equal to what the log says (see deleteEntriesFrom)
+        self.on_membership: Callable[[list[bytes], bool], None] = lambda commands, reverse: None
         # LMDB writes queued since the last sync: ("put", key, value) | ("del", key) | ("drop",)
         self._pending: list[tuple[Any, ...]] = []
         self._lock = threading.Lock()
@@ -149,20 +153,23 @@ class LmdbJournal(Journal):
         leader's next index for this follower. Truncating then would drop entries the leader
         already counts on this follower, from its disk and from the log its votes are judged
         by; if the resend stops short and the leader fails, a committed entry could be lost.
-        So the tail stays, and `add` truncates from the first entry that conflicts. Except
-        when the tail holds a membership change: PySyncObj has already reversed those in
-        memory, so the log must lose them too (the old behaviour, logged as a warning).
+        So the tail stays, and `add` truncates from the first entry that conflicts.
+        PySyncObj has already reversed the tail's membership changes in memory when it calls
+        this; `on_membership` applies them again, since they stay in the log (and `add`
+        reverses those it really truncates).
         """
-        doomed = self._entries[entryFrom:]
-        if any(command[:1] == _MEMBERSHIP for command, _, _ in doomed):
-            log.warning("journal_truncated_membership_tail", first_index=doomed[0][1],
-                        last_index=doomed[-1][1])
-            self._truncate(entryFrom)
+        changes = [command for command, _, _ in self._entries[entryFrom:]
+                   if command[:1] == _MEMBERSHIP]
+        if changes:
+            self.on_membership(changes, False)
 
     def _truncate(self, position: int) -> None:
         doomed = self._entries[position:]
         self._pending.extend(("del", _KEY.pack(index)) for _, index, _ in doomed)
         del self._entries[position:]
+        changes = [command for command, _, _ in doomed if command[:1] == _MEMBERSHIP]
+        if changes:
+            self.on_membership(changes[::-1], True)
 
     def deleteEntriesTo(self, entryTo: int) -> None:  # noqa: N802
         """Drop entries at list positions < entryTo (compaction after a snapshot)."""

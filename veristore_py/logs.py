@@ -20,8 +20,7 @@ class _RewindIsNotDivergence(logging.Filter):
     entries past the resend point, and warns that the state machine "may have diverged".
     Here it has not: `LmdbJournal.deleteEntriesFrom` keeps those entries and truncates only
     from the first conflicting one, so votes and the disk see the whole log, Raft's election
-    rule holds, and an applied (committed) entry never conflicts. (A tail holding a
-    membership change is really truncated; the journal warns about that itself.)
+    rule holds, and an applied (committed) entry never conflicts.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:

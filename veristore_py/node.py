@@ -100,12 +100,34 @@ class DurableTransport(TCPTransport):
     wrapper syncs before the tick thread waits for (and handles) the followers' answers.
     Everything else, in particular a follower's acknowledgement and a vote, is sent only
     after a sync.
+
+    It also gives PySyncObj's acknowledgements (`next_node_idx`) the term Raft's responses
+    carry: the sender's current term goes out in `ACK_TERM`, and a leader drops an
+    acknowledgement from another term instead of letting a badly delayed one from its own
+    earlier leadership raise a `matchIndex`. (An acknowledgement without it, from an older
+    version of this code, is taken as before.)
     """
 
     def send(self, node: Any, message: Any) -> bool:
+        if isinstance(message, dict) and message.get("type") == "next_node_idx":
+            message = {**message, ACK_TERM: self._syncObj.raftCurrentTerm}
         if not (isinstance(message, dict) and message.get("type") == "append_entries"):
             self._syncObj.sync_journal()
         return bool(super().send(node, message))
+
+    def _onMessageReceived(self, node: Any, message: Any) -> None:  # noqa: N802
+        if stale_ack(message, self._syncObj.raftCurrentTerm):
+            return
+        super()._onMessageReceived(node, message)
+
+
+ACK_TERM = "veristore_term"
+
+
+def stale_ack(message: Any, term: int) -> bool:
+    """True for an acknowledgement stamped with a term other than `term` (Raft drops it)."""
+    return (isinstance(message, dict) and message.get("type") == "next_node_idx"
+            and message.get(ACK_TERM, term) != term)
 
 
 class VeristoreNode(SyncObj):
@@ -172,6 +194,8 @@ class VeristoreNode(SyncObj):
         )
         super().__init__(settings.raft_address, [p.raft for p in settings.peers], conf,
                          transportClass=DurableTransport)
+        if settings.dynamic_membership:
+            self._journal.on_membership = self._replay_membership
         # Sync while the followers work on what was just sent (see DurableTransport).
         wait_for_events = self._poller.poll
 
@@ -184,6 +208,21 @@ class VeristoreNode(SyncObj):
         self._housekeeper = threading.Thread(target=self._housekeeping, name="housekeeping",
                                              daemon=True)
         self._housekeeper.start()
+
+    def _replay_membership(self, commands: list[bytes], reverse: bool) -> None:
+        """Apply (or reverse) membership-change entries as PySyncObj does for its log.
+
+        The journal keeps entries PySyncObj meant to truncate (see
+        `LmdbJournal.deleteEntriesFrom`); PySyncObj reverses their membership changes first,
+        so they are applied again here, and reversed when the journal truncates for real.
+        Uses PySyncObj's private helpers (the version is pinned).
+        """
+        parse = self._SyncObj__parseChangeClusterRequest
+        change = self._SyncObj__doChangeCluster
+        for command in commands:
+            request = parse(command)
+            if request is not None:
+                change(request, reverse=reverse)
 
     def _housekeeping(self) -> None:
         """On the leader, periodically propose pruning of expired idempotency records.

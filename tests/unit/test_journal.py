@@ -153,15 +153,35 @@ def test_a_rewound_follower_keeps_matching_entries_and_truncates_at_a_conflict(t
     j.close()
 
 
-def test_a_rewound_tail_with_a_membership_change_is_truncated(tmp_path):
-    """PySyncObj reverses membership changes of the tail before truncating, so such a tail
-    must really go (its old behaviour)."""
+def test_a_rewound_tail_keeps_its_membership_changes_applied(tmp_path):
+    """PySyncObj reverses the tail's membership changes before asking to truncate; the journal
+    keeps the tail, so it has them applied again, and reversed when a conflict truncates."""
     j = LmdbJournal(str(tmp_path / "j"))
-    for i, command in enumerate([b"\x00a", b"\x00b", b"\x02member", b"\x00d"], start=1):
+    calls = []
+    j.on_membership = lambda commands, reverse: calls.append((commands, reverse))
+    for i, command in enumerate([b"\x00a", b"\x00b", b"\x02add-x", b"\x00d", b"\x02rem-y"],
+                                start=1):
         j.add(command, i, 1)
+    j.deleteEntriesFrom(2)  # the resend stops short of index 3
+    assert [e[1] for e in j] == [1, 2, 3, 4, 5]
+    assert calls == [([b"\x02add-x", b"\x02rem-y"], False)]
     j.deleteEntriesFrom(2)
-    assert [e[1] for e in j] == [1, 2]
-    j.add(b"\x02member", 3, 1)
+    j.add(b"\x02add-x", 3, 1)
+    j.add(b"\x00other", 4, 2)  # a conflict from 4: rem-y goes, reversed
+    assert calls[-1] == ([b"\x02rem-y"], True)
     j.sync()
     j.close()
-    assert [e[1] for e in LmdbJournal(str(tmp_path / "j"))] == [1, 2, 3]
+    assert [(e[1], e[2]) for e in LmdbJournal(str(tmp_path / "j"))] == [(1, 1), (2, 1), (3, 1),
+                                                                          (4, 2)]
+
+
+def test_acknowledgements_from_another_term_are_stale():
+    """The transport stamps PySyncObj's next_node_idx with the sender's term; a leader drops
+    one from another term (Raft ignores responses of other terms); unstamped ones pass."""
+    from veristore_py.node import ACK_TERM, stale_ack
+
+    ack = {"type": "next_node_idx", "next_node_idx": 7, "reset": True, "success": False}
+    assert not stale_ack({**ack, ACK_TERM: 5}, 5)
+    assert stale_ack({**ack, ACK_TERM: 4}, 5) and stale_ack({**ack, ACK_TERM: 6}, 5)
+    assert not stale_ack(ack, 5)
+    assert not stale_ack({"type": "append_entries", ACK_TERM: 1}, 5)
