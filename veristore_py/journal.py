@@ -76,9 +76,11 @@ class LmdbJournal(Journal):
         self._log = self._env.open_db(b"log")
         self._meta = self._env.open_db(b"meta")
         self._entries: list[Entry] = []
-        # (membership-change commands, reverse): set by the node to keep PySyncObj's member
-        # set equal to what the log says (see deleteEntriesFrom)
-        self.on_membership: Callable[[list[bytes], bool], None] = lambda commands, reverse: None
+        # Applies membership-change commands again; set by the node so that PySyncObj's
+        # member set stays what the log says (see deleteEntriesFrom).
+        self.on_membership: Callable[[list[bytes]], None] = lambda commands: None
+        self._rewound_from: int | None = None  # first index of a kept tail, until `settle`
+        self._last_added = 0  # index of the last `add` since the rewind began
         # LMDB writes queued since the last sync: ("put", key, value) | ("del", key) | ("drop",)
         self._pending: list[tuple[Any, ...]] = []
         self._lock = threading.Lock()
@@ -131,6 +133,7 @@ class LmdbJournal(Journal):
         """
         command = bytes(command)
         entry = (command, idx, term)
+        self._last_added = idx
         if self._entries and idx <= self._entries[-1][1]:
             position = idx - self._entries[0][1]
             if position < 0 or self._entries[position] == entry:
@@ -143,6 +146,7 @@ class LmdbJournal(Journal):
         """Drop every entry."""
         self._pending.append(("drop",))
         self._entries = []
+        self._rewound_from = None
 
     def deleteEntriesFrom(self, entryFrom: int) -> None:  # noqa: N802 (PySyncObj's name)
         """PySyncObj's truncation of a follower's log at list position `entryFrom`: deferred.
@@ -154,22 +158,32 @@ class LmdbJournal(Journal):
         already counts on this follower, from its disk and from the log its votes are judged
         by; if the resend stops short and the leader fails, a committed entry could be lost.
         So the tail stays, and `add` truncates from the first entry that conflicts.
-        PySyncObj has already reversed the tail's membership changes in memory when it calls
-        this; `on_membership` applies them again, since they stay in the log (and `add`
-        reverses those it really truncates).
+
+        PySyncObj has already reversed the tail's membership changes in memory, and after
+        the resent entries are added it applies theirs again; `settle` (called once the
+        message is handled) applies those of the tail past the last resent entry, in log
+        order, so PySyncObj's member set matches the log.
         """
-        changes = [command for command, _, _ in self._entries[entryFrom:]
+        if entryFrom < len(self._entries):
+            self._rewound_from = self._entries[entryFrom][1]
+            self._last_added = 0
+
+    def settle(self) -> None:
+        """Finish a rewind once PySyncObj has handled its message (see deleteEntriesFrom)."""
+        rewound_from, self._rewound_from = self._rewound_from, None
+        if rewound_from is None or not self._entries:
+            return
+        start = self._last_added + 1 if self._last_added >= rewound_from else rewound_from
+        position = max(start - self._entries[0][1], 0)
+        changes = [command for command, _, _ in self._entries[position:]
                    if command[:1] == _MEMBERSHIP]
         if changes:
-            self.on_membership(changes, False)
+            self.on_membership(changes)
 
     def _truncate(self, position: int) -> None:
         doomed = self._entries[position:]
         self._pending.extend(("del", _KEY.pack(index)) for _, index, _ in doomed)
         del self._entries[position:]
-        changes = [command for command, _, _ in doomed if command[:1] == _MEMBERSHIP]
-        if changes:
-            self.on_membership(changes[::-1], True)
 
     def deleteEntriesTo(self, entryTo: int) -> None:  # noqa: N802
         """Drop entries at list positions < entryTo (compaction after a snapshot)."""

@@ -118,7 +118,10 @@ class DurableTransport(TCPTransport):
     def _onMessageReceived(self, node: Any, message: Any) -> None:  # noqa: N802
         if stale_ack(message, self._syncObj.raftCurrentTerm):
             return
-        super()._onMessageReceived(node, message)
+        try:
+            super()._onMessageReceived(node, message)
+        finally:
+            self._syncObj.settle_journal()
 
 
 ACK_TERM = "veristore_term"
@@ -209,20 +212,23 @@ class VeristoreNode(SyncObj):
                                              daemon=True)
         self._housekeeper.start()
 
-    def _replay_membership(self, commands: list[bytes], reverse: bool) -> None:
-        """Apply (or reverse) membership-change entries as PySyncObj does for its log.
+    def settle_journal(self) -> None:
+        """After each received message: let the journal finish a rewind (`LmdbJournal.settle`)."""
+        self._journal.settle()
 
-        The journal keeps entries PySyncObj meant to truncate (see
-        `LmdbJournal.deleteEntriesFrom`); PySyncObj reverses their membership changes first,
-        so they are applied again here, and reversed when the journal truncates for real.
-        Uses PySyncObj's private helpers (the version is pinned).
+    def _replay_membership(self, commands: list[bytes]) -> None:
+        """Apply membership-change entries again, in order, as PySyncObj does for new ones.
+
+        The journal keeps entries PySyncObj meant to truncate, whose membership changes
+        PySyncObj reverses first (see `LmdbJournal.deleteEntriesFrom`). Uses PySyncObj's
+        private helpers (the version is pinned).
         """
         parse = self._SyncObj__parseChangeClusterRequest
         change = self._SyncObj__doChangeCluster
         for command in commands:
             request = parse(command)
             if request is not None:
-                change(request, reverse=reverse)
+                change(request)
 
     def _housekeeping(self) -> None:
         """On the leader, periodically propose pruning of expired idempotency records.
