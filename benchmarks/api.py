@@ -2,17 +2,26 @@
 
 Starts three `cache-plane serve` processes on loopback and, in another process, a trivial
 aiohttp app whose POST handler parses the JSON body and answers a small JSON object. One
-asyncio load generator (this process, `--concurrency` connections, `--seconds` each) then
+asyncio load generator (this process, `--concurrency` connections, `--seconds` per target) then
 sends the same kind of request to each target:
 
 - trivial:    POST /echo with the route body;
 - dry-run:    POST /v1/route with dry_run (decision only, nothing committed);
 - committed:  POST /v1/route (decision committed through Raft on every member);
-- raw Raft:   a second baseline: three processes running plain PySyncObj (its journal file,
-              never fsynced; the same password; its low-latency mode, appendEntriesUseBatch
-              off) behind the trivial handler, which commits each body (a no-op `@replicated`
-              call) before answering. It is what replicating the same bytes costs with no
-              state machine and no durability, measured after the cluster above is stopped.
+- raw Raft:   same-run baselines for the replication engine alone: three processes running
+              plain PySyncObj (its journal file, never fsynced; the same password; its
+              low-latency mode, appendEntriesUseBatch off) behind the trivial handler, which
+              commits before answering (a no-op `@replicated` call, no state machine):
+              - each:    one commit per request, carrying its body;
+              - batched: bodies that arrive while a commit is in flight leave together in the
+                         next one (one in flight, as the cache plane's group commit);
+              - digests: batched, but each request adds only a 16-byte digest of its body:
+                         the cheapest thing any design that commits every route could
+                         replicate, so the ceiling of committed routes on this machine.
+
+Every target runs from the start; the load visits them in turn, `--rounds` times, so a change
+in the shared machine's speed (other tenants) hits all targets alike. 'vs trivial' is the
+median over rounds of each round's ratio.
 
 Beside each figure, the CPU the target's processes used (cores, from /proc) and how busy the
 whole machine was: on a small machine the members, the load generator and the target share
@@ -20,17 +29,19 @@ the cores, which bounds what any target can reach.
 
 Bodies: 8k-token prompts given as 512 block hashes (16-token blocks), built from 32 shared
 prefixes of 448 blocks plus 64 unique blocks, against 16 registered nodes.
-Usage: python benchmarks/api.py [--quick]
+Usage: python benchmarks/api.py [--quick] [--rounds N] [--seconds S] [--concurrency C]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import multiprocessing as mp
 import os
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -58,9 +69,13 @@ def _trivial_server(port: int) -> None:
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
 
+RAW_MODES = ("each", "batched", "digests")
+
+
 def _raw_raft_member(index: int, raft_ports: list[int], http_port: int, journal_dir: str,
-                     password: str) -> None:
-    """One member of the raw-PySyncObj baseline (see the module docstring)."""
+                     password: str, mode: str) -> None:
+    """One member of a raw-PySyncObj baseline in `mode` (see the module docstring)."""
+    import hashlib
     import json
     import logging
 
@@ -86,21 +101,43 @@ def _raw_raft_member(index: int, raft_ports: list[int], http_port: int, journal_
             return True
 
     node = RawLog()
+    queued: list[tuple[bytes, asyncio.Future[int]]] = []
+    in_flight = False
+
+    def propose(loop: asyncio.AbstractEventLoop, payload: Any,
+                waiters: list[asyncio.Future[int]]) -> None:
+        def settle(error: int) -> None:
+            nonlocal in_flight
+            for done in waiters:
+                if not done.done():
+                    done.set_result(error)
+            if mode != "each":
+                in_flight = False
+                flush(loop)
+
+        node.commit(payload, callback=lambda _result, error: loop.call_soon_threadsafe(
+            settle, error))
+
+    def flush(loop: asyncio.AbstractEventLoop) -> None:
+        nonlocal in_flight
+        if in_flight or not queued:
+            return
+        batch = queued[:]
+        queued.clear()
+        in_flight = True
+        propose(loop, [item for item, _ in batch], [done for _, done in batch])
 
     async def commit(request: web.Request) -> web.Response:
         raw = await request.read()
         body = json.loads(raw)
         loop = asyncio.get_running_loop()
         done: asyncio.Future[int] = loop.create_future()
-
-        def settle(error: int) -> None:
-            if not done.done():
-                done.set_result(error)
-
-        def callback(_result: Any, error: int) -> None:
-            loop.call_soon_threadsafe(settle, error)
-
-        node.commit(raw, callback=callback)
+        if mode == "each":
+            propose(loop, raw, [done])
+        else:
+            queued.append((raw if mode == "batched" else
+                           hashlib.blake2b(raw, digest_size=16).digest(), done))
+            flush(loop)
         if await done != 0:
             return web.json_response({"error": "not_committed"}, status=503)
         return web.json_response({"ok": True, "model": body.get("model")})
@@ -147,16 +184,34 @@ def machine_busy_seconds() -> float:
 
 def measured(url: str, payloads: list[dict[str, Any]], seconds: float, concurrency: int,
              headers: dict[str, str], pids: list[int]) -> dict[str, Any]:
-    """`load`, plus the cores used by `pids`, by this process and by the whole machine."""
+    """`load`, plus the CPU seconds used by `pids`, by this process and by the whole machine
+    (`*_cpu`) over `wall` seconds, and the same as cores (`*_cores`)."""
     before = [cpu_seconds(p) for p in pids], cpu_seconds(os.getpid()), machine_busy_seconds()
     started = time.monotonic()
     result = asyncio.run(load(url, payloads, seconds, concurrency, headers))
     wall = time.monotonic() - started
-    result["target_cores"] = sum(cpu_seconds(p) - c for p, c in zip(pids, before[0],
-                                                                      strict=True)) / wall
-    result["loadgen_cores"] = (cpu_seconds(os.getpid()) - before[1]) / wall
-    result["machine_cores"] = (machine_busy_seconds() - before[2]) / wall
+    result["wall"] = wall
+    result["target_cpu"] = sum(cpu_seconds(p) - c for p, c in zip(pids, before[0], strict=True))
+    result["loadgen_cpu"] = cpu_seconds(os.getpid()) - before[1]
+    result["machine_cpu"] = machine_busy_seconds() - before[2]
+    for what in ("target", "loadgen", "machine"):
+        result[f"{what}_cores"] = result[f"{what}_cpu"] / wall
     return result
+
+
+def merged(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One target's `measured` rounds as one result (latencies pooled, CPU summed)."""
+    out: dict[str, Any] = {"ok": sum(r["ok"] for r in rounds),
+                           "errors": sum(r["errors"] for r in rounds), "statuses": {}}
+    for r in rounds:
+        for status, count in r["statuses"].items():
+            out["statuses"][status] = out["statuses"].get(status, 0) + count
+    out.update(summary([x for r in rounds for x in r["latencies"]],
+                       sum(r["elapsed"] for r in rounds)))
+    wall = sum(r["wall"] for r in rounds)
+    for what in ("target", "loadgen", "machine"):
+        out[f"{what}_cores"] = sum(r[f"{what}_cpu"] for r in rounds) / wall
+    return out
 
 
 def bodies(count: int, rng: random.Random, dry_run: bool) -> list[dict[str, Any]]:
@@ -202,9 +257,15 @@ async def load(url: str, payloads: list[dict[str, Any]], seconds: float, concurr
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
-    latencies.sort()
+    return {"ok": len(latencies), "errors": errors, "statuses": statuses,
+            "elapsed": elapsed, **summary(latencies, elapsed)}
+
+
+def summary(latencies: list[float], elapsed: float) -> dict[str, Any]:
+    """req/s and p50/p99 (ms) of `latencies` (seconds) gathered over `elapsed` seconds."""
+    latencies = sorted(latencies)
     n = len(latencies)
-    return {"ok": n, "errors": errors, "statuses": statuses, "rps": n / elapsed,
+    return {"latencies": latencies, "rps": n / elapsed if elapsed else 0.0,
             "p50_ms": 1000 * latencies[n // 2] if n else float("nan"),
             "p99_ms": 1000 * latencies[min(n - 1, int(n * 0.99))] if n else float("nan")}
 
@@ -239,79 +300,117 @@ def _wait_for_port(port: int, timeout: float = 30.0) -> None:
     raise TimeoutError(f"trivial server did not listen on {port}")
 
 
+def _start_raw(mode: str, directory: str) -> tuple[list[Any], str]:
+    """Start a raw-PySyncObj baseline in `mode`; its processes and its leader's commit URL."""
+    spawn = mp.get_context("spawn")
+    raft_ports, http_ports = free_ports(3), free_ports(3)
+    raw = [spawn.Process(target=_raw_raft_member, daemon=True,
+                         args=(i, raft_ports, http_ports[i], directory, "bench-password", mode))
+           for i in range(3)]
+    for process in raw:
+        process.start()
+    return raw, f"http://127.0.0.1:{_raw_raft_leader(http_ports)}/commit"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--seconds", type=float, default=10.0, help="per target, all rounds")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="rounds; each round loads every target in turn")
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--quick", action="store_true", help="2 s per target (CI)")
+    parser.add_argument("--quick", action="store_true", help="one round, 2 s per target (CI)")
     args = parser.parse_args()
     if args.quick:
-        args.seconds = 2.0
+        args.seconds, args.rounds = 2.0, 1
+    if args.rounds < 1 or args.seconds <= 0:
+        parser.error("--rounds must be >= 1 and --seconds > 0")
     rng = random.Random(3)
     token = "bench-token"
     headers = {"Authorization": f"Bearer {token}"}
     print(f"machine: {machine_info()}")
-    print(f"load: {args.concurrency} connections x {args.seconds:.0f} s per target; "
-          f"8k-token prompts as 512 block hashes; 16 nodes; 3 members on loopback\n")
+    print(f"load: {args.concurrency} connections x {args.seconds:g} s per target, in "
+          f"{args.rounds} interleaved round(s); 8k-token prompts as 512 block hashes; "
+          f"16 nodes; 3 members on loopback\n")
     (port,) = free_ports(1)
     spawn = mp.get_context("spawn")
-    trivial = spawn.Process(target=_trivial_server, args=(port,), daemon=True)
-    trivial.start()
+    workdir = tempfile.mkdtemp(prefix="bench-api-")
+    processes: list[Any] = []
     # The benchmark's nodes do not heartbeat; a long lease keeps them up for the whole run.
-    cluster = LocalCluster(tempfile.mkdtemp(prefix="bench-api-"), module="cache_plane",
+    cluster = LocalCluster(os.path.join(workdir, "cluster"), module="cache_plane",
                            api_token=token, settings={"log_level": "warning"},
                            env={"CACHE_PLANE_NODE_LEASE_MS": str(3_600_000),
                                 **{k: v for k, v in os.environ.items()
                                    if k.startswith("CACHE_PLANE_")}})
-    results = {}
+    rounds: dict[str, list[dict[str, Any]]] = {}
+    idle_cores = float("nan")
+    terms: dict[str, list[int]] = {}
     try:
+        trivial = spawn.Process(target=_trivial_server, args=(port,), daemon=True)
+        trivial.start()
+        processes.append(trivial)
+        assert trivial.pid is not None
         cluster.start()
         cluster.wait_for_leader()
         asyncio.run(prepare(cluster, token))
         _wait_for_port(port)
         members = [p.pid for p in (cluster.nodes[i].process for i in range(cluster.size))
                    if p is not None]
-        assert trivial.pid is not None
-        targets: list[tuple[str, Callable[[], str], bool, list[int]]] = [
+        # (name, URL, dry run, pids, cluster or None); every target runs from the start, idle
+        # but for the round that loads it, so all of them see the same machine.
+        targets: list[tuple[str, Callable[[], str], bool, list[int], LocalCluster | None]] = [
             ("trivial aiohttp handler", lambda: f"http://127.0.0.1:{port}/echo", False,
-             [trivial.pid]),
-            ("route, dry run", lambda: _leader_url(cluster) + "/v1/route", True, members),
-            ("route, committed", lambda: _leader_url(cluster) + "/v1/route", False, members),
+             [trivial.pid], None),
+            ("route, dry run", lambda: _leader_url(cluster) + "/v1/route", True, members,
+             cluster),
+            ("route, committed", lambda: _leader_url(cluster) + "/v1/route", False, members,
+             cluster),
         ]
-        for name, url, dry_run, pids in targets:
-            term_before = _term(cluster)
-            results[name] = measured(url(), bodies(500, rng, dry_run), args.seconds,
-                                     args.concurrency, headers, pids)
-            results[name]["terms"] = f"{term_before}/{_term(cluster)}"
+        for mode in RAW_MODES:
+            directory = os.path.join(workdir, f"raw-{mode}")
+            os.makedirs(directory)
+            raw, raw_url = _start_raw(mode, directory)
+            processes.extend(raw)
+            targets.append((f"raw PySyncObj, {mode}", functools.partial(str, raw_url), False,
+                            [p.pid for p in raw], None))
+        idle_before = machine_busy_seconds()
+        time.sleep(2.0)
+        idle_cores = (machine_busy_seconds() - idle_before) / 2.0
+        for _ in range(args.rounds):
+            for name, url, dry_run, pids, target_cluster in targets:
+                before = _term(target_cluster) if target_cluster else 0
+                rounds.setdefault(name, []).append(measured(
+                    url(), bodies(500, rng, dry_run), args.seconds / args.rounds,
+                    args.concurrency, headers if target_cluster else {}, pids))
+                terms.setdefault(name, [before])
+                if target_cluster:
+                    terms[name][1:] = [_term(target_cluster)]
     finally:
         cluster.close()
-    raw_dir = tempfile.mkdtemp(prefix="bench-raw-raft-")
-    raft_ports, http_ports = free_ports(3), free_ports(3)
-    raw = [spawn.Process(target=_raw_raft_member, daemon=True,
-                         args=(i, raft_ports, http_ports[i], raw_dir, "bench-password"))
-           for i in range(3)]
-    try:
-        for process in raw:
-            process.start()
-        leader_port = _raw_raft_leader(http_ports)
-        results["raw PySyncObj commit"] = measured(
-            f"http://127.0.0.1:{leader_port}/commit", bodies(500, rng, False), args.seconds,
-            args.concurrency, {}, [p.pid for p in raw if p.pid is not None])
-        results["raw PySyncObj commit"]["terms"] = ""
-    finally:
-        for process in [*raw, trivial]:
+        for process in processes:
             process.kill()
             process.join()
-        shutil.rmtree(raw_dir, ignore_errors=True)
-    base = results["trivial aiohttp handler"]["rps"]
+        shutil.rmtree(workdir, ignore_errors=True)
+    trivial_rounds = rounds["trivial aiohttp handler"]
     print(f"{'target':<24}{'req/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'errors':>7}{'vs trivial':>11}"
           f"{'target CPU':>11}{'loadgen':>8}{'machine':>8}  Raft term before/after")
-    for name, r in results.items():
+    for name, runs in rounds.items():
+        r = merged(runs)
+        # the median of per-round ratios: each round compares targets under the same load
+        ratio = statistics.median(run["rps"] / base["rps"]
+                                  for run, base in zip(runs, trivial_rounds, strict=True))
+        term = "/".join(map(str, terms[name])) if len(terms[name]) > 1 else ""
         print(f"{name:<24}{r['rps']:>8.0f}{r['p50_ms']:>8.2f}{r['p99_ms']:>8.2f}{r['errors']:>7}"
-              f"{r['rps'] / base:>10.0%}{r['target_cores']:>11.2f}{r['loadgen_cores']:>8.2f}"
-              f"{r['machine_cores']:>8.2f}  {r['terms']} {r['statuses'] or ''}")
+              f"{ratio:>10.0%}{r['target_cores']:>11.2f}{r['loadgen_cores']:>8.2f}"
+              f"{r['machine_cores']:>8.2f}  {term} {r['statuses'] or ''}")
+    if args.rounds > 1:
+        print("per round, vs trivial: " + "; ".join(
+            f"{name}: " + " ".join(f"{run['rps'] / base['rps']:.0%}"
+                                   for run, base in zip(runs, trivial_rounds, strict=True))
+            for name, runs in rounds.items() if runs is not trivial_rounds))
     print(f"(CPU in cores; the machine has {os.cpu_count()}. 'target CPU' counts the trivial "
-          f"server, the three members, or the three raw PySyncObj processes.)")
+          f"server, the three members, or the three raw PySyncObj processes. 'vs trivial' is "
+          f"the median over rounds of the ratio within a round. With every target up and no "
+          f"load the machine was {idle_cores:.2f} cores busy.)")
     return 0
 
 
