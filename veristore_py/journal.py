@@ -80,6 +80,7 @@ class LmdbJournal(Journal):
         # member set stays what the log says (see deleteEntriesFrom).
         self.on_membership: Callable[[list[bytes]], None] = lambda commands: None
         self._rewound_from: int | None = None  # first index of a kept tail, until `settle`
+        self._before_clear: list[Entry] | None = None  # the log `clear` dropped, until `add`s
         self._last_added = 0  # index of the last `add` since the rewind began
         # LMDB writes queued since the last sync: ("put", key, value) | ("del", key) | ("drop",)
         self._pending: list[tuple[Any, ...]] = []
@@ -141,10 +142,40 @@ class LmdbJournal(Journal):
             self._truncate(position)
         self._pending.append(("put", _KEY.pack(idx), _TERM.pack(term) + command))
         self._entries.append(entry)
+        if self._before_clear is not None and len(self._entries) == 2:
+            self._installed()
+
+    def _installed(self) -> None:
+        """After `clear`, `add(prev)`, `add(last)`: keep the old entries after `last` if the
+        old log held `last` itself (Raft's snapshot-install rule), in the same sync."""
+        before, self._before_clear = self._before_clear, None
+        last = self._entries[-1]
+        if not before or not before[0][1] <= last[1] <= before[-1][1]:
+            return
+        position = last[1] - before[0][1]
+        if before[position] != last:
+            return
+        tail = before[position + 1:]
+        self._pending.extend(("put", _KEY.pack(index), _TERM.pack(term) + command)
+                             for command, index, term in tail)
+        self._entries.extend(tail)
+        if tail:
+            # PySyncObj has just set its member set from the snapshot; `settle` applies the
+            # membership changes of the kept tail again, in log order.
+            self._rewound_from, self._last_added = last[1] + 1, last[1]
 
     def clear(self) -> None:
-        """Drop every entry."""
+        """Drop every entry, unless a snapshot install keeps a tail (see `_installed`).
+
+        PySyncObj installs a snapshot sent by the leader as `clear()`, `add(prev)`,
+        `add(last)`. Raft's rule for that install: if the log holds the snapshot's last entry
+        (same index and term), the entries after it stay. They can be entries this follower
+        has acknowledged, which the leader counts as held here; dropping them could lose a
+        committed entry if the leader then failed. The old entries are kept aside until the
+        second `add` says which case this is.
+        """
         self._pending.append(("drop",))
+        self._before_clear = self._entries
         self._entries = []
         self._rewound_from = None
 
@@ -164,6 +195,7 @@ class LmdbJournal(Journal):
         message is handled) applies those of the tail past the last resent entry, in log
         order, so PySyncObj's member set matches the log.
         """
+        self._before_clear = None
         if entryFrom < len(self._entries):
             self._rewound_from = self._entries[entryFrom][1]
             self._last_added = 0
@@ -187,6 +219,7 @@ class LmdbJournal(Journal):
 
     def deleteEntriesTo(self, entryTo: int) -> None:  # noqa: N802
         """Drop entries at list positions < entryTo (compaction after a snapshot)."""
+        self._before_clear = None
         doomed = self._entries[:entryTo]
         self._pending.extend(("del", _KEY.pack(index)) for _, index, _ in doomed)
         self._entries = self._entries[entryTo:]
@@ -196,6 +229,7 @@ class LmdbJournal(Journal):
 
         `extra` is a (key, value) for the meta table written in the same transaction.
         """
+        self._before_clear = None  # (a `clear` not followed by two `add`s: a plain one)
         with self._lock:
             if not self._pending and extra is None:
                 return

@@ -195,10 +195,10 @@ class VeristoreNode(SyncObj):
             window_s=settings.batch_window_ms / 1000.0,
             commit_timeout_s=settings.commit_timeout_s,
         )
+        if settings.dynamic_membership:  # (before PySyncObj's tick thread starts)
+            self._journal.on_membership = self._replay_membership
         super().__init__(settings.raft_address, [p.raft for p in settings.peers], conf,
                          transportClass=DurableTransport)
-        if settings.dynamic_membership:
-            self._journal.on_membership = self._replay_membership
         # Sync while the followers work on what was just sent (see DurableTransport).
         wait_for_events = self._poller.poll
 

@@ -59,6 +59,54 @@ def test_clear_then_add(tmp_path):
     assert [e[1] for e in LmdbJournal(str(tmp_path / "j"))] == [100, 101]
 
 
+def test_a_snapshot_install_keeps_the_entries_after_a_held_last_entry(tmp_path):
+    """Raft's install rule: if the log holds the snapshot's last entry (same index and term),
+    the entries after it stay, on disk too; they may be acknowledged ones (review: PySyncObj
+    installs as clear, add(prev), add(last), and dropping them lost a committed entry)."""
+    j = LmdbJournal(str(tmp_path / "j"))
+    calls = []
+    j.on_membership = calls.append
+    for i, command in enumerate([b"a", b"b", b"c", b"d", b"\x02add-x", b"f"], start=1):
+        j.add(command, i, 1)
+    j.sync()
+    j.clear()
+    j.add(b"b", 2, 1)
+    j.add(b"c", 3, 1)
+    assert [e[1] for e in j] == [2, 3, 4, 5, 6]
+    j.settle()  # the snapshot reset PySyncObj's member set: the kept tail's changes again
+    assert calls == [[b"\x02add-x"]]
+    j.sync()
+    j.close()
+    j = LmdbJournal(str(tmp_path / "j"))
+    assert [(e[1], e[0]) for e in j] == [(2, b"b"), (3, b"c"), (4, b"d"), (5, b"\x02add-x"),
+                                         (6, b"f")]
+    j.close()
+
+
+def test_a_snapshot_install_drops_a_log_that_does_not_hold_its_last_entry(tmp_path):
+    """A log whose entry at the snapshot's last index has another term, or that ends before
+    it, is dropped whole; a clear not followed by two adds is a plain clear."""
+    for old_terms, last in (([1, 1, 1, 1], (3, 2)), ([1, 1], (3, 1))):
+        path = str(tmp_path / f"j{len(old_terms)}")
+        j = LmdbJournal(path)
+        for i, term in enumerate(old_terms, start=1):
+            j.add(b"x", i, term)
+        j.clear()
+        j.add(b"x", last[0] - 1, 1)
+        j.add(b"x", last[0], last[1])
+        j.close()
+        assert [e[1] for e in LmdbJournal(path)] == [last[0] - 1, last[0]]
+    j = LmdbJournal(str(tmp_path / "plain"))
+    for i in range(1, 5):
+        j.add(b"x", i, 1)
+    j.clear()
+    j.sync()
+    j.add(b"x", 1, 1)
+    j.add(b"x", 2, 1)
+    assert [e[1] for e in j] == [1, 2]
+    j.close()
+
+
 def test_factory_passes_lmdb_journal_through(tmp_path):
     """The installed factory returns our journal and leaves other values to PySyncObj."""
     install_journal_factory()
