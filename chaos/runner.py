@@ -242,7 +242,10 @@ async def run(cycles: int, seed: int, clients: int = 4, routers: int = 2,
                            env={"CACHE_PLANE_NODE_LEASE_MS": str(24 * 3600 * 1000),
                                 # checkpoint block logs all the time, under every fault
                                 "CACHE_PLANE_BLOCK_LOG_SLACK_BLOCKS": "64",
-                                "CACHE_PLANE_BLOCK_LOG_MAX_RECORDS": "8"})
+                                "CACHE_PLANE_BLOCK_LOG_MAX_RECORDS": "8",
+                                # and snapshot the Raft log often, so that lagging members
+                                # install snapshots under the faults too
+                                "CACHE_PLANE_COMPACTION_MIN_ENTRIES": "200"})
     network = Network(cluster.links)
     disks = Disks(cluster)
     nemesis = Nemesis(cluster, network, disks, rng)

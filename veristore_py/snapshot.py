@@ -20,9 +20,11 @@ File format: ``MAGIC`` | u32 header length | msgpack header | compacted LMDB dat
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import threading
+import time
 from typing import IO, Any
 
 import structlog
@@ -36,6 +38,7 @@ from .storage import StateStore, fsync_dir
 log = structlog.get_logger(__name__)
 
 MAGIC = b"VERISNAP\x00\x01"
+RETRY_AFTER_FAILURE_S = 2.0  # a failed snapshot is not tried again sooner
 _LEN = struct.Struct(">I")
 
 
@@ -99,17 +102,24 @@ class SnapshotManager:
         self._thread: threading.Thread | None = None
         self.built = 0
         self.installed = 0
+        self._retry_at = 0.0  # (monotonic) no new attempt before this, after a failure
 
     def serialize(self, tmp_path: str, data: Any) -> None:
         """Start writing a snapshot of the current state (PySyncObj `serializer`)."""
         last, prev, cluster = data
         final = tmp_path[: -len(".tmp")] if tmp_path.endswith(".tmp") else tmp_path
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
+        if time.monotonic() < self._retry_at:
+            # PySyncObj asks again on its next tick after a failure; on a full disk that
+            # would be hundreds of failed attempts (and error lines) a second.
+            with self._lock:
+                self._state = SERIALIZER_STATE.FAILED
+            return
         try:
+            if os.path.exists(tmp_path):
+                os.remove(tmp_path)
             view = self._store.open_snapshot()
         except Exception as exc:  # report FAILED instead of leaving PySyncObj "serializing"
-            log.error("snapshot_failed", error=repr(exc))
+            self._failed(exc)
             with self._lock:
                 self._state = SERIALIZER_STATE.FAILED
             return
@@ -150,11 +160,17 @@ class SnapshotManager:
                     log.info("snapshot_built", applied=header["applied"],
                              last_index=header["last"][1], bytes=os.path.getsize(final))
         except Exception as exc:
-            log.error("snapshot_failed", error=repr(exc))
+            self._failed(exc)
+            with contextlib.suppress(OSError):  # a partial file would hold a full disk full
+                os.remove(building)
         finally:
             self._store.close_snapshot(view)
             with self._lock:
                 self._state = outcome
+
+    def _failed(self, exc: Exception) -> None:
+        log.error("snapshot_failed", error=repr(exc), retry_in_s=RETRY_AFTER_FAILURE_S)
+        self._retry_at = time.monotonic() + RETRY_AFTER_FAILURE_S
 
     def check(self) -> int:
         """Report the background build's state (PySyncObj `serializeChecker`)."""

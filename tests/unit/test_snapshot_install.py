@@ -1,4 +1,5 @@
-"""A follower sent a snapshot keeps the acknowledged entries after it (real PySyncObj, LMDB).
+"""Snapshots: a follower sent one keeps the acknowledged entries after it (real PySyncObj
+and LMDB); a failed build cleans up and backs off.
 
 Three PySyncObj members on `LmdbJournal`, ticked by hand, with an in-memory transport that
 follows `node.DurableTransport`'s rules (sync before any message but a leader's append,
@@ -157,3 +158,44 @@ def test_a_snapshot_sent_after_acknowledgements_keeps_committed_entries(tmp_path
     finally:
         for member in members.values():
             member.journal.close()
+
+
+def test_a_failed_snapshot_build_leaves_no_partial_file_and_waits_before_retrying(
+        tmp_path, monkeypatch):
+    """On a full disk a build fails; its partial file would keep the disk full, and PySyncObj
+    asks again every tick: the file is removed and the next attempt waits."""
+    from pysyncobj import SERIALIZER_STATE
+
+    from veristore_py import snapshot
+    from veristore_py.state import KVMachine
+    from veristore_py.storage import StateStore
+
+    store = StateStore(str(tmp_path / "state"), KVMachine(), map_size=1 << 20)
+    manager = snapshot.SnapshotManager(store)
+
+    attempts = []
+
+    def disk_full(view: Any, out: Any) -> None:
+        attempts.append(1)
+        out.write(b"x" * 4096)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store, "write_snapshot", disk_full)
+    entry = (b"", 1, 1)
+    dump = str(tmp_path / "snapshot.bin")
+    try:
+        manager.serialize(dump + ".tmp", (entry, entry, []))
+        manager.wait()
+        assert manager.check() == SERIALIZER_STATE.FAILED
+        assert os.listdir(tmp_path) == ["state"]
+        manager.serialize(dump + ".tmp", (entry, entry, []))  # too soon: not even started
+        manager.wait()
+        assert manager.check() == SERIALIZER_STATE.FAILED and len(attempts) == 1
+        monkeypatch.undo()
+        monkeypatch.setattr(snapshot, "RETRY_AFTER_FAILURE_S", 0.0)
+        manager._retry_at = 0.0
+        manager.serialize(dump + ".tmp", (entry, entry, []))
+        manager.wait()
+        assert manager.check() == SERIALIZER_STATE.SUCCESS and os.path.exists(dump)
+    finally:
+        store.close()
