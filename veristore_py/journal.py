@@ -156,6 +156,7 @@ class LmdbJournal(Journal):
         if before[position] != last:
             return
         tail = before[position + 1:]
+        log.info("snapshot_install_kept_log", last_index=last[1], kept_entries=len(tail))
         self._pending.extend(("put", _KEY.pack(index), _TERM.pack(term) + command)
                              for command, index, term in tail)
         self._entries.extend(tail)
