@@ -33,6 +33,21 @@ class _RewindIsNotDivergence(logging.Filter):
         return True
 
 
+class _SnapshotFailureIsLoggedOnce(logging.Filter):
+    """Downgrade PySyncObj's "Failed to store full dump" warning to debug.
+
+    `SnapshotManager` logs each failed build (`snapshot_failed`, with its cause) and then
+    refuses new attempts for a while; PySyncObj would still warn on every refused attempt,
+    every other tick (a full disk filled the log with it).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and record.msg == "Failed to store full dump":
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
 def configure_logging(fmt: str = "auto", level: str = "info", **bind: Any) -> None:
     """Configure structlog and stdlib logging for this process; bind `bind` to every event."""
     if fmt == "auto":
@@ -60,6 +75,7 @@ def configure_logging(fmt: str = "auto", level: str = "info", **bind: Any) -> No
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     pysyncobj_log = logging.getLogger("pysyncobj.syncobj")
-    if not any(isinstance(f, _RewindIsNotDivergence) for f in pysyncobj_log.filters):
-        pysyncobj_log.addFilter(_RewindIsNotDivergence())
+    for kind in (_RewindIsNotDivergence, _SnapshotFailureIsLoggedOnce):
+        if not any(isinstance(f, kind) for f in pysyncobj_log.filters):
+            pysyncobj_log.addFilter(kind())
     structlog.contextvars.bind_contextvars(**bind)

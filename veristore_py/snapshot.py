@@ -86,6 +86,32 @@ def prepare_journal(journal: Any, dump_path: str) -> None:
             return
 
 
+OWN_SUFFIX = ".own"
+
+
+def _keep_as_own(path: str) -> None:
+    """Make `<path>.own` a hard link to the snapshot at `path` (this node's latest accepted
+    one); the caller fsyncs the directory."""
+    link = path + OWN_SUFFIX + ".tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(link)
+    os.link(path, link)
+    os.replace(link, path + OWN_SUFFIX)
+
+
+def _own_header(path: str) -> dict[str, Any] | None:
+    """The header of this node's own latest snapshot beside `path`, or None (none kept yet,
+    or unreadable: then the dump at `path` is taken as before)."""
+    try:
+        with open(path + OWN_SUFFIX, "rb") as f:
+            return read_header(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, StorageError, ValueError) as exc:
+        log.warning("own_snapshot_unreadable", path=path + OWN_SUFFIX, error=repr(exc))
+        return None
+
+
 def _entry(raw: Any) -> tuple[bytes, int, int]:
     command, index, term = raw
     return bytes(command), int(index), int(term)
@@ -108,15 +134,15 @@ class SnapshotManager:
         """Start writing a snapshot of the current state (PySyncObj `serializer`)."""
         last, prev, cluster = data
         final = tmp_path[: -len(".tmp")] if tmp_path.endswith(".tmp") else tmp_path
+        with contextlib.suppress(OSError):  # PySyncObj renames it over `final` on return
+            os.remove(tmp_path)
         if time.monotonic() < self._retry_at:
-            # PySyncObj asks again on its next tick after a failure; on a full disk that
-            # would be hundreds of failed attempts (and error lines) a second.
+            # PySyncObj asks again soon after a failure; on a full disk that would be
+            # hundreds of failed attempts (and error lines) a second.
             with self._lock:
                 self._state = SERIALIZER_STATE.FAILED
             return
         try:
-            if os.path.exists(tmp_path):
-                os.remove(tmp_path)
             view = self._store.open_snapshot()
         except Exception as exc:  # report FAILED instead of leaving PySyncObj "serializing"
             self._failed(exc)
@@ -139,7 +165,7 @@ class SnapshotManager:
 
     def _build(self, final: str, header: dict[str, Any], view: Any, generation: int) -> None:
         building = final + ".building"
-        outcome = SERIALIZER_STATE.FAILED
+        done = False
         try:
             with open(building, "wb") as f:
                 raw = pack(header)
@@ -149,24 +175,26 @@ class SnapshotManager:
                 os.fsync(f.fileno())
             # The live state becomes the base the compacted journal builds on: make it durable.
             self._store.sync()
-            with self._lock:
-                if generation != self._generation:  # a leader's snapshot replaced ours
-                    os.remove(building)
-                else:
+            with self._lock:  # (one hold: `deserialize` sees the build done or not, not half)
+                if generation == self._generation:  # else a leader's snapshot came in between
                     os.replace(building, final)
+                    _keep_as_own(final)
                     fsync_dir(os.path.dirname(os.path.abspath(final)))
-                    outcome = SERIALIZER_STATE.SUCCESS
+                    done = True
+                    self._state = SERIALIZER_STATE.SUCCESS
                     self.built += 1
-                    log.info("snapshot_built", applied=header["applied"],
-                             last_index=header["last"][1], bytes=os.path.getsize(final))
+            if done:
+                log.info("snapshot_built", applied=header["applied"],
+                         last_index=header["last"][1], bytes=os.path.getsize(final))
         except Exception as exc:
             self._failed(exc)
-            with contextlib.suppress(OSError):  # a partial file would hold a full disk full
-                os.remove(building)
         finally:
             self._store.close_snapshot(view)
-            with self._lock:
-                self._state = outcome
+            if not done:
+                with contextlib.suppress(OSError):  # a partial file would hold a full disk full
+                    os.remove(building)
+                with self._lock:
+                    self._state = SERIALIZER_STATE.FAILED
 
     def _failed(self, exc: Exception) -> None:
         log.error("snapshot_failed", error=repr(exc), retry_in_s=RETRY_AFTER_FAILURE_S)
@@ -181,17 +209,42 @@ class SnapshotManager:
             return state
 
     def deserialize(self, path: str) -> tuple[Any, Any, list[TCPNode]]:
-        """Load the dump at `path`, installing its state if it is ahead of ours."""
+        """Load the dump at `path`, installing its state if it is ahead of ours.
+
+        At start-up `path` is this node's own snapshot, or one a leader sent just before a
+        crash; otherwise a leader has just streamed its dump to `path`, replacing ours. A dump
+        older than this node's own (`<path>.own`, kept as a hard link) is refused: ours is put
+        back and returned, so PySyncObj keeps the log that follows it. Without that, a
+        follower that had compacted past the leader's snapshot would have its log cut to the
+        older snapshot's two entries, entries it has acknowledged among those dropped.
+        """
         with self._lock:
             self._generation += 1
-        # PySyncObj renames a received dump into place without fsync; make it durable before
-        # this node acknowledges the install (the acknowledgement follows this call).
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-        fsync_dir(os.path.dirname(os.path.abspath(path)))
-        with open(path, "rb") as f:
-            header = read_header(f)
-            if header["applied"] > self._store.applied_index:
+            # A build of ours that finished but is not reported yet: PySyncObj would compact
+            # the journal behind it, but `path` no longer holds it. It builds again later.
+            if self._state == SERIALIZER_STATE.SUCCESS:
+                self._state = SERIALIZER_STATE.FAILED
+            # PySyncObj renames a received dump into place without fsync; make it durable
+            # before this node acknowledges the install (the acknowledgement follows this).
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+                header = read_header(f)
+            own = _own_header(path)
+            if own is not None and own["last"][1] > header["last"][1]:
+                log.info("snapshot_older_than_own_kept_own", received_last=header["last"][1],
+                         own_last=own["last"][1])
+                restore = path + ".restore"
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(restore)
+                os.link(path + OWN_SUFFIX, restore)
+                os.replace(restore, path)
+                header = own
+            else:
+                _keep_as_own(path)
+            fsync_dir(os.path.dirname(os.path.abspath(path)))
+        if header["applied"] > self._store.applied_index:
+            with open(path, "rb") as f:
+                read_header(f)
                 log.info("snapshot_installing", applied=header["applied"],
                          local_applied=self._store.applied_index)
                 self._store.install_snapshot(f)

@@ -1,29 +1,37 @@
-"""Snapshots: a follower sent one keeps the acknowledged entries after it (real PySyncObj
-and LMDB); a failed build cleans up and backs off.
+"""Snapshots: a follower sent one keeps the acknowledged entries after it (real PySyncObj,
+LMDB and the node's snapshot manager); a failed build cleans up and backs off.
 
-Three PySyncObj members on `LmdbJournal`, ticked by hand, with an in-memory transport that
-follows `node.DurableTransport`'s rules (sync before any message but a leader's append,
+Three PySyncObj members on `LmdbJournal`, a `StateStore` and `SnapshotManager` (the node's
+snapshot path), ticked by hand, with an in-memory transport that follows
+`node.DurableTransport`'s rules (sync before any message but a leader's append,
 acknowledgements stamped with the term and stale ones dropped, `settle` after each message).
 
-The scenario (found in review): a slow follower F acknowledges entries in order; its first,
+The scenarios (found in reviews): a slow follower F acknowledges entries in order; its first,
 old acknowledgement makes PySyncObj's leader lower F's next index below the leader's
 compacted log start, so the leader sends F a snapshot, while F's later acknowledgements make
 the leader commit entries F holds. F installs the snapshot after that. If the install drops
 F's log after the snapshot, and the leader then dies, those committed entries are gone: the
-third member never got them.
+third member never got them. F's log may still hold the snapshot's last entry, or F may have
+compacted past it already (its own snapshot is newer).
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+from collections.abc import Callable
 from typing import Any
 
-from pysyncobj import SyncObj, SyncObjConf, replicated
+from pysyncobj import SERIALIZER_STATE, SyncObj, SyncObjConf, replicated
 from pysyncobj.transport import Transport
 
+from veristore_py import snapshot
+from veristore_py.codec import pack
 from veristore_py.journal import LmdbJournal, install_journal_factory
 from veristore_py.node import ACK_TERM, stale_ack
+from veristore_py.snapshot import SnapshotManager
+from veristore_py.state import KVMachine
+from veristore_py.storage import StateStore
 
 Message = tuple[str, str, dict[str, Any]]
 
@@ -64,9 +72,15 @@ class Member(SyncObj):
     def __init__(self, address: str, others: list[str], directory: str) -> None:
         name = address.replace(":", "_")
         self.journal = LmdbJournal(os.path.join(directory, name))
+        self.store = StateStore(os.path.join(directory, name + "-state"), KVMachine(),
+                                map_size=1 << 22)
+        self.snapshots = SnapshotManager(self.store)
         conf = SyncObjConf(autoTick=False, appendEntriesUseBatch=False,
                            journalFile=self.journal,
                            fullDumpFile=os.path.join(directory, name + ".dump"), useFork=False,
+                           serializer=self.snapshots.serialize,
+                           deserializer=self.snapshots.deserialize,
+                           serializeChecker=self.snapshots.check,
                            logCompactionMinEntries=10**9, logCompactionMinTime=10**9,
                            raftMinTimeout=1000, raftMaxTimeout=1001,
                            leaderFallbackTimeout=10**6, appendEntriesPeriod=100,
@@ -75,6 +89,8 @@ class Member(SyncObj):
 
     @replicated
     def put(self, value: int) -> int:
+        self.store.apply_entry(self.raftLastApplied + 1, 0,
+                               [{"op": "put", "key": b"k%d" % value, "value": b"v"}])
         return value
 
     @property
@@ -85,91 +101,198 @@ class Member(SyncObj):
         self.doTick(0)
         self.journal.sync()  # as the node's poll wrapper does before handling messages
 
+    def compact(self) -> None:
+        """Snapshot now and compact the journal behind it (PySyncObj log compaction)."""
+        self.forceLogCompaction()
+        self.tick()
+        self.snapshots.wait()
+        self.tick()
+        self.tick()
 
-def test_a_snapshot_sent_after_acknowledgements_keeps_committed_entries(tmp_path):
-    install_journal_factory()
-    queue: list[Message] = []
-    MemoryTransport.queue = queue
-    addresses = ["a:1", "b:2", "c:3"]
-    members = {a: Member(a, [x for x in addresses if x != a], str(tmp_path))
-               for a in addresses}
+    def close(self) -> None:
+        self.snapshots.wait()
+        self.journal.close()
+        if not getattr(self, "_closed", False):
+            self._closed = True
+            self.store.close()
 
-    def deliver(matches: Any, limit: int | None = None) -> None:
+
+class Cluster:
+    """Three hand-ticked members; `deliver` hands queued messages over, in order."""
+
+    def __init__(self, directory: str) -> None:
+        install_journal_factory()
+        self.queue: list[Message] = []
+        MemoryTransport.queue = self.queue
+        addresses = ["a:1", "b:2", "c:3"]
+        self.members = {a: Member(a, [x for x in addresses if x != a], directory)
+                        for a in addresses}
+        for member in self.members.values():
+            member.transport.connect_all()
+        self.answers: dict[int, int] = {}
+
+    def deliver(self, matches: Callable[[str, str, dict[str, Any]], bool],
+                limit: int | None = None) -> None:
         done = i = 0
-        while i < len(queue) and (limit is None or done < limit):
-            source, target, message = queue[i]
+        while i < len(self.queue) and (limit is None or done < limit):
+            source, target, message = self.queue[i]
             if matches(source, target, message):
-                queue.pop(i)
-                members[target].transport.deliver(source, message)
+                self.queue.pop(i)
+                self.members[target].transport.deliver(source, message)
                 done += 1
             else:
                 i += 1
 
-    try:
-        for member in members.values():
-            member.transport.connect_all()
-        leader, slow, lagging = members["a:1"], members["b:2"], members["c:3"]
+    def cut(self, address: str) -> None:
+        self.queue[:] = [q for q in self.queue if address not in (q[0], q[1])]
+
+    def elect(self) -> Member:
+        leader = self.members["a:1"]
         leader._SyncObj__raftElectionDeadline = 0  # type: ignore[attr-defined]
         leader.tick()
-        deliver(lambda s, t, m: True)
-        deliver(lambda s, t, m: True)
+        self.deliver(lambda s, t, m: True)
+        self.deliver(lambda s, t, m: True)
         assert leader._isLeader()
         for _ in range(5):
             leader.tick()
-            deliver(lambda s, t, m: True)
-        answers: dict[int, int] = {}
+            self.deliver(lambda s, t, m: True)
+        return leader
 
-        def answer(value: int) -> Any:
-            return lambda _result, error: answers.__setitem__(value, error)
+    def put(self, leader: Member, values: range) -> None:
+        for value in values:
+            leader.put(value, callback=lambda _r, error, v=value: self.answers.__setitem__(
+                v, error))
+        leader.tick()
 
-        for value in range(10):  # to both followers, one append each
-            leader.put(value, callback=answer(value))
+    def acknowledged(self) -> list[int]:
+        return sorted(v for v, error in self.answers.items() if error == 0)
+
+    def close(self) -> None:
+        for member in self.members.values():
+            member.close()
+
+
+def test_a_snapshot_sent_after_acknowledgements_keeps_committed_entries(tmp_path):
+    cluster = Cluster(str(tmp_path))
+    try:
+        leader, slow = cluster.elect(), cluster.members["b:2"]
+        cluster.put(leader, range(10))  # to both followers, one append each
+        cluster.deliver(lambda s, t, m: t == "c:3")
+        cluster.deliver(lambda s, t, m: s == "c:3")
         leader.tick()
-        deliver(lambda s, t, m: t == "c:3")
-        deliver(lambda s, t, m: s == "c:3")
         leader.tick()
-        leader.tick()
-        for value in range(10, 20):  # to both; the lagging follower is cut off from here on
-            leader.put(value, callback=answer(value))
-        leader.tick()
-        queue[:] = [q for q in queue if "c:3" not in (q[0], q[1])]
-        leader.forceLogCompaction()
-        leader.tick()
-        leader.tick()
-        deliver(lambda s, t, m: t == "b:2")  # the slow follower handles everything sent
+        cluster.put(leader, range(10, 20))  # to both; the third member is cut off from here
+        cluster.cut("c:3")
+        leader.compact()
+        cluster.deliver(lambda s, t, m: t == "b:2")  # the slow follower handles everything
         held = slow.journal[-1][1]
-        deliver(lambda s, t, m: s == "b:2", limit=1)  # its oldest acknowledgement first
+        cluster.deliver(lambda s, t, m: s == "b:2", limit=1)  # its oldest acknowledgement
         leader._SyncObj__newAppendEntriesTime = 0  # type: ignore[attr-defined]
         leader.tick()
-        assert any("serialized" in m for s, t, m in queue if t == "b:2"), "no snapshot sent"
-        deliver(lambda s, t, m: s == "b:2")  # the rest: the leader commits what F holds
+        assert any("serialized" in m for s, t, m in cluster.queue if t == "b:2"), "no snapshot"
+        cluster.deliver(lambda s, t, m: s == "b:2")  # the rest: the leader commits them
         leader.tick()
         leader.tick()
         committed = leader.raftCommitIndex
-        assert committed == held and sorted(v for v, e in answers.items() if e == 0) == list(
-            range(20))
-        deliver(lambda s, t, m: t == "b:2" and "serialized" in m)  # F installs the snapshot
-        queue.clear()  # the leader dies before anything else arrives
-        for follower in (slow, lagging):
-            follower.journal.close()
+        assert committed == held and cluster.acknowledged() == list(range(20))
+        cluster.deliver(lambda s, t, m: t == "b:2" and "serialized" in m)  # F installs it
+        cluster.queue.clear()  # the leader dies before anything else arrives
+        slow.close()
         reopened = LmdbJournal(slow.journal.path)
         assert reopened[-1][1] == committed, "an acknowledged, committed entry was dropped"
         reopened.close()
     finally:
-        for member in members.values():
-            member.journal.close()
+        cluster.close()
+
+
+def test_a_snapshot_older_than_the_followers_own_keeps_its_log(tmp_path):
+    """F has compacted past the leader's snapshot (F's own is newer): the install must keep
+    F's own snapshot and its whole log, now and after a restart (second review)."""
+    cluster = Cluster(str(tmp_path))
+    try:
+        leader, slow = cluster.elect(), cluster.members["b:2"]
+        cluster.put(leader, range(10))
+        cluster.deliver(lambda s, t, m: t in ("b:2", "c:3"))
+        cluster.deliver(lambda s, t, m: s == "c:3")  # F's acknowledgements are held back
+        leader.tick()
+        leader.tick()
+        leader.compact()  # the leader's snapshot
+        leader_last = leader.journal[1][1]
+        cluster.put(leader, range(10, 20))  # committed with the third member
+        cluster.deliver(lambda s, t, m: t in ("b:2", "c:3"))
+        cluster.deliver(lambda s, t, m: s == "c:3")
+        leader.tick()
+        leader._SyncObj__newAppendEntriesTime = 0  # type: ignore[attr-defined]
+        leader.tick()
+        cluster.deliver(lambda s, t, m: t in ("b:2", "c:3"))
+        cluster.deliver(lambda s, t, m: s == "c:3")
+        slow.tick()
+        slow.compact()  # F's own snapshot, newer than the leader's
+        assert slow.journal[0][1] > leader_last
+        cluster.cut("c:3")
+        cluster.put(leader, range(20, 30))  # F only from here
+        cluster.cut("c:3")
+        cluster.deliver(lambda s, t, m: t == "b:2")
+        cluster.deliver(lambda s, t, m: s == "b:2", limit=1)  # F's oldest acknowledgement
+        leader._SyncObj__newAppendEntriesTime = 0  # type: ignore[attr-defined]
+        leader.tick()
+        cluster.cut("c:3")
+        assert any("serialized" in m for s, t, m in cluster.queue if t == "b:2"), "no snapshot"
+        cluster.deliver(lambda s, t, m: s == "b:2")
+        leader.tick()
+        leader.tick()
+        committed = leader.raftCommitIndex
+        assert cluster.acknowledged() == list(range(30))
+        cluster.deliver(lambda s, t, m: t == "b:2" and "serialized" in m)  # F "installs" it
+        cluster.queue.clear()  # the leader dies
+        assert slow.journal[-1][1] == committed
+        assert slow.raftLastApplied <= slow.store.applied_index
+        slow.close()
+        reopened = LmdbJournal(slow.journal.path)
+        assert reopened[-1][1] == committed, "an acknowledged, committed entry was dropped"
+        dump = os.path.join(str(tmp_path), "b_2.dump")
+        with open(dump, "rb") as f:  # the dump on disk is F's own, matching its journal
+            header = snapshot.read_header(f)
+        assert [header["prev"][1], header["last"][1]] == [e[1] for e in reopened[:2]]
+        reopened.close()
+    finally:
+        cluster.close()
+
+
+def test_a_restart_with_an_older_received_dump_keeps_the_own_one(tmp_path):
+    """A crash right after PySyncObj renamed a leader's older dump over ours: at start-up the
+    node's own snapshot is put back, so the journal behind it is kept (second review)."""
+    store = StateStore(str(tmp_path / "state"), KVMachine(), map_size=1 << 20)
+    manager = SnapshotManager(store)
+    dump = str(tmp_path / "snapshot.bin")
+
+    def write(path: str, prev: int, last: int) -> None:
+        raw = pack({"applied": 0, "prev": [b"x", prev, 1], "last": [b"x", last, 1],
+                    "cluster": []})
+        with open(path, "wb") as f:
+            f.write(snapshot.MAGIC + snapshot._LEN.pack(len(raw)) + raw)
+
+    try:
+        write(dump, 30, 31)
+        assert manager.deserialize(dump)[0][1] == 31  # accepted: becomes the node's own
+        write(dump + ".1.tmp", 19, 20)
+        os.replace(dump + ".1.tmp", dump)  # (PySyncObj's rename of a received dump)
+        last, prev, _ = manager.deserialize(dump)
+        assert (prev[1], last[1]) == (30, 31)
+        with open(dump, "rb") as f:
+            assert snapshot.read_header(f)["last"][1] == 31
+        write(dump, 40, 41)  # a newer one is taken
+        assert manager.deserialize(dump)[0][1] == 41
+        with open(dump + snapshot.OWN_SUFFIX, "rb") as f:
+            assert snapshot.read_header(f)["last"][1] == 41
+    finally:
+        store.close()
 
 
 def test_a_failed_snapshot_build_leaves_no_partial_file_and_waits_before_retrying(
         tmp_path, monkeypatch):
     """On a full disk a build fails; its partial file would keep the disk full, and PySyncObj
     asks again every tick: the file is removed and the next attempt waits."""
-    from pysyncobj import SERIALIZER_STATE
-
-    from veristore_py import snapshot
-    from veristore_py.state import KVMachine
-    from veristore_py.storage import StateStore
-
     store = StateStore(str(tmp_path / "state"), KVMachine(), map_size=1 << 20)
     manager = snapshot.SnapshotManager(store)
 
