@@ -21,10 +21,13 @@ File format: ``MAGIC`` | u32 header length | msgpack header | compacted LMDB dat
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 import struct
 import threading
 import time
+from collections.abc import Callable
 from typing import IO, Any
 
 import structlog
@@ -65,8 +68,10 @@ def prepare_journal(journal: Any, dump_path: str) -> None:
     ``last``, entries this node may already have acknowledged. Finishing the compaction here
     (drop the entries before ``prev``, fsync) keeps them.
 
-    Raises StorageError if the dump exists but cannot be read: starting without it would
-    leave the node unable to apply anything, silently.
+    A `snapshot.bin` that cannot be read is replaced by the node's own copy
+    (`snapshot.bin.own`, see `SnapshotManager.deserialize`); without a readable one this
+    raises StorageError: starting without it would leave the node unable to apply anything,
+    silently.
     """
     if not os.path.exists(dump_path):
         return
@@ -74,8 +79,15 @@ def prepare_journal(journal: Any, dump_path: str) -> None:
         with open(dump_path, "rb") as f:
             header = read_header(f)
     except (OSError, StorageError, ValueError) as exc:
-        raise StorageError(f"snapshot {dump_path} is unreadable ({exc}); restore it from a "
-                           f"backup or remove the node's data dir and let it catch up") from exc
+        own = _own_header(dump_path)
+        if own is None:
+            raise StorageError(
+                f"snapshot {dump_path} is unreadable ({exc}); restore it from a backup or "
+                f"remove the node's data dir and let it catch up") from exc
+        log.warning("snapshot_unreadable_own_restored", path=dump_path, error=repr(exc))
+        _replace_with(dump_path + OWN_SUFFIX, dump_path)
+        fsync_dir(os.path.dirname(os.path.abspath(dump_path)))
+        header = own
     prev, last = _entry(header["prev"]), _entry(header["last"])
     for position in range(len(journal) - 1):
         if journal[position][1:] == prev[1:] and journal[position + 1][1:] == last[1:]:
@@ -89,14 +101,30 @@ def prepare_journal(journal: Any, dump_path: str) -> None:
 OWN_SUFFIX = ".own"
 
 
-def _keep_as_own(path: str) -> None:
-    """Make `<path>.own` a hard link to the snapshot at `path` (this node's latest accepted
-    one); the caller fsyncs the directory."""
-    link = path + OWN_SUFFIX + ".tmp"
+# link() errors that mean "no hard links here", not "something is wrong"
+_NO_HARD_LINKS = {errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK}
+
+
+def _replace_with(src: str, dst: str) -> None:
+    """Make `dst` hold the snapshot at `src`, atomically: a hard link, or a fsynced copy on a
+    file system without hard links. The caller fsyncs the directory."""
+    tmp = dst + ".tmp"
     with contextlib.suppress(FileNotFoundError):
-        os.remove(link)
-    os.link(path, link)
-    os.replace(link, path + OWN_SUFFIX)
+        os.remove(tmp)
+    try:
+        os.link(src, tmp)
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    os.replace(tmp, dst)
+
+
+def _keep_as_own(path: str) -> None:
+    """Make `<path>.own` hold the snapshot at `path` (this node's latest accepted one)."""
+    _replace_with(path, path + OWN_SUFFIX)
 
 
 def _own_header(path: str) -> dict[str, Any] | None:
@@ -129,6 +157,7 @@ class SnapshotManager:
         self.built = 0
         self.installed = 0
         self._retry_at = 0.0  # (monotonic) no new attempt before this, after a failure
+        self.on_fatal: Callable[[int], Any] = os._exit  # (tests replace it)
 
     def serialize(self, tmp_path: str, data: Any) -> None:
         """Start writing a snapshot of the current state (PySyncObj `serializer`)."""
@@ -209,6 +238,22 @@ class SnapshotManager:
             return state
 
     def deserialize(self, path: str) -> tuple[Any, Any, list[TCPNode]]:
+        """`_deserialize`, or stop the process if it fails.
+
+        PySyncObj catches any error of its deserializer, logs it and carries on: at start-up
+        the member would then never apply an entry, and after a leader's snapshot it would
+        acknowledge the install as done with its log unchanged, so the leader could count it
+        for entries it does not hold. Exiting instead lets the supervisor (systemd) restart
+        it; a restart is always safe and redoes the load.
+        """
+        try:
+            return self._deserialize(path)
+        except Exception as exc:
+            log.critical("snapshot_load_failed_exiting", path=path, error=repr(exc))
+            self.on_fatal(70)  # EX_SOFTWARE
+            raise
+
+    def _deserialize(self, path: str) -> tuple[Any, Any, list[TCPNode]]:
         """Load the dump at `path`, installing its state if it is ahead of ours.
 
         At start-up `path` is this node's own snapshot, or one a leader sent just before a
@@ -233,11 +278,7 @@ class SnapshotManager:
             if own is not None and own["last"][1] > header["last"][1]:
                 log.info("snapshot_older_than_own_kept_own", received_last=header["last"][1],
                          own_last=own["last"][1])
-                restore = path + ".restore"
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(restore)
-                os.link(path + OWN_SUFFIX, restore)
-                os.replace(restore, path)
+                _replace_with(path + OWN_SUFFIX, path)
                 header = own
             else:
                 _keep_as_own(path)

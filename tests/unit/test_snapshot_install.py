@@ -22,11 +22,13 @@ import pickle
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from pysyncobj import SERIALIZER_STATE, SyncObj, SyncObjConf, replicated
 from pysyncobj.transport import Transport
 
 from veristore_py import snapshot
 from veristore_py.codec import pack
+from veristore_py.errors import StorageError
 from veristore_py.journal import LmdbJournal, install_journal_factory
 from veristore_py.node import ACK_TERM, stale_ack
 from veristore_py.snapshot import SnapshotManager
@@ -266,22 +268,16 @@ def test_a_restart_with_an_older_received_dump_keeps_the_own_one(tmp_path):
     manager = SnapshotManager(store)
     dump = str(tmp_path / "snapshot.bin")
 
-    def write(path: str, prev: int, last: int) -> None:
-        raw = pack({"applied": 0, "prev": [b"x", prev, 1], "last": [b"x", last, 1],
-                    "cluster": []})
-        with open(path, "wb") as f:
-            f.write(snapshot.MAGIC + snapshot._LEN.pack(len(raw)) + raw)
-
     try:
-        write(dump, 30, 31)
+        _write_dump(dump, 30, 31)
         assert manager.deserialize(dump)[0][1] == 31  # accepted: becomes the node's own
-        write(dump + ".1.tmp", 19, 20)
+        _write_dump(dump + ".1.tmp", 19, 20)
         os.replace(dump + ".1.tmp", dump)  # (PySyncObj's rename of a received dump)
         last, prev, _ = manager.deserialize(dump)
         assert (prev[1], last[1]) == (30, 31)
         with open(dump, "rb") as f:
             assert snapshot.read_header(f)["last"][1] == 31
-        write(dump, 40, 41)  # a newer one is taken
+        _write_dump(dump, 40, 41)  # a newer one is taken
         assert manager.deserialize(dump)[0][1] == 41
         with open(dump + snapshot.OWN_SUFFIX, "rb") as f:
             assert snapshot.read_header(f)["last"][1] == 41
@@ -322,3 +318,73 @@ def test_a_failed_snapshot_build_leaves_no_partial_file_and_waits_before_retryin
         assert manager.check() == SERIALIZER_STATE.SUCCESS and os.path.exists(dump)
     finally:
         store.close()
+
+
+def _write_dump(path: str, prev: int, last: int) -> None:
+    raw = pack({"applied": 0, "prev": [b"x", prev, 1], "last": [b"x", last, 1], "cluster": []})
+    with open(path, "wb") as f:
+        f.write(snapshot.MAGIC + snapshot._LEN.pack(len(raw)) + raw)
+
+
+def test_a_failed_load_stops_the_process_instead_of_acknowledging(tmp_path, monkeypatch):
+    """PySyncObj swallows a deserializer's error and acknowledges the install anyway (third
+    review): the manager stops the process instead (here: a recorded exit code)."""
+    store = StateStore(str(tmp_path / "state"), KVMachine(), map_size=1 << 20)
+    manager = SnapshotManager(store)
+    exits: list[int] = []
+    manager.on_fatal = exits.append
+    dump = str(tmp_path / "snapshot.bin")
+    raw = pack({"applied": 5, "prev": [b"x", 4, 1], "last": [b"x", 5, 1], "cluster": []})
+    with open(dump, "wb") as f:
+        f.write(snapshot.MAGIC + snapshot._LEN.pack(len(raw)) + raw + b"not an LMDB copy")
+
+    def no_space(src: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store, "install_snapshot", no_space)
+    try:
+        with pytest.raises(OSError):
+            manager.deserialize(dump)
+        assert exits == [70]
+    finally:
+        store.close()
+
+
+def test_without_hard_links_the_own_snapshot_is_a_copy(tmp_path, monkeypatch):
+    def no_links(src: str, dst: str) -> None:
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    store = StateStore(str(tmp_path / "state"), KVMachine(), map_size=1 << 20)
+    manager = SnapshotManager(store)
+    dump = str(tmp_path / "snapshot.bin")
+    try:
+        _write_dump(dump, 30, 31)
+        manager.deserialize(dump)
+        _write_dump(dump, 19, 20)  # an older one arrives: the own copy is put back
+        assert manager.deserialize(dump)[0][1] == 31
+        assert sorted(os.listdir(tmp_path)) == ["snapshot.bin", "snapshot.bin.own", "state"]
+    finally:
+        store.close()
+
+
+def test_an_unreadable_dump_is_replaced_by_the_own_copy_at_start_up(tmp_path):
+    journal = LmdbJournal(str(tmp_path / "journal"))
+    dump = str(tmp_path / "snapshot.bin")
+    try:
+        for index in range(28, 36):
+            journal.add(b"x", index, 1)
+        _write_dump(dump + snapshot.OWN_SUFFIX, 30, 31)
+        with open(dump, "wb") as f:
+            f.write(b"torn")
+        snapshot.prepare_journal(journal, dump)
+        with open(dump, "rb") as f:
+            assert snapshot.read_header(f)["last"][1] == 31
+        assert [e[1] for e in journal][:2] == [30, 31]  # and the compaction was finished
+        os.remove(dump + snapshot.OWN_SUFFIX)
+        with open(dump, "wb") as f:
+            f.write(b"torn")
+        with pytest.raises(StorageError, match="unreadable"):
+            snapshot.prepare_journal(journal, dump)
+    finally:
+        journal.close()
