@@ -35,7 +35,7 @@ from pysyncobj import SERIALIZER_STATE
 from pysyncobj.node import TCPNode
 
 from .codec import pack, unpack
-from .errors import StorageError
+from .errors import InvalidCommandError, StorageError
 from .storage import StateStore, fsync_dir
 
 log = structlog.get_logger(__name__)
@@ -46,49 +46,77 @@ _LEN = struct.Struct(">I")
 
 
 def read_header(f: IO[bytes]) -> dict[str, Any]:
-    """Read and check a snapshot header; leave `f` at the start of the LMDB copy."""
+    """Read and check a snapshot header; leave `f` at the start of the LMDB copy.
+
+    Raises StorageError for anything that is not a whole, well-formed header.
+    """
     if f.read(len(MAGIC)) != MAGIC:
         raise StorageError("not a veristore snapshot (bad magic)")
     raw_len = f.read(_LEN.size)
     if len(raw_len) != _LEN.size:
         raise StorageError("truncated snapshot header")
     (length,) = _LEN.unpack(raw_len)
-    header = unpack(f.read(length))
-    if not isinstance(header, dict) or "applied" not in header:
+    try:
+        header = unpack(f.read(length))
+    except InvalidCommandError as exc:
+        raise StorageError(f"snapshot header is torn ({exc})") from exc
+    if not (isinstance(header, dict) and {"applied", "prev", "last", "cluster"} <= set(header)):
         raise StorageError("snapshot header is malformed")
     return header
 
 
+def _header_of(path: str) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        return read_header(f)
+
+
 def prepare_journal(journal: Any, dump_path: str) -> None:
-    """Make the journal agree with the dump file before PySyncObj starts (call before it does).
+    """Make the dump file and the journal agree before PySyncObj starts (call before it does).
 
-    A crash after a snapshot was renamed into place but before PySyncObj compacted the journal
-    leaves a journal that still starts before the snapshot's ``prev`` entry. PySyncObj's
-    start-up would then *clear* the journal down to ``[prev, last]`` and drop every entry after
-    ``last``, entries this node may already have acknowledged. Finishing the compaction here
-    (drop the entries before ``prev``, fsync) keeps them.
+    - Leftovers of an interrupted replace or build are removed.
+    - The dump is the newer of `snapshot.bin` and the node's own copy (`snapshot.bin.own`,
+      see `SnapshotManager.deserialize`): a crash can leave a leader's older dump, renamed
+      into place by PySyncObj, or a torn one. It is fsynced before the journal is touched.
+    - A crash after a snapshot was renamed into place but before PySyncObj compacted the
+      journal leaves a journal that starts before the snapshot's ``prev`` entry; PySyncObj's
+      start-up would then *clear* it down to ``[prev, last]``, dropping entries after
+      ``last`` this node may have acknowledged. Finishing the compaction here (drop the
+      entries before ``prev``, fsync) keeps them.
 
-    A `snapshot.bin` that cannot be read is replaced by the node's own copy
-    (`snapshot.bin.own`, see `SnapshotManager.deserialize`); without a readable one this
-    raises StorageError: starting without it would leave the node unable to apply anything,
-    silently.
+    Raises StorageError, and the node refuses to start, when no readable dump exists or the
+    journal starts after the dump's last entry (PySyncObj would clear it, and the entries in
+    between exist nowhere here): starting would lose acknowledged entries silently.
     """
+    for leftover in (dump_path + _REPLACING, dump_path + OWN_SUFFIX + _REPLACING,
+                     dump_path + ".building"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(leftover)
     if not os.path.exists(dump_path):
         return
+    own = _own_header(dump_path)
     try:
-        with open(dump_path, "rb") as f:
-            header = read_header(f)
-    except (OSError, StorageError, ValueError) as exc:
-        own = _own_header(dump_path)
+        header = _header_of(dump_path)
+    except (OSError, StorageError) as exc:
         if own is None:
             raise StorageError(
                 f"snapshot {dump_path} is unreadable ({exc}); restore it from a backup or "
                 f"remove the node's data dir and let it catch up") from exc
         log.warning("snapshot_unreadable_own_restored", path=dump_path, error=repr(exc))
+        header = None
+    if header is None or (own is not None and own["last"][1] > header["last"][1]):
         _replace_with(dump_path + OWN_SUFFIX, dump_path)
-        fsync_dir(os.path.dirname(os.path.abspath(dump_path)))
         header = own
+    assert header is not None
+    with open(dump_path, "rb") as f:
+        os.fsync(f.fileno())
+    fsync_dir(os.path.dirname(os.path.abspath(dump_path)))
     prev, last = _entry(header["prev"]), _entry(header["last"])
+    if len(journal) and journal[0][1] > last[1]:
+        raise StorageError(
+            f"the journal starts at entry {journal[0][1]}, after the snapshot's last entry "
+            f"{last[1]} ({dump_path}): the entries in between are not on this member. Replace "
+            f"it: stop it, move its data dir away and start it empty while the other members "
+            f"are healthy (docs/operations.md)")
     for position in range(len(journal) - 1):
         if journal[position][1:] == prev[1:] and journal[position + 1][1:] == last[1:]:
             if position:
@@ -99,43 +127,42 @@ def prepare_journal(journal: Any, dump_path: str) -> None:
 
 
 OWN_SUFFIX = ".own"
-
+_REPLACING = ".replacing"  # (not ".tmp": PySyncObj writes `<dump>.tmp` itself)
 
 # link() errors that mean "no hard links here", not "something is wrong"
 _NO_HARD_LINKS = {errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK}
 
 
-def _replace_with(src: str, dst: str) -> None:
-    """Make `dst` hold the snapshot at `src`, atomically: a hard link, or a fsynced copy on a
-    file system without hard links. The caller fsyncs the directory."""
-    tmp = dst + ".tmp"
+def _stage(src: str, dst: str) -> str:
+    """Prepare `dst` to hold the snapshot at `src`: a hard link (or, on a file system without
+    them, a fsynced copy) at a temporary name, returned for `os.replace(it, dst)`."""
+    staged = dst + _REPLACING
     with contextlib.suppress(FileNotFoundError):
-        os.remove(tmp)
+        os.remove(staged)
     try:
-        os.link(src, tmp)
+        os.link(src, staged)
     except OSError as exc:
         if exc.errno not in _NO_HARD_LINKS:
             raise
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb") as f:
+        shutil.copyfile(src, staged)
+        with open(staged, "rb") as f:
             os.fsync(f.fileno())
-    os.replace(tmp, dst)
+    return staged
 
 
-def _keep_as_own(path: str) -> None:
-    """Make `<path>.own` hold the snapshot at `path` (this node's latest accepted one)."""
-    _replace_with(path, path + OWN_SUFFIX)
+def _replace_with(src: str, dst: str) -> None:
+    """Make `dst` hold the snapshot at `src`, atomically; the caller fsyncs the directory."""
+    os.replace(_stage(src, dst), dst)
 
 
 def _own_header(path: str) -> dict[str, Any] | None:
     """The header of this node's own latest snapshot beside `path`, or None (none kept yet,
-    or unreadable: then the dump at `path` is taken as before)."""
+    or unreadable: then the dump at `path` is taken as it is)."""
     try:
-        with open(path + OWN_SUFFIX, "rb") as f:
-            return read_header(f)
+        return _header_of(path + OWN_SUFFIX)
     except FileNotFoundError:
         return None
-    except (OSError, StorageError, ValueError) as exc:
+    except (OSError, StorageError) as exc:
         log.warning("own_snapshot_unreadable", path=path + OWN_SUFFIX, error=repr(exc))
         return None
 
@@ -204,10 +231,11 @@ class SnapshotManager:
                 os.fsync(f.fileno())
             # The live state becomes the base the compacted journal builds on: make it durable.
             self._store.sync()
+            own = _stage(building, final + OWN_SUFFIX)  # (a copy, if any, outside the lock)
             with self._lock:  # (one hold: `deserialize` sees the build done or not, not half)
                 if generation == self._generation:  # else a leader's snapshot came in between
                     os.replace(building, final)
-                    _keep_as_own(final)
+                    os.replace(own, final + OWN_SUFFIX)
                     fsync_dir(os.path.dirname(os.path.abspath(final)))
                     done = True
                     self._state = SERIALIZER_STATE.SUCCESS
@@ -220,8 +248,9 @@ class SnapshotManager:
         finally:
             self._store.close_snapshot(view)
             if not done:
-                with contextlib.suppress(OSError):  # a partial file would hold a full disk full
-                    os.remove(building)
+                for leftover in (building, final + OWN_SUFFIX + _REPLACING):
+                    with contextlib.suppress(OSError):  # a partial file would keep a disk full
+                        os.remove(leftover)
                 with self._lock:
                     self._state = SERIALIZER_STATE.FAILED
 
@@ -280,8 +309,8 @@ class SnapshotManager:
                          own_last=own["last"][1])
                 _replace_with(path + OWN_SUFFIX, path)
                 header = own
-            else:
-                _keep_as_own(path)
+            elif own is None or _entry(own["last"]) != _entry(header["last"]):
+                _replace_with(path, path + OWN_SUFFIX)
             fsync_dir(os.path.dirname(os.path.abspath(path)))
         if header["applied"] > self._store.applied_index:
             with open(path, "rb") as f:

@@ -364,6 +364,12 @@ def test_without_hard_links_the_own_snapshot_is_a_copy(tmp_path, monkeypatch):
         _write_dump(dump, 19, 20)  # an older one arrives: the own copy is put back
         assert manager.deserialize(dump)[0][1] == 31
         assert sorted(os.listdir(tmp_path)) == ["snapshot.bin", "snapshot.bin.own", "state"]
+        manager.serialize(dump + ".tmp", ((b"x", 50, 1), (b"x", 49, 1), []))  # a build
+        manager.wait()
+        assert manager.check() == SERIALIZER_STATE.SUCCESS
+        with open(dump + snapshot.OWN_SUFFIX, "rb") as own, open(dump, "rb") as current:
+            assert own.read() == current.read()
+        assert sorted(os.listdir(tmp_path)) == ["snapshot.bin", "snapshot.bin.own", "state"]
     finally:
         store.close()
 
@@ -386,5 +392,25 @@ def test_an_unreadable_dump_is_replaced_by_the_own_copy_at_start_up(tmp_path):
             f.write(b"torn")
         with pytest.raises(StorageError, match="unreadable"):
             snapshot.prepare_journal(journal, dump)
+    finally:
+        journal.close()
+
+
+def test_start_up_refuses_a_journal_that_starts_after_the_newest_dump(tmp_path):
+    """PySyncObj would clear such a journal down to the dump's two entries; the entries in
+    between exist nowhere on this member (fourth review: a torn dump after a power loss)."""
+    journal = LmdbJournal(str(tmp_path / "journal"))
+    dump = str(tmp_path / "snapshot.bin")
+    try:
+        for index in range(40, 46):
+            journal.add(b"x", index, 1)
+        journal.sync()
+        _write_dump(dump + snapshot.OWN_SUFFIX, 30, 31)
+        raw = pack({"applied": 0, "prev": [b"x", 39, 1], "last": [b"x", 40, 1], "cluster": []})
+        with open(dump, "wb") as f:  # torn inside its msgpack header
+            f.write(snapshot.MAGIC + snapshot._LEN.pack(len(raw)) + raw[:7])
+        with pytest.raises(StorageError, match="journal starts at entry 40"):
+            snapshot.prepare_journal(journal, dump)
+        assert [e[1] for e in journal] == list(range(40, 46))  # untouched
     finally:
         journal.close()
