@@ -87,8 +87,9 @@ def prepare_journal(journal: Any, dump_path: str) -> None:
     journal starts after the dump's last entry (PySyncObj would clear it, and the entries in
     between exist nowhere here): starting would lose acknowledged entries silently.
     """
-    for leftover in (dump_path + _REPLACING, dump_path + OWN_SUFFIX + _REPLACING,
-                     dump_path + ".building"):
+    for leftover in (dump_path + _REPLACING, dump_path + _BUILDING,
+                     dump_path + OWN_SUFFIX + _REPLACING, dump_path + OWN_SUFFIX + _BUILDING,
+                     dump_path + OWN_SUFFIX + ".tmp"):
         with contextlib.suppress(FileNotFoundError):
             os.remove(leftover)
     if not os.path.exists(dump_path):
@@ -128,15 +129,17 @@ def prepare_journal(journal: Any, dump_path: str) -> None:
 
 OWN_SUFFIX = ".own"
 _REPLACING = ".replacing"  # (not ".tmp": PySyncObj writes `<dump>.tmp` itself)
+_BUILDING = ".building"  # a build's files (its thread runs beside the tick thread)
 
 # link() errors that mean "no hard links here", not "something is wrong"
 _NO_HARD_LINKS = {errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK}
 
 
-def _stage(src: str, dst: str) -> str:
+def _stage(src: str, dst: str, suffix: str = _REPLACING) -> str:
     """Prepare `dst` to hold the snapshot at `src`: a hard link (or, on a file system without
-    them, a fsynced copy) at a temporary name, returned for `os.replace(it, dst)`."""
-    staged = dst + _REPLACING
+    them, a fsynced copy) at `dst + suffix`, returned for `os.replace(it, dst)`. Callers that
+    may run at once (a build's thread, the tick thread) use different suffixes."""
+    staged = dst + suffix
     with contextlib.suppress(FileNotFoundError):
         os.remove(staged)
     try:
@@ -220,7 +223,7 @@ class SnapshotManager:
         self._thread.start()
 
     def _build(self, final: str, header: dict[str, Any], view: Any, generation: int) -> None:
-        building = final + ".building"
+        building = final + _BUILDING
         done = False
         try:
             with open(building, "wb") as f:
@@ -231,7 +234,7 @@ class SnapshotManager:
                 os.fsync(f.fileno())
             # The live state becomes the base the compacted journal builds on: make it durable.
             self._store.sync()
-            own = _stage(building, final + OWN_SUFFIX)  # (a copy, if any, outside the lock)
+            own = _stage(building, final + OWN_SUFFIX, _BUILDING)  # (outside the lock)
             with self._lock:  # (one hold: `deserialize` sees the build done or not, not half)
                 if generation == self._generation:  # else a leader's snapshot came in between
                     os.replace(building, final)
@@ -248,7 +251,7 @@ class SnapshotManager:
         finally:
             self._store.close_snapshot(view)
             if not done:
-                for leftover in (building, final + OWN_SUFFIX + _REPLACING):
+                for leftover in (building, final + OWN_SUFFIX + _BUILDING):
                     with contextlib.suppress(OSError):  # a partial file would keep a disk full
                         os.remove(leftover)
                 with self._lock:

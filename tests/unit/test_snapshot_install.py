@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -414,3 +415,43 @@ def test_start_up_refuses_a_journal_that_starts_after_the_newest_dump(tmp_path):
         assert [e[1] for e in journal] == list(range(40, 46))  # untouched
     finally:
         journal.close()
+
+
+def test_a_build_staging_during_an_install_cannot_become_the_own_copy(tmp_path, monkeypatch):
+    """A build's thread and an install on the tick thread both stage a new own copy; with one
+    staging name the build's (cancelled, older) file could be renamed into place as the own
+    copy (fifth review). The build stages right inside the install's replace here."""
+    store = StateStore(str(tmp_path / "state"), KVMachine(), map_size=1 << 20)
+    manager = SnapshotManager(store)
+    dump = str(tmp_path / "snapshot.bin")
+    release, build_staged = threading.Event(), threading.Event()
+    real_write, real_stage = store.write_snapshot, snapshot._stage
+
+    def slow_write(view: Any, out: Any) -> None:
+        release.wait(10)
+        real_write(view, out)
+
+    def stage(src: str, dst: str, suffix: str = snapshot._REPLACING) -> str:
+        staged = real_stage(src, dst, suffix)
+        if suffix == snapshot._REPLACING:  # the install: let the build stage its copy now
+            release.set()
+            assert build_staged.wait(10)
+        else:
+            build_staged.set()
+        return staged
+
+    monkeypatch.setattr(store, "write_snapshot", slow_write)
+    monkeypatch.setattr(snapshot, "_stage", stage)
+    exits: list[int] = []
+    manager.on_fatal = exits.append
+    try:
+        manager.serialize(dump + ".tmp", ((b"x", 40, 1), (b"x", 39, 1), []))  # our build
+        _write_dump(dump, 59, 60)  # a leader's newer snapshot arrives meanwhile
+        assert manager.deserialize(dump)[0][1] == 60
+        manager.wait()
+        assert manager.check() == SERIALIZER_STATE.FAILED  # the build was superseded
+        with open(dump + snapshot.OWN_SUFFIX, "rb") as f:
+            assert snapshot.read_header(f)["last"][1] == 60
+        assert sorted(os.listdir(tmp_path)) == ["snapshot.bin", "snapshot.bin.own", "state"]
+    finally:
+        store.close()
