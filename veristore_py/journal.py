@@ -157,8 +157,12 @@ class LmdbJournal(Journal):
             return
         tail = before[position + 1:]
         log.info("snapshot_install_kept_log", last_index=last[1], kept_entries=len(tail))
-        self._pending.extend(("put", _KEY.pack(index), _TERM.pack(term) + command)
-                             for command, index, term in tail)
+        # On disk, instead of dropping everything: delete only what precedes `prev` (`prev`
+        # and `last` are written again, unchanged), so the kept tail is not rewritten.
+        drop = len(self._pending) - 1 - self._pending[::-1].index(("drop",))
+        prev_index = self._entries[0][1]
+        self._pending[drop:drop + 1] = [("del", _KEY.pack(index)) for _, index, _ in before
+                                        if index < prev_index]
         self._entries.extend(tail)
         if tail:
             # PySyncObj has just set its member set from the snapshot; `settle` applies the
