@@ -185,7 +185,7 @@ def machine_busy_seconds() -> float:
 def measured(url: str, payloads: list[dict[str, Any]], seconds: float, concurrency: int,
              headers: dict[str, str], pids: list[int]) -> dict[str, Any]:
     """`load`, plus the CPU seconds used by `pids`, by this process and by the whole machine
-    (`*_cpu`) over `wall` seconds, and the same as cores (`*_cores`)."""
+    (`*_cpu`) over `wall` seconds (`merged` turns them into cores)."""
     before = [cpu_seconds(p) for p in pids], cpu_seconds(os.getpid()), machine_busy_seconds()
     started = time.monotonic()
     result = asyncio.run(load(url, payloads, seconds, concurrency, headers))
@@ -194,8 +194,6 @@ def measured(url: str, payloads: list[dict[str, Any]], seconds: float, concurren
     result["target_cpu"] = sum(cpu_seconds(p) - c for p, c in zip(pids, before[0], strict=True))
     result["loadgen_cpu"] = cpu_seconds(os.getpid()) - before[1]
     result["machine_cpu"] = machine_busy_seconds() - before[2]
-    for what in ("target", "loadgen", "machine"):
-        result[f"{what}_cores"] = result[f"{what}_cpu"] / wall
     return result
 
 

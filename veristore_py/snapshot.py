@@ -94,20 +94,19 @@ def prepare_journal(journal: Any, dump_path: str) -> None:
             os.remove(leftover)
     if not os.path.exists(dump_path):
         return
-    own = _own_header(dump_path)
     try:
-        header = _header_of(dump_path)
+        header: dict[str, Any] | None = _header_of(dump_path)
     except (OSError, StorageError) as exc:
-        if own is None:
+        if not os.path.exists(dump_path + OWN_SUFFIX):
             raise StorageError(
                 f"snapshot {dump_path} is unreadable ({exc}); restore it from a backup or "
                 f"remove the node's data dir and let it catch up") from exc
-        log.warning("snapshot_unreadable_own_restored", path=dump_path, error=repr(exc))
+        log.warning("snapshot_unreadable", path=dump_path, error=repr(exc))
         header = None
-    if header is None or (own is not None and own["last"][1] > header["last"][1]):
-        _replace_with(dump_path + OWN_SUFFIX, dump_path)
-        header = own
-    assert header is not None
+    header = _own_if_newer(dump_path, header) or header
+    if header is None:
+        raise StorageError(f"snapshot {dump_path} and its own copy are unreadable; restore "
+                           f"one from a backup or remove the node's data dir and let it catch up")
     with open(dump_path, "rb") as f:
         os.fsync(f.fileno())
     fsync_dir(os.path.dirname(os.path.abspath(dump_path)))
@@ -156,6 +155,20 @@ def _stage(src: str, dst: str, suffix: str = _REPLACING) -> str:
 def _replace_with(src: str, dst: str) -> None:
     """Make `dst` hold the snapshot at `src`, atomically; the caller fsyncs the directory."""
     os.replace(_stage(src, dst), dst)
+
+
+def _own_if_newer(path: str, header: dict[str, Any] | None) -> dict[str, Any] | None:
+    """This node's own copy's header if it is newer than the dump at `path` (`header`; None
+    if unreadable), after putting it back at `path` (the caller fsyncs the directory); else
+    None. A leader's older dump must not cut a log that follows our own."""
+    own = _own_header(path)
+    if own is None or (header is not None and own["last"][1] <= header["last"][1]):
+        return None
+    if header is not None:
+        log.info("snapshot_older_than_own_kept_own", received_last=header["last"][1],
+                 own_last=own["last"][1])
+    _replace_with(path + OWN_SUFFIX, path)
+    return own
 
 
 def _own_header(path: str) -> dict[str, Any] | None:
@@ -306,13 +319,11 @@ class SnapshotManager:
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
                 header = read_header(f)
-            own = _own_header(path)
-            if own is not None and own["last"][1] > header["last"][1]:
-                log.info("snapshot_older_than_own_kept_own", received_last=header["last"][1],
-                         own_last=own["last"][1])
-                _replace_with(path + OWN_SUFFIX, path)
+            own = _own_if_newer(path, header)
+            if own is not None:
                 header = own
-            elif own is None or _entry(own["last"]) != _entry(header["last"]):
+            elif (kept := _own_header(path)) is None or _entry(kept["last"]) != _entry(
+                    header["last"]):  # taken: it becomes the own copy, unless it already is
                 _replace_with(path, path + OWN_SUFFIX)
             fsync_dir(os.path.dirname(os.path.abspath(path)))
         if header["applied"] > self._store.applied_index:
