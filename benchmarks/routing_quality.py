@@ -13,6 +13,10 @@ latency, throughput, load imbalance (max/mean of each node's time-averaged reque
 rejections. Prints tables, writes JSON and (with matplotlib) PNG plots.
 
 Usage: python benchmarks/routing_quality.py [--quick] [--out DIR] [--workload NAME ...]
+
+`--sweep` instead compares every policy across regimes (running slots x latency model x
+offered load x workload) with cache_plane's machine applied in process on the virtual clock:
+see `benchmarks/routing_sweep.py` and docs/simulation.md.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import routing_sweep  # noqa: E402
 from benchmarks.replication import machine as machine_info  # noqa: E402
 from cache_plane.client import CachePlaneClient  # noqa: E402
 from cache_plane.sim import workloads  # noqa: E402
@@ -48,8 +53,9 @@ TRACE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NODES = 8
 MAX_NUM_SEQS = 128
 # cache_plane's leader reads its real clock (it estimates prefill backlogs with it), so its
-# run keeps virtual time `pace` times ahead of real time, and the cluster's prefill rate
-# setting is scaled by the same factor. The pace leaves every request WALL_PER_REQUEST_S of
+# run keeps virtual time `pace` times ahead of real time, and everything the cluster hears in
+# milliseconds is on its clock: the prior speeds are scaled by the pace, and the completion
+# reports' times divided by it. The pace leaves every request WALL_PER_REQUEST_S of
 # real time for its three HTTP calls (route, complete, KV events), so the simulation never
 # falls behind its pace.
 WALL_PER_REQUEST_S = 0.03
@@ -81,7 +87,9 @@ def start_cluster(token: str, pace: float) -> LocalCluster:
                                 "CACHE_PLANE_REQUEST_TTL_MS": str(600_000),
                                 # the fleet's prefill speed, as an operator would configure it
                                 "CACHE_PLANE_PREFILL_TOKENS_PER_S": str(round(
-                                    pace * 1000 / DEFAULT_LATENCY.prefill_ms_per_token))})
+                                    pace * 1000 / DEFAULT_LATENCY.prefill_ms_per_token)),
+                                "CACHE_PLANE_DECODE_MS_PER_TOKEN": str(
+                                    DEFAULT_LATENCY.step_ms(0, MAX_NUM_SEQS // 2) / pace)})
     cluster.start()
     cluster.wait_for_leader(timeout=60)
     return cluster
@@ -97,10 +105,12 @@ async def run_cache_plane(cluster: LocalCluster, token: str, name: str, block: i
         for i, node in enumerate(fleet.ids):
             await client.register_node(node, f"10.0.0.{i + 1}:8000", [model],
                                        capacity_blocks=config.capacity_blocks,
-                                       max_active=config.max_num_seqs)
-        policy = CachePlanePolicy(client, model)
+                                       max_active=config.max_num_seqs * 8,
+                                       max_running=config.max_num_seqs)
+        policy = CachePlanePolicy(client, model, pace=pace or 1.0)
         started = time.perf_counter()
-        result = await run(fleet, requests, policy, pace=pace)
+        result = await run(fleet, requests, policy, pace=pace,
+                           heartbeat_ms=routing_sweep.HEARTBEAT_MS)
         wall = time.perf_counter() - started
         await client.request("POST", f"/v1/models/{model}/invalidate")  # free node capacity
     summary = result.summary()
@@ -184,7 +194,10 @@ def main() -> int:
                         help="a few hundred requests per workload (CI)")
     parser.add_argument("--out", default=None, help="directory for JSON and PNG results")
     parser.add_argument("--workload", action="append", help="run only these workloads")
+    routing_sweep.add_arguments(parser)
     args = parser.parse_args()
+    if args.sweep:
+        return routing_sweep.main(args, parser)
     sets = workload_set(args.quick)
     chosen = args.workload or list(sets)
     unknown = [w for w in chosen if w not in sets]

@@ -247,10 +247,13 @@ def cmd_route(args: argparse.Namespace) -> int:
           f"matched {r['matched_blocks']}/{r['total_blocks']} blocks "
           f"({r['matched_tokens']} tokens), evicted {r['evicted_blocks']}, "
           f"term {r['term']}, index {r['index']}{' (dry run)' if r['dry_run'] else ''}")
-    print(f"{'candidate':<16} {'overlap':>8} {'load':>6} {'free':>8} {'evict':>6} {'score':>8}  note")
+    print(f"{'candidate':<16} {'overlap':>8} {'load':>6} {'free':>8} {'evict':>6} "
+          f"{'ttft ms':>9} {'queue':>8} {'prefill':>8} {'saved':>8} {'penalty':>8}  note")
     for c in r["candidates"]:
         print(f"{c['node_id']:<16} {c['overlap_blocks']:>8} {c['load']:>6.2f} "
-              f"{c['free_blocks']:>8} {c['evict_blocks']:>6} {c['score']:>8.3f}  {c['reason']}")
+              f"{c['free_blocks']:>8} {c['evict_blocks']:>6} {c['ttft_ms']:>9.1f} "
+              f"{c['queue_ms'] + c['backlog_ms']:>8.1f} {c['prefill_ms']:>8.1f} "
+              f"{c['saved_ms']:>8.1f} {c['penalty_ms']:>8.1f}  {c['reason']}")
     return 0
 
 
@@ -296,7 +299,9 @@ async def _demo_workload(cluster: LocalCluster, requests: int, seed: int) -> lis
         fleet = Fleet.build(nodes, config)
         for i, node in enumerate(fleet.ids):
             await client.register_node(node, f"10.0.0.{i + 1}:8000", [model],
-                                       config.capacity_blocks, max_active=config.max_num_seqs)
+                                       config.capacity_blocks,
+                                       max_active=config.max_num_seqs * 8,
+                                       max_running=config.max_num_seqs)
         policy = _DemoPolicy(client, model, cluster, kill_at=requests // 2)
         ours = (await run(fleet, fresh(workload), policy)).summary()
         stats = await client.stats()

@@ -29,12 +29,15 @@ class CachePlaneClient(VeristoreClient):
     async def register_node(self, node_id: str, address: str, models: list[str],
                             capacity_blocks: int, max_active: int = 64,
                             labels: dict[str, str] | None = None,
-                            instance_id: str | None = None) -> dict[str, Any]:
+                            instance_id: str | None = None,
+                            max_running: int | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"node_id": node_id, "address": address, "models": models,
                                 "capacity_blocks": capacity_blocks, "max_active": max_active,
                                 "labels": labels or {}}
         if instance_id is not None:
             body["instance_id"] = instance_id
+        if max_running is not None:
+            body["max_running"] = max_running
         return await self.request("POST", "/v1/nodes", json=body)
 
     async def heartbeat(self, node_id: str, active_requests: int = 0,
@@ -59,10 +62,14 @@ class CachePlaneClient(VeristoreClient):
         return await self.request("POST", "/v1/route", json=body)
 
     async def complete(self, request_id: str, node_id: str, status: str = "ok",
-                       block_hashes: list[int] | None = None) -> dict[str, Any]:
-        return await self.request("POST", "/v1/complete", json={
-            "request_id": request_id, "node_id": node_id, "status": status,
-            "block_hashes": block_hashes or []})
+                       block_hashes: list[int] | None = None,
+                       **usage: int | None) -> dict[str, Any]:
+        """Report a completion; `usage` may carry prompt_tokens, output_tokens,
+        cached_tokens, ttft_ms and latency_ms (they calibrate the load model)."""
+        body: dict[str, Any] = {"request_id": request_id, "node_id": node_id, "status": status,
+                                "block_hashes": block_hashes or []}
+        body.update((k, v) for k, v in usage.items() if v is not None)
+        return await self.request("POST", "/v1/complete", json=body)
 
     async def kv_events(self, node_id: str, seq: int, events: list[dict[str, Any]],
                         model: str | None = None) -> dict[str, Any]:

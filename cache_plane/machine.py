@@ -25,7 +25,10 @@ Store keys (all under ``cp/``)::
     cp/log/..., cp/ck/..., cp/blk/...     the prefix index (see `blocklog`)
     cp/sess/<id>                          [node_id, expires_ms]
     cp/req/<id>                           [node_id, model_code, blocks, pending, expires_ms,
-                                           route_type, matched_blocks]
+                                           route_type, matched_blocks, routed_ms,
+                                           expected_wait_ms, clear]
+
+Records written by older code lack the trailing fields; they read as their defaults.
 """
 
 from __future__ import annotations
@@ -43,9 +46,18 @@ from veristore_py.codec import pack, unpack
 from veristore_py.state import ApplyContext, KVMachine, Mutation, Outcome, Reader, Result, error
 
 from .blocklog import ADD, LOG_SLACK_BLOCKS, MAX_LOG_RECORDS, REMOVE, TOUCH, BlockLog, Replay
+from .calibration import DEFAULT_SPEEDS, Learned, Report, Speeds, learn
 from .index import GPU, PENDING, TIER_CODES, TIER_NAMES, PrefixIndex, block_keys
 from .model import Candidate, ModelSpec, Node, RouteDecision
-from .policy import DEFAULT_POLICY, PolicyConfig, decide, route_type
+from .policy import (
+    DEFAULT_POLICY,
+    PolicyConfig,
+    decide,
+    fleet_speeds,
+    load_model,
+    route_type,
+    running_slots,
+)
 
 PREFIX = b"cp/"
 META_KEY = b"cp/meta"
@@ -75,13 +87,15 @@ def _node_wire(node: Node) -> list[Any]:
     return [node.slot, node.address, list(node.models), node.capacity_blocks, node.max_active,
             [list(p) for p in node.labels], node.state, node.active, node.queue,
             node.lease_until_ms, node.last_event_seq, node.prefill_until_ms, node.instance,
-            node.reported_used]
+            node.reported_used, node.max_running, node.learned.wire()]
 
 
 def _node_from_wire(node_id: str, w: list[Any]) -> Node:
     return Node(node_id, w[0], w[1], tuple(w[2]), w[3], w[4], tuple(tuple(p) for p in w[5]),
                 w[6], w[7], w[8], w[9], w[10], w[11] if len(w) > 11 else 0,
-                w[12] if len(w) > 12 else "", w[13] if len(w) > 13 else -1)
+                w[12] if len(w) > 12 else "", w[13] if len(w) > 13 else -1,
+                w[14] if len(w) > 14 else 0,
+                Learned.from_wire(w[15]) if len(w) > 15 else Learned())
 
 
 @dataclass(slots=True)
@@ -93,6 +107,14 @@ class RequestRecord:
     expires_ms: int
     route_type: str = "miss"
     matched: int = 0
+    routed_ms: int = 0          # the leader's clock when it was routed
+    expected_wait_ms: int = 0   # the wait the load model expected for it (calibration)
+    clear: bool = False         # it found a free slot and at most one step of prefill ahead
+
+    def wire(self) -> list[Any]:
+        return [self.node, self.model, list(self.blocks), list(self.pending), self.expires_ms,
+                self.route_type, self.matched, self.routed_ms, self.expected_wait_ms,
+                self.clear]
 
 
 @dataclass(slots=True)
@@ -168,6 +190,38 @@ def _with_weights(default: PolicyConfig, load_weight: float | None,
                    else float(session_max_load))
 
 
+_PRIOR_FIELDS = (("prefill_tokens_per_s", 1 << 40), ("decode_ms_per_token", 1e6),
+                 ("mean_output_tokens", 1 << 24))
+
+
+def _prior(cmd: Mapping[str, Any]) -> Speeds:
+    """The speeds the leader stamped into the command (its settings), else the defaults.
+
+    They are the load model's priors: a node's learned speeds replace them one by one as
+    completion reports arrive (`calibration`). 0 or absent means the default.
+    """
+    values = []
+    for name, hi in _PRIOR_FIELDS:
+        value = cmd.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                  or not 0 <= value <= hi):
+            raise _Invalid(f"field '{name}' must be a number in [0, {hi:g}]")
+        values.append(value or None)
+    return _speeds(*values)
+
+
+@functools.lru_cache(maxsize=64)
+def _speeds(rate: float | None, decode: float | None, output: float | None) -> Speeds:
+    d = DEFAULT_SPEEDS
+    return Speeds(1000 / rate if rate else d.prefill_ms_per_token,
+                  float(decode) if decode else d.decode_ms_per_token,
+                  float(output) if output else d.output_tokens)
+
+
+def _opt_int(cmd: Mapping[str, Any], name: str, hi: int = 1 << 40) -> int | None:
+    return None if cmd.get(name) is None else _int(cmd, name, 0, hi)
+
+
 def _pairs(cmd: Mapping[str, Any], name: str) -> list[tuple[int, int]]:
     """A list of [model_code, block_hash] pairs (eviction victims)."""
     value = cmd.get(name, [])
@@ -227,6 +281,7 @@ class CachePlaneMachine:
         self.requests: dict[str, RequestRecord] = {}
         self.pins: dict[int, Counter[int]] = {}  # slot -> index key -> active requests
         self.stats = Stats()
+        self._paces_cache: tuple[Speeds, dict[str, Speeds]] | None = None
         self.log = BlockLog()
         self._reader: Reader | None = None
         self.now = 0
@@ -246,15 +301,19 @@ class CachePlaneMachine:
         mutations: list[Mutation] = []
         self._reader = reader
         self.log.discard()  # an operation a refused command left buffered
+        before = self.now
         now = command.get("now_ms", self.now)
         if isinstance(now, int) and not isinstance(now, bool) and 0 <= now <= MAX_TIME_MS:
             self.now = now  # the leader's clock, stamped into the command
         try:
             result = handler(command, ctx, mutations)
-        except _Invalid as exc:
-            return error("invalid_command", str(exc))
-        except _Rejected as exc:
-            return error(exc.code, str(exc))
+        except (_Invalid, _Rejected) as exc:
+            # A refused command leaves no trace, the clock included: it is stored only in
+            # the meta record that a refused command does not write, so a replica restored
+            # from a snapshot would not have it.
+            self.now = before
+            code = exc.code if isinstance(exc, _Rejected) else "invalid_command"
+            return error(code, str(exc))
         finally:
             self._reader = None  # only valid inside this apply
         self.log.flush(mutations)
@@ -285,9 +344,10 @@ class CachePlaneMachine:
             elif key.startswith(b"cp/sess/"):
                 self._set_session(key[8:].decode(), value[0], value[1])
             elif key.startswith(b"cp/req/"):
-                node, model, req_blocks, pending, expires, kind, matched = value
+                node, model, req_blocks, pending, expires, kind, matched, *extra = value
                 self.requests[key[7:].decode()] = RequestRecord(
-                    node, model, tuple(req_blocks), tuple(pending), expires, kind, matched)
+                    node, model, tuple(req_blocks), tuple(pending), expires, kind, matched,
+                    *extra)
         replay.into(self.index)
         for request in self.requests.values():
             self._pin(self.nodes[request.node].slot, block_keys(request.model, request.blocks))
@@ -306,14 +366,34 @@ class CachePlaneMachine:
         try:
             model, blocks, session = self._route_inputs(command, hashes_checked)
             policy = _policy(command, self.policy)
+            prior = _prior(command)
         except _Invalid as exc:
             return error("invalid_command", str(exc)).result
         if model is None:
             return error("unknown_model", f"model {command.get('model')!r} is not registered").result
-        rate = command.get("prefill_tokens_per_s", 0)
         return self._decide(model, block_keys(model.code, blocks), session,
-                            command.get("now_ms", 0), rate if type(rate) is int else 0, inflight,
-                            policy)
+                            command.get("now_ms", 0), prior, inflight, policy)
+
+    @staticmethod
+    def prior_of(command: Mapping[str, Any]) -> Speeds:
+        """The load model's priors in `command` (defaults where absent or invalid)."""
+        try:
+            return _prior(command)
+        except _Invalid:
+            return DEFAULT_SPEEDS
+
+    def pace(self, rec: Node, prior: Speeds) -> Speeds:
+        """The speeds the load model prices `rec` with (see `calibration.speeds`)."""
+        return self._paces(prior)[rec.id]
+
+    def _paces(self, prior: Speeds) -> dict[str, Speeds]:
+        """Every node's speeds under `prior`, cached until a node or what it learned changes.
+
+        (Priors are interned by `_speeds`, so the same settings give the same object.)
+        """
+        if self._paces_cache is None or self._paces_cache[0] is not prior:
+            self._paces_cache = (prior, fleet_speeds(self.nodes.values(), prior))
+        return self._paces_cache[1]
 
     def _session_node(self, session: str | None, now_ms: Any) -> str | None:
         if session is not None and session in self.sessions:
@@ -323,7 +403,7 @@ class CachePlaneMachine:
         return None
 
     def _decide(self, model: ModelSpec, keys: list[int], session: str | None, now_ms: Any,
-                prefill_rate: int,
+                prior: Speeds,
                 inflight: Mapping[str, tuple[int, int]] | None = None,
                 policy: PolicyConfig | None = None) -> RouteDecision:
         session_node = self._session_node(session, now_ms)
@@ -331,8 +411,8 @@ class CachePlaneMachine:
         new_session = session is not None and session_node is None
         return decide(model, keys, list(self.nodes.values()), self.index, self._is_pinned,
                       self._pinned_count, session_node, policy or self.policy, inflight or {},
-                      now_ms if isinstance(now_ms, int) else 0, prefill_rate,
-                      self.session_count if new_session else None)
+                      now_ms if isinstance(now_ms, int) else 0, prior,
+                      self.session_count if new_session else None, self._paces(prior))
 
     def _set_session(self, session: str, node_id: str, expires_ms: int) -> None:
         old = self.sessions.get(session)
@@ -452,7 +532,8 @@ class CachePlaneMachine:
     def _save_node(self, m: list[Mutation], rec: Node) -> None:
         m.append((b"cp/node/" + rec.id.encode(), pack(_node_wire(rec))))
 
-    def _drop_request(self, m: list[Mutation], request_id: str, confirm: bool) -> None:
+    def _drop_request(self, m: list[Mutation], request_id: str, confirm: bool,
+                      prior: Speeds = DEFAULT_SPEEDS) -> None:
         request = self.requests.pop(request_id)
         m.append((b"cp/req/" + request_id.encode(), None))
         rec = self.nodes.get(request.node)
@@ -469,8 +550,18 @@ class CachePlaneMachine:
         else:
             for key in pending:
                 self._del_block(m, rec.slot, key)
-        rec.active = max(rec.active - 1, 0)
+        self._leave(rec, prior)
         self._save_node(m, rec)
+
+    def _leave(self, rec: Node, prior: Speeds) -> None:
+        """A request left `rec`: the first waiting one (FCFS) takes its slot and prefills."""
+        if rec.queue:
+            rec.queue -= 1
+            pace = self.pace(rec, prior)
+            rec.prefill_until_ms = max(rec.prefill_until_ms, self.now) + round(
+                pace.new_tokens * pace.prefill_ms_per_token)
+        else:
+            rec.active = max(rec.active - 1, 0)
 
     def _drop_node_state(self, m: list[Mutation], rec: Node) -> None:
         self._del_all(m, rec.slot, self.index.drop_node(rec.slot))
@@ -538,6 +629,7 @@ class CachePlaneMachine:
         unknown = [x for x in models if x not in self.models]
         capacity = _int(cmd, "capacity_blocks", 1, 1 << 31)
         max_active = _int(cmd, "max_active", 1, 1 << 20)
+        max_running = _int(cmd, "max_running", 0, 1 << 20, 0)
         now = _int(cmd, "now_ms", 0, MAX_TIME_MS)
         lease = _int(cmd, "lease_ms", 1, 1 << 40)
         labels = cmd.get("labels", {})
@@ -565,8 +657,10 @@ class CachePlaneMachine:
             rec = Node(node_id, self.next_slot, address, tuple(models), capacity, max_active)
             self.next_slot += 1
             self.nodes[node_id] = rec
+            self._paces_cache = None
         rec.address, rec.models = address, tuple(models)
         rec.capacity_blocks, rec.max_active = capacity, max_active
+        rec.max_running = min(max_running, max_active)
         rec.labels = tuple(sorted(labels.items()))
         rec.state, rec.lease_until_ms = "up", now + lease
         if instance:
@@ -611,6 +705,7 @@ class CachePlaneMachine:
         rec = self._known_node(cmd)
         self._drop_node_state(m, rec)
         del self.nodes[rec.id]
+        self._paces_cache = None
         m.append((b"cp/node/" + rec.id.encode(), None))
         return {"ok": True, "node": rec.id, "removed": True}
 
@@ -631,8 +726,9 @@ class CachePlaneMachine:
             self._del_session(sid)
             m.append((b"cp/sess/" + sid.encode(), None))
         expired_requests = sorted(r for r, req in self.requests.items() if req.expires_ms <= now)
+        prior = _prior(cmd)
         for rid in expired_requests:
-            self._drop_request(m, rid, confirm=False)
+            self._drop_request(m, rid, confirm=False, prior=prior)
         idle = 0
         if block_ttl:
             for node_id in sorted(self.nodes):
@@ -658,7 +754,7 @@ class CachePlaneMachine:
         now = _int(cmd, "now_ms", 0, MAX_TIME_MS)
         ttl = _int(cmd, "request_ttl_ms", 1, 1 << 40, 30_000)
         session_ttl = _int(cmd, "session_ttl_ms", 1, 1 << 40, 600_000)
-        rate = _int(cmd, "prefill_tokens_per_s", 0, 1 << 40, 0)
+        prior = _prior(cmd)
         planned = _str(cmd, "node", optional=True)
         victims = _pairs(cmd, "evict")
         policy = _policy(cmd, self.policy)
@@ -676,7 +772,7 @@ class CachePlaneMachine:
             replanned = decision is None
             self.stats.replanned += replanned
         if decision is None:
-            decision = self._decide(model, keys, session, now, rate, policy=policy)
+            decision = self._decide(model, keys, session, now, prior, policy=policy)
         result = decision_result(decision, model, request_id,
                                  self.nodes[decision.node_id].address if decision.node_id else None)
         result["index"] = ctx.index
@@ -702,19 +798,24 @@ class CachePlaneMachine:
         self._pin(slot, keys)
         kind = decision.route_type or "miss"
         pending_blocks = pending if model.code == 0 else list(map(MASK64.__and__, pending))
+        pace = self.pace(rec, prior)
+        wait = load_model(rec, pace, now, model.block_size)
         request = RequestRecord(rec.id, model.code, tuple(blocks), tuple(pending_blocks),
-                                now + ttl, kind, decision.matched_blocks)
+                                now + ttl, kind, decision.matched_blocks, now,
+                                round(wait.backlog_ms + wait.queue_ms),
+                                not wait.queue_ms and wait.backlog_ms <= pace.fixed_ms)
         self.requests[request_id] = request
-        if rate:  # the node's estimated prefill queue grows by this request's new tokens
-            start = max(rec.prefill_until_ms, now)
-            rec.prefill_until_ms = start + -(-len(pending) * model.block_size * 1000 // rate)
-        m.append((b"cp/req/" + request_id.encode(),
-                  pack([rec.id, model.code, blocks, pending_blocks, request.expires_ms, kind,
-                        decision.matched_blocks])))
+        m.append((b"cp/req/" + request_id.encode(), pack(request.wire())))
         if session is not None:
             self._set_session(session, rec.id, now + session_ttl)
             m.append((b"cp/sess/" + session.encode(), pack([rec.id, now + session_ttl])))
-        rec.active += 1
+        if rec.active + rec.queue < running_slots(rec, pace, model.block_size):
+            # A free running slot: its prefill starts behind the prefill already under way.
+            rec.active += 1
+            rec.prefill_until_ms = max(rec.prefill_until_ms, now) + round(
+                len(pending) * model.block_size * pace.prefill_ms_per_token)
+        else:
+            rec.queue += 1  # it waits for a slot; its prefill starts when it gets one
         self._save_node(m, rec)
         self.stats.routes[kind] = self.stats.routes.get(kind, 0) + 1
         self.stats.blocks_requested += len(blocks)
@@ -735,7 +836,7 @@ class CachePlaneMachine:
         """
         rec = self.nodes.get(node_id)
         if (rec is None or rec.state != "up" or model.id not in rec.models
-                or rec.active >= rec.max_active or len(keys) > rec.capacity_blocks):
+                or rec.active + rec.queue >= rec.max_active or len(keys) > rec.capacity_blocks):
             return None
         slot = rec.slot
         # The leader's matched count only speeds up the check (see `PrefixIndex.prefix`).
@@ -800,6 +901,9 @@ class CachePlaneMachine:
         if status not in ("ok", "failed", "cancelled"):
             raise _Invalid("field 'status' must be ok, failed or cancelled")
         output = _hashes(cmd, "output_blocks")
+        prior = _prior(cmd)
+        report = Report(*(_opt_int(cmd, name) for name in (
+            "prompt_tokens", "output_tokens", "cached_tokens", "ttft_ms", "latency_ms")))
         request = self.requests.get(request_id or "")
         if request is None:
             return {"ok": True, "duplicate": True, "request_id": request_id}
@@ -807,14 +911,26 @@ class CachePlaneMachine:
             return error("node_mismatch",
                          f"request {request_id!r} was routed to {request.node!r}").result
         assert request_id is not None
-        self._drop_request(m, request_id, confirm=status == "ok")
         rec = self.nodes[request.node]
+        if status == "ok":
+            model = self._model_by_code(request.model)
+            self._paces_cache = None
+            rec.learned = learn(rec.learned, report, prior,
+                                elapsed_ms=max(self.now - request.routed_ms, 0),
+                                expected_wait_ms=request.expected_wait_ms,
+                                clear=request.clear,
+                                expected_new_tokens=len(request.pending) * model.block_size)
+        self._drop_request(m, request_id, confirm=status == "ok", prior=prior)
         added = 0
         if status == "ok":
             added = self._store_blocks(m, rec, request.model, block_keys(request.model, output),
                                        GPU, stop_when_full=True)[1]
         return {"ok": True, "request_id": request_id, "confirmed": status == "ok",
                 "output_blocks_added": added}
+
+    def _model_by_code(self, code: int) -> ModelSpec:
+        return next((spec for spec in self.models.values() if spec.code == code),
+                    ModelSpec("", code))
 
     def _kv_events(self, cmd: Mapping[str, Any], ctx: ApplyContext, m: list[Mutation]) -> Result:
         """Engine KV events, applied exactly once per (node, seq)."""

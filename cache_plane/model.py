@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from .calibration import NOTHING_LEARNED, Learned
+
 
 @dataclass(frozen=True, slots=True)
 class ModelSpec:
@@ -26,25 +28,38 @@ class Node:
     address: str
     models: tuple[str, ...]
     capacity_blocks: int
-    max_active: int
+    max_active: int            # the most requests (running + waiting) the router sends it
     labels: tuple[tuple[str, str], ...] = ()
     state: str = "up"
-    active: int = 0
-    queue: int = 0
+    active: int = 0            # running requests (engine-reported, then the router's count)
+    queue: int = 0             # requests waiting for a running slot (likewise)
     lease_until_ms: int = 0
     last_event_seq: int = -1
-    prefill_until_ms: int = 0  # when the prefill work routed here should be done (estimate)
+    prefill_until_ms: int = 0  # when the prefill of requests holding a slot should be done
     instance: str = ""         # the engine process's id as it registered (restart detection)
     reported_used: int = -1    # KV blocks in use by the engine's own count (-1: never reported)
+    max_running: int = 0       # the engine's running slots (vLLM max_num_seqs; 0: max_active)
+    learned: Learned = NOTHING_LEARNED  # speeds learned from its completion reports
+
+    @property
+    def slots(self) -> int:
+        """Requests the engine may run at once (its KV cache may hold fewer)."""
+        return self.max_running or self.max_active
 
     @property
     def load(self) -> float:
-        """Active plus queued requests per allowed active request."""
-        return (self.active + self.queue) / max(self.max_active, 1)
+        """Running plus waiting requests per running slot (above 1: a queue)."""
+        return (self.active + self.queue) / max(self.slots, 1)
 
 
 class Candidate(NamedTuple):
-    """One node's line in a decision's score breakdown (a tuple: built 16x per decision)."""
+    """One node's line in a decision's breakdown (a tuple: built 16x per decision).
+
+    Times are the load model's expectations in milliseconds (see `policy`): `ttft_ms` is
+    `fixed + backlog_ms + queue_ms + prefill_ms`; `saved_ms` is the prefill the cached
+    prefix saves (already left out of `prefill_ms`); `score` is minus the cost the router
+    minimises (`ttft_ms` plus the balance and load penalties).
+    """
 
     node_id: str
     overlap_blocks: int
@@ -55,7 +70,12 @@ class Candidate(NamedTuple):
     score: float
     eligible: bool
     reason: str = ""
-    backlog_blocks: int = 0
+    ttft_ms: float = 0.0
+    queue_ms: float = 0.0
+    backlog_ms: float = 0.0
+    prefill_ms: float = 0.0
+    saved_ms: float = 0.0
+    penalty_ms: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,37 +1,63 @@
 """Routing, admission, placement and eviction planning. PURE functions over the index.
 
 Order of decision (the seed router's, made load-aware):
-1. session affinity: the session's node, if it is eligible and not overloaded;
-2. otherwise every eligible node is scored by the prefill work the request would wait for
-   there: the prompt blocks it cannot reuse (tier-weighted) plus the node's prefill backlog,
-   as a fraction of the prompt, minus `load_weight` x load (active + queued per allowed active
-   request). score = (weighted overlap - backlog_weight x backlog) / prompt blocks
-   - load_weight x load (backlog_weight 1.0), so 1.0 is a full hit on an idle node, and reuse
-   wins until the node holding the prefix has more prefill queued than the prefix would save
-   (NVIDIA Dynamo's cost function has this shape).
-   The backlog is estimated from the node's `prefill_until_ms`: every route adds its new
-   tokens at the fleet's prefill rate (`prefill_tokens_per_s`, stamped by the leader), and
-   the estimate drains as time passes; routes the leader has sent but not applied add theirs;
-   and a node running more than `balance_slack` (1.5) times the fleet's mean of active
-   requests loses `balance_weight` (1.0) per unit above that (both +1-smoothed), so a popular
-   prefix spills to other nodes before one node carries the fleet; a request that starts a
-   session is balanced tighter (slack `session_balance_slack`, 1.0), on active requests and
-   again on the sessions each node already holds (the session's later turns follow it);
-3. a prompt with no reuse anywhere is a miss, placed by the same score (least backlog wins),
-   then fewest evictions, then most free blocks.
-A node is eligible when it is up, serves the model, is below its max active requests, and
-can hold the prompt's new blocks after evicting unpinned least-recently-used blocks (never the
-blocks this prompt reuses, never blocks pinned by active requests).
-Rejections say why: no node serves the model, none is up, all are busy, the prompt can never
-fit, or no node has room right now.
+1. session affinity: the session's node, if it is eligible and has a free running slot
+   (load below `session_max_load`, 1.0: running + waiting requests per running slot);
+2. otherwise every eligible node is priced by one load model in one unit, the milliseconds
+   until this request's first token there (`load_model`):
+       ttft = fixed + backlog + queue + prefill
+   - fixed: the part of a time to first token that does not grow with the prompt (the step
+     that admits it, per-request overheads; learned, one decode step until then);
+   - backlog: the prefill still running for requests that hold a slot (`prefill_until_ms`,
+     advanced by each route that finds a free slot and by each queued request that takes a
+     freed one; it drains on the leader's clock only while the work can actually run);
+   - queue: with every running slot taken (`max_running`, or fewer when the KV cache holds
+     fewer requests of the node's mean size: `running_slots`), the request waits for `ahead`
+     requests to finish,
+     one every `output_tokens x decode_ms_per_token / slots` on average, plus the prefill of
+     the requests queued before it. `ahead` counts the engine-reported running and waiting
+     requests, the leader's routes since the last heartbeat (applied, and proposed but not
+     yet applied) minus the completions reported since;
+   - prefill: the prompt's uncached tokens x the node's prefill time per token; the cached
+     prefix (tier-weighted) saves `saved_ms`, the prefix's value in the same unit.
+   The speeds (prefill ms per token and a time to first token's fixed part, decode ms per
+   output token, mean output and uncached prompt tokens) are the node's own, learned from its
+   completion reports (`calibration`; prefill shrunk towards the fleet's), with the settings
+   as priors.
+   The cost minimised is ttft plus three penalties, all in milliseconds. Where load sits is
+   priced in the fleet's units (mean decode step `step`, mean output `output`): a node's own
+   learned decode speed partly reflects its current load, and would count it twice.
+   - work (`work_weight`, 3.0): the prefill this node would do beyond the least any node
+     would do, x its load (requests per running slot, capped at 2): a miss on a busy node
+     stalls every request batched with it, so prefix reuse is worth more where load is;
+   - load (`load_weight`, 16.0): load x `step` per unit, a steady preference for emptier
+     nodes (16 decode steps per unit of load);
+   - balance (`balance_weight`, 0.5): a node holding more than `balance_slack` (1.3) times
+     the fleet's mean of requests (running + queued + in flight, +1-smoothed) pays the
+     excess x one request's service time (`output x step`), so a popular prefix spills
+     before one node carries the fleet; a request that starts a session is balanced tighter
+     (`session_balance_slack`, 1.0), on requests and again on the sessions each node already
+     holds (its later turns follow it).
+   The weights were chosen on the routing sweep (`benchmarks/routing_quality.py --sweep`;
+   docs/benchmarks.md has the matrix). No term is divided by the prompt's size, and no load
+   term grows with it: a 2-block and a 200-block prompt that differ only in where load sits
+   get the same node.
+3. a prompt with no reuse anywhere is a miss, placed by the same cost, then fewest
+   evictions, then most free blocks.
+A node is eligible when it is up, serves the model, holds fewer than `max_active` requests
+(running + waiting), and can hold the prompt's new blocks after evicting unpinned
+least-recently-used blocks (never the blocks this prompt reuses, never blocks pinned by
+active requests). Rejections say why: no node serves the model, none is up, all are busy,
+the prompt can never fit, or no node has room right now.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
+from .calibration import DEFAULT_SPEEDS, Speeds, pool, speeds
 from .index import PrefixIndex
 from .model import Candidate, ModelSpec, Node, RouteDecision
 
@@ -40,14 +66,14 @@ _NONE: Mapping[str, tuple[int, int]] = {}
 
 @dataclass(frozen=True, slots=True)
 class PolicyConfig:
-    """Weights of the scorer; defaults favour reuse until a node is clearly busier."""
+    """Weights of the cost's penalties (see the module docstring for each term)."""
 
-    load_weight: float = 0.5
-    backlog_weight: float = 1.0
-    balance_weight: float = 1.0
-    balance_slack: float = 1.5
+    load_weight: float = 16.0
+    balance_weight: float = 0.5
+    balance_slack: float = 1.3
     session_balance_slack: float = 1.0
     session_max_load: float = 1.0
+    work_weight: float = 3.0
 
 
 DEFAULT_POLICY = PolicyConfig()
@@ -74,22 +100,69 @@ def plan_eviction(index: PrefixIndex, slot: int, count: int, is_pinned: Callable
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """What a node's load makes a new request wait before its own prefill (milliseconds)."""
+
+    backlog_ms: float   # prefill of requests already holding a running slot
+    queue_ms: float     # waiting for a running slot, and the prefill of those queued before it
+
+
+def fleet_speeds(nodes: Iterable[Node], prior: Speeds) -> dict[str, Speeds]:
+    """Every node's speeds for the load model: its own shrunk towards the fleet's."""
+    nodes = list(nodes)
+    fleet = pool(n.learned for n in nodes)
+    return {n.id: speeds(n.learned, prior, fleet) for n in nodes}
+
+
+def running_slots(node: Node, pace: Speeds, block_size: int) -> int:
+    """How many requests `node` runs at once: its running slots, or fewer if its KV cache
+    holds fewer (KV-limited admission: a running request holds its uncached prompt and its
+    output; cached prefixes are shared)."""
+    per_request = pace.new_tokens + pace.output_tokens
+    if per_request <= 0:
+        return max(node.slots, 1)
+    return max(min(node.slots, int(node.capacity_blocks * block_size / per_request)), 1)
+
+
+def load_model(node: Node, pace: Speeds, now_ms: int, block_size: int, sent: int = 0,
+               sent_tokens: int = 0, slots: int | None = None) -> Wait:
+    """The expected wait of one more request on `node` (see the module docstring).
+
+    `sent` routes (`sent_tokens` uncached prompt tokens) were proposed by the leader and not
+    yet applied: they are on their way to the node, ahead of this request. `slots`: its
+    `running_slots`, if the caller has them.
+    """
+    if slots is None:
+        slots = running_slots(node, pace, block_size)
+    requests = node.active + node.queue + sent
+    backlog = max(node.prefill_until_ms - now_ms, 0) + sent_tokens * pace.prefill_ms_per_token
+    ahead = requests - slots + 1
+    if ahead <= 0:
+        return Wait(backlog, 0.0)
+    turnover = pace.output_tokens * pace.decode_ms_per_token / slots
+    queued_prefill = (ahead - 1) * pace.new_tokens * pace.prefill_ms_per_token
+    return Wait(backlog, ahead * turnover + queued_prefill)
+
+
 def decide(model: ModelSpec, keys: Sequence[int], nodes: Sequence[Node], index: PrefixIndex,
            is_pinned: Callable[[int, int], bool], pinned_count: Callable[[int], int],
            session_node: str | None = None, config: PolicyConfig = DEFAULT_POLICY,
            inflight: Mapping[str, tuple[int, int]] = _NONE, now_ms: int = 0,
-           prefill_tokens_per_s: int = 0,
-           sessions: Mapping[str, int] | None = None) -> RouteDecision:
+           prior: Speeds = DEFAULT_SPEEDS,
+           sessions: Mapping[str, int] | None = None,
+           paces: Mapping[str, Speeds] | None = None) -> RouteDecision:
     """Choose a node for a prompt (the index keys of its chained block hashes) of `model`.
 
     `inflight` maps a node to the (routes, new blocks) the leader has decided for it but not
-    yet applied; they count as active requests and backlog, so concurrent decisions do not all
-    pick the same node. Without `prefill_tokens_per_s` there is no backlog term. `sessions`
-    (live sessions per node) is given when the request starts a session: its later turns will
-    follow it, so sessions are balanced like active requests.
+    yet applied; they count as requests and backlog, so concurrent decisions do not all pick
+    the same node. `prior` holds the settings' speeds, used where a node has learned nothing
+    yet; `paces`, if given, are the nodes' speeds already worked out from them (the machine
+    caches them). `sessions` (live sessions per node) is given when the request starts a session: its
+    later turns will follow it, so sessions are balanced like requests.
     """
-    per_ms = prefill_tokens_per_s / 1000 / max(model.block_size, 1)  # blocks per ms
     total = len(keys)
+    bs = max(model.block_size, 1)
     serving = [n for n in nodes if model.id in n.models and n.state != "down"]
     if not serving:
         return _reject(total, "no_node_for_model", f"no node serves model {model.id!r}")
@@ -98,10 +171,19 @@ def decide(model: ModelSpec, keys: Sequence[int], nodes: Sequence[Node], index: 
     candidates: list[Candidate] = []
     loads: dict[str, float] = {}
     up = [n for n in serving if n.state == "up"] or serving
-    mean_active = sum(n.active + inflight.get(n.id, (0, 0))[0] for n in up) / len(up)
+    mean_requests = sum(n.active + n.queue + inflight.get(n.id, (0, 0))[0] for n in up) / len(up)
     mean_sessions = sum(sessions.get(n.id, 0) for n in up) / len(up) if sessions else 0.0
     # A request that starts a session brings its later turns along: balance tighter.
     slack = config.balance_slack if sessions is None else config.session_balance_slack
+    if paces is None:
+        paces = fleet_speeds(nodes, prior)
+    # The least prefill any node would do: work a node adds beyond it is the extra work.
+    # Penalties for where load sits are priced in the fleet's units (a node's own learned
+    # decode speed is partly its current load: pricing load with it would count load twice).
+    step = sum(p.decode_ms_per_token for p in paces.values()) / len(paces)
+    output = sum(p.output_tokens for p in paces.values()) / len(paces)
+    least = min((total - (matches[n.slot].weighted if n.slot in matches else 0.0))
+                * bs * paces[n.id].prefill_ms_per_token for n in serving)
     for node in serving:
         match = matches.get(node.slot)
         overlap = match.blocks if match else 0
@@ -111,26 +193,34 @@ def decide(model: ModelSpec, keys: Sequence[int], nodes: Sequence[Node], index: 
         new_blocks = total - overlap
         evict = max(new_blocks - free, 0)
         sent, sent_blocks = inflight.get(node.id, (0, 0))
-        active = node.active + sent
-        queued_blocks = sent_blocks + int(max(node.prefill_until_ms - now_ms, 0) * per_ms)
-        load = loads[node.id] = (active + node.queue) / max(node.max_active, 1)
+        requests = node.active + node.queue + sent
+        pace = paces[node.id]
+        slots = running_slots(node, pace, bs)
+        wait = load_model(node, pace, now_ms, bs, sent, sent_blocks * bs, slots)
+        per_token = pace.prefill_ms_per_token
+        saved = weighted * bs * per_token
+        prefill = max(total - weighted, 0.0) * bs * per_token
+        ttft = pace.fixed_ms + wait.backlog_ms + wait.queue_ms + prefill
+        load = loads[node.id] = requests / slots
         reason = ""
         if node.state != "up":
             reason = "draining"
-        elif active >= node.max_active:
+        elif requests >= node.max_active:
             reason = "busy"
         elif total > node.capacity_blocks:
             reason = "too_small"
         elif evict and evict > _evictable(node.slot, used, keys[:overlap], is_pinned,
                                           pinned_count):
             reason = "no_room"
-        excess = max((active + 1) / (mean_active + 1) - slack, 0.0)
+        excess = max((requests + 1) / (mean_requests + 1) - slack, 0.0)
         if sessions is not None:
             excess += max((sessions.get(node.id, 0) + 1) / (mean_sessions + 1) - slack, 0.0)
-        score = ((weighted - config.backlog_weight * queued_blocks) / total if total else 0.0) \
-            - config.load_weight * load - config.balance_weight * excess
-        candidates.append(Candidate(node.id, overlap, weighted, load, free, evict, score,
-                                    not reason, reason, queued_blocks))
+        penalty = (config.balance_weight * excess * step * output
+                   + config.load_weight * load * step
+                   + config.work_weight * min(load, 2.0) * max(prefill - least, 0.0))
+        candidates.append(Candidate(node.id, overlap, weighted, load, free, evict,
+                                    -(ttft + penalty), not reason, reason, ttft,
+                                    wait.queue_ms, wait.backlog_ms, prefill, saved, penalty))
     eligible = [c for c in candidates if c.eligible]
     by_id = {n.id: n for n in serving}
     if not eligible:
@@ -142,8 +232,8 @@ def decide(model: ModelSpec, keys: Sequence[int], nodes: Sequence[Node], index: 
             return _reject(total, "prompt_too_large",
                            f"{total} blocks exceed every node's KV capacity", candidates)
         if "no_room" not in reasons:
-            return _reject(total, "all_nodes_busy", "every node is at its max active requests",
-                           candidates)
+            return _reject(total, "all_nodes_busy",
+                           "every node holds its max active requests", candidates)
         return _reject(total, "no_room", "no node can free enough unpinned blocks", candidates)
     chosen = None
     kind = None

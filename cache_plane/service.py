@@ -27,6 +27,7 @@ from veristore_py.node import VeristoreNode
 from . import hashing
 from .machine import MASK64, CachePlaneMachine, decision_result
 from .model import RouteDecision
+from .policy import load_model, running_slots
 from .settings import ServiceSettings
 
 log = structlog.get_logger(__name__)
@@ -40,6 +41,8 @@ ERROR_STATUS = {
     "node_down": 409,
     "invalid_command": 400,
 }
+# Completion report fields that calibrate the load model (passed through to cp.complete).
+USAGE_FIELDS = ("prompt_tokens", "output_tokens", "cached_tokens", "ttft_ms", "latency_ms")
 # Admission rejections -> HTTP status.
 REJECTION_STATUS = {
     "prompt_too_large": 413,
@@ -98,6 +101,13 @@ class CachePlaneService:
 
     # -- nodes and models ------------------------------------------------------------------
 
+    def priors(self) -> dict[str, Any]:
+        """The load model's priors (settings) that the leader stamps into commands."""
+        s = self.settings
+        return {"prefill_tokens_per_s": s.prefill_tokens_per_s,
+                "decode_ms_per_token": s.decode_ms_per_token,
+                "mean_output_tokens": s.mean_output_tokens}
+
     async def register_node(self, body: dict[str, Any]) -> dict[str, Any]:
         return await self.submit({
             "op": "cp.register_node", "node": body["node_id"], "address": body["address"],
@@ -105,6 +115,7 @@ class CachePlaneService:
             "max_active": body.get("max_active", 64), "labels": body.get("labels", {}),
             "lease_ms": self.settings.node_lease_ms,
             **({"instance_id": body["instance_id"]} if "instance_id" in body else {}),
+            **({"max_running": body["max_running"]} if "max_running" in body else {}),
         })
 
     async def heartbeat(self, node_id: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -146,11 +157,26 @@ class CachePlaneService:
     def _node_json(self, node_id: str) -> dict[str, Any]:
         rec = self.machine.nodes[node_id]
         used = self.machine.index.used(rec.slot)
+        pace = self.machine.pace(rec, self.machine.prior_of(self.priors()))
+        learned = rec.learned
+        model = self.machine.models.get(rec.models[0]) if rec.models else None
+        block_size = model.block_size if model else 16
+        wait = load_model(rec, pace, now_ms(), block_size)
         return {"node_id": rec.id, "address": rec.address, "models": list(rec.models),
                 "state": rec.state, "capacity_blocks": rec.capacity_blocks,
                 "used_blocks": used, "free_blocks": max(rec.capacity_blocks - used, 0),
-                "max_active": rec.max_active, "active_requests": rec.active,
-                "queue_depth": rec.queue, "labels": dict(rec.labels),
+                "max_active": rec.max_active, "max_running": rec.slots,
+                "running_slots": running_slots(rec, pace, block_size),
+                "active_requests": rec.active, "queue_depth": rec.queue,
+                "expected_wait_ms": round(wait.backlog_ms + wait.queue_ms, 1),
+                "speeds": {
+                    "prefill_tokens_per_s": round(1000 / pace.prefill_ms_per_token),
+                    "decode_ms_per_token": round(pace.decode_ms_per_token, 3),
+                    "mean_output_tokens": round(pace.output_tokens, 1),
+                    "mean_new_tokens": round(pace.new_tokens, 1),
+                    "samples": {"prefill": learned.prefill_n, "decode": learned.decode_n,
+                                "completions": learned.output_n}},
+                "labels": dict(rec.labels),
                 "lease_until_ms": rec.lease_until_ms, "instance_id": rec.instance,
                 "reported_used_blocks": rec.reported_used if rec.reported_used >= 0 else None}
 
@@ -203,7 +229,7 @@ class CachePlaneService:
             "request_id": request_id, "now_ms": now_ms(),
             "request_ttl_ms": self.settings.request_ttl_ms,
             "session_ttl_ms": self.settings.session_ttl_ms,
-            "prefill_tokens_per_s": self.settings.prefill_tokens_per_s,
+            **self.priors(),
             "load_weight": self.settings.load_weight,
             "session_max_load": self.settings.session_max_load,
         }
@@ -266,6 +292,7 @@ class CachePlaneService:
         return await self.submit({
             "op": "cp.complete", "request_id": body["request_id"], "node": body["node_id"],
             "status": body.get("status", "ok"), "output_blocks": body.get("block_hashes", []),
+            **{k: body[k] for k in USAGE_FIELDS if k in body}, **self.priors(),
         })
 
     async def kv_events(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -306,7 +333,8 @@ class CachePlaneService:
                 continue
             try:
                 out = await self.submit({"op": "cp.expire", "now_ms": now_ms(),
-                                         "block_ttl_ms": self.settings.block_ttl_ms})
+                                         "block_ttl_ms": self.settings.block_ttl_ms,
+                                         **self.priors()})
                 if out.get("nodes_down"):
                     log.warning("nodes_declared_down", nodes=out["nodes_down"])
                 with self.node.store.lock:

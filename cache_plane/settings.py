@@ -42,11 +42,14 @@ class ServiceSettings:
     session_ttl_ms: int = 600_000      # session affinity lasts this long after the last route
     block_ttl_ms: int = 0              # drop blocks idle this long (0: only LRU evicts)
     expire_interval_s: float = 1.0     # how often the leader proposes expiry
-    load_weight: float = 0.5           # score penalty per unit of load
+    load_weight: float = 16.0          # decode steps of cost per unit of load (see policy)
     session_max_load: float = 1.0      # session affinity holds while load is below this
-    # The fleet's prefill speed (tokens/s per node), to estimate each node's prefill backlog;
-    # stamped into route commands by the leader. 0 turns the backlog term off.
+    # Priors of the load model (a node's own speeds, learned from its completion reports,
+    # replace them): prefill tokens/s, ms per decode step, mean output tokens. The leader
+    # stamps them into route, complete and expire commands.
     prefill_tokens_per_s: int = 28_000
+    decode_ms_per_token: float = 10.0
+    mean_output_tokens: int = 256
     max_prompt_tokens: int = 1 << 20
     # Checkpoint a node's block log once it lists this many blocks more than the node's index
     # holds, or has this many records (see cache_plane/blocklog.py).
@@ -59,8 +62,12 @@ class ServiceSettings:
                      "block_log_slack_blocks", "block_log_max_records"):
             if getattr(self, name) < 1:
                 problems.append(f"cache_plane.{name} must be >= 1")
-        if self.prefill_tokens_per_s < 0:
-            problems.append("cache_plane.prefill_tokens_per_s must be >= 0")
+        if not 1 <= self.prefill_tokens_per_s <= 1 << 40:
+            problems.append("cache_plane.prefill_tokens_per_s must be in [1, 2**40]")
+        if not 0 < self.decode_ms_per_token <= 1e6:
+            problems.append("cache_plane.decode_ms_per_token must be a number in (0, 1e6]")
+        if not 1 <= self.mean_output_tokens <= 1 << 24:
+            problems.append("cache_plane.mean_output_tokens must be in [1, 2**24]")
         if self.block_ttl_ms < 0:
             problems.append("cache_plane.block_ttl_ms must be >= 0")
         if self.expire_interval_s <= 0:

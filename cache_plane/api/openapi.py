@@ -7,6 +7,8 @@ from typing import Any
 U64 = {"type": "integer", "minimum": 0, "maximum": 2**64 - 1}
 TOKEN = {"type": "integer", "minimum": 0, "maximum": 2**32 - 1}
 ID = {"type": "string", "minLength": 1, "maxLength": 256}
+# Completion report fields that teach the load model (cache_plane/calibration.py).
+COUNT = {"type": "integer", "minimum": 0, "maximum": 2**40}
 
 
 def _obj(required: list[str], **props: Any) -> dict[str, Any]:
@@ -20,14 +22,23 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         node_id=ID, address=ID,
         models={"type": "array", "items": ID, "minItems": 1, "maxItems": 64},
         capacity_blocks={"type": "integer", "minimum": 1, "maximum": 2**31},
-        max_active={"type": "integer", "minimum": 1, "maximum": 2**20},
+        max_active={"type": "integer", "minimum": 1, "maximum": 2**20,
+                    "description": "the most requests (running + waiting) the router sends "
+                                   "the node; more are rejected as all_nodes_busy"},
+        max_running={"type": "integer", "minimum": 1, "maximum": 2**20,
+                     "description": "the engine's running slots (vLLM --max-num-seqs); "
+                                    "requests beyond them wait in its queue. Default: "
+                                    "max_active (capped at it)"},
         labels={"type": "object", "additionalProperties": {"type": "string", "maxLength": 256},
                 "maxProperties": 64},
         instance_id={"type": "string", "maxLength": 256},
     ),
     "Heartbeat": _obj(
-        [], active_requests={"type": "integer", "minimum": 0, "maximum": 2**30},
-        queue_depth={"type": "integer", "minimum": 0, "maximum": 2**30},
+        [], active_requests={"type": "integer", "minimum": 0, "maximum": 2**30,
+                             "description": "running requests (vLLM num_requests_running)"},
+        queue_depth={"type": "integer", "minimum": 0, "maximum": 2**30,
+                     "description": "requests waiting for a running slot (vLLM "
+                                    "num_requests_waiting)"},
         used_blocks={"type": "integer", "minimum": 0, "maximum": 2**31,
                      "description": "the engine's own count of KV blocks in use; GET /v1/nodes "
                                     "shows it as reported_used_blocks beside the index's "
@@ -54,7 +65,15 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         ["request_id", "node_id"], request_id=ID, node_id=ID,
         status={"enum": ["ok", "failed", "cancelled"]},
         block_hashes={"type": "array", "items": U64, "maxItems": 2**17},
-        output_tokens={"type": "integer", "minimum": 0, "description": "accepted (vLLM/llm-d compatibility), not used yet"},
+        prompt_tokens={**COUNT, "description": "the prompt's tokens (usage.prompt_tokens)"},
+        output_tokens={**COUNT, "description": "tokens generated (usage.completion_tokens)"},
+        cached_tokens={**COUNT, "description": "prompt tokens served from the engine's prefix "
+                                              "cache (usage.prompt_tokens_details."
+                                              "cached_tokens)"},
+        ttft_ms={**COUNT, "description": "time to first token as the engine or gateway "
+                                        "measured it"},
+        latency_ms={**COUNT, "description": "time from arrival to the last token, likewise "
+                                           "(default: the leader's route-to-report time)"},
     ),
     "KVEvents": _obj(
         ["node_id", "seq", "events"], node_id=ID, model=ID,

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True, slots=True)
 class LatencyModel:
-    """Engine step cost (milliseconds); defaults in `DEFAULT_LATENCY` (see docs/simulation.md)."""
+    """Engine step cost (milliseconds); the named models below, see docs/simulation.md."""
 
     prefill_ms_per_token: float
     prefill_base_ms: float
@@ -51,9 +51,16 @@ class LatencyModel:
 
 # Llama-3-8B (BF16) on one H100-80GB with vLLM, fitted to published measurements
 # (docs/simulation.md cites them): ~28k prefill tokens/s, ~7 ms per decode step at a few
-# sequences, ~0.02 ms more per running sequence.
+# sequences, ~0.02 ms more per running sequence. Prefill-bound: a request's prefill costs
+# more than its share of the decode steps.
 DEFAULT_LATENCY = LatencyModel(prefill_ms_per_token=0.035, prefill_base_ms=10.0,
                                decode_base_ms=7.0, decode_ms_per_seq=0.02)
+PREFILL_BOUND_LATENCY = DEFAULT_LATENCY
+# The other regime (an assumption, not a fit): prefill ~3x faster (~80k tokens/s) and decode
+# ~2x slower (~12 ms per token, 0.1 ms more per running sequence), as with a larger model's
+# memory-bound decode; a full batch's decode steps then dominate a request's time.
+DECODE_BOUND_LATENCY = LatencyModel(prefill_ms_per_token=0.0125, prefill_base_ms=10.0,
+                                    decode_base_ms=12.0, decode_ms_per_seq=0.1)
 # KV cache of that setup: ~440k tokens (57 GB of free HBM at 128 KiB per token).
 DEFAULT_KV_TOKENS = 440_000
 
@@ -263,7 +270,10 @@ class Engine:
         request.reserved = 0
 
 
-def fresh(requests: Sequence[Request]) -> list[Request]:
-    """Unrun copies of `requests` (a workload is replayed once per policy)."""
-    return [Request(r.request_id, r.blocks, r.prompt_tokens, r.output_tokens, r.arrival_ms,
-                    r.session, r.output_blocks) for r in requests]
+def fresh(requests: Sequence[Request], time_scale: float = 1.0) -> list[Request]:
+    """Unrun copies of `requests` (a workload is replayed once per policy).
+
+    `time_scale` multiplies every arrival time (see `workloads.at_rate`).
+    """
+    return [Request(r.request_id, r.blocks, r.prompt_tokens, r.output_tokens,
+                    r.arrival_ms * time_scale, r.session, r.output_blocks) for r in requests]

@@ -7,6 +7,12 @@ policy hears what happened (requests finished, blocks stored and evicted), as a 
 completions and KV events. Virtual time means a 17-minute trace runs as fast as the policy can
 decide, and every policy sees exactly the same fleet and arrivals.
 
+With `heartbeat_ms`, every node also heartbeats on a timer of virtual time, as node agents do:
+the policy's optional `heartbeat(node, engine, now_ms)` hears the engine's running and
+waiting counts and KV usage. Node i beats at i x heartbeat_ms / nodes and then every
+heartbeat_ms (so the fleet's beats are spread, deterministically); heartbeats stop once no
+arrival remains and every engine is idle.
+
 A policy that reads a real clock (cache_plane's leader stamps its own into every command and
 estimates prefill backlogs with it) needs virtual time to pass at a known pace: with `pace`,
 the loop never lets virtual time run more than `pace` times ahead of real time (it sleeps),
@@ -28,7 +34,11 @@ from .engine import Engine, EngineConfig, Request, StepResult
 
 
 class Policy(Protocol):
-    """A router under test. `choose` returns a node id, or None to reject the request."""
+    """A router under test. `choose` returns a node id, or None to reject the request.
+
+    A policy may also define ``async heartbeat(node, engine, now_ms)``, called on the
+    heartbeat timer of `run` (see the module docstring).
+    """
 
     name: str
 
@@ -90,20 +100,35 @@ def _pct(values: Sequence[float], p: float) -> float:
     return values[min(len(values) - 1, int(len(values) * p / 100))]
 
 
+# Event kinds, in the order they are taken at the same instant (after the heap's sequence).
+_ARRIVAL, _STEP_END, _HEARTBEAT = 0, 1, 2
+
+
 async def run(fleet: Fleet, requests: Sequence[Request], policy: Policy,
-              pace: float | None = None) -> RunResult:
-    """Replay `requests` (sorted by arrival) through `policy` on `fleet` (see module doc)."""
+              pace: float | None = None, heartbeat_ms: float | None = None) -> RunResult:
+    """Replay `requests` (sorted by arrival) through `policy` on `fleet` (see module doc).
+
+    Terminates once every arrival is handled and every engine is idle; the makespan is the
+    time of the last arrival or step end (heartbeats do not extend it).
+    """
     heap: list[tuple[float, int, int, Any]] = []
     order = 0
     for request in requests:
-        heap.append((request.arrival_ms, order, 0, request))
+        heap.append((request.arrival_ms, order, _ARRIVAL, request))
         order += 1
+    beat = getattr(policy, "heartbeat", None) if heartbeat_ms else None
+    if beat is not None:
+        assert heartbeat_ms is not None and heartbeat_ms > 0
+        for i, node in enumerate(fleet.engines):
+            heap.append((i * heartbeat_ms / len(fleet.engines), order, _HEARTBEAT, node))
+            order += 1
     heapq.heapify(heap)
+    arrivals_left = len(requests)
     active: set[str] = set()
     area = dict.fromkeys(fleet.engines, 0.0)
     last_t = 0.0
     rejected = 0
-    now = 0.0
+    end = 0.0
     wall_start = time.monotonic()
 
     def start(node: str, at: float) -> None:
@@ -113,11 +138,13 @@ async def run(fleet: Fleet, requests: Sequence[Request], policy: Policy,
             active.discard(node)
             return
         active.add(node)
-        heapq.heappush(heap, (result.ends_ms, order, 1, (node, result)))
+        heapq.heappush(heap, (result.ends_ms, order, _STEP_END, (node, result)))
         order += 1
 
     while heap:
         now, _, kind, payload = heapq.heappop(heap)
+        if kind == _HEARTBEAT and not arrivals_left and not active:
+            continue  # the run is over: let the timer stop
         if pace:
             ahead = now / pace / 1000 - (time.monotonic() - wall_start)
             if ahead > 0:
@@ -125,7 +152,16 @@ async def run(fleet: Fleet, requests: Sequence[Request], policy: Policy,
         for node, engine in fleet.engines.items():
             area[node] += engine.load * (now - last_t)
         last_t = now
-        if kind == 0:
+        if kind == _HEARTBEAT:
+            node = payload
+            assert beat is not None and heartbeat_ms is not None
+            await beat(node, fleet.engines[node], now)
+            heapq.heappush(heap, (now + heartbeat_ms, order, _HEARTBEAT, node))
+            order += 1
+            continue
+        end = now
+        if kind == _ARRIVAL:
+            arrivals_left -= 1
             arrival: Request = payload
             chosen = await policy.choose(arrival, fleet)
             if chosen is None or chosen not in fleet.engines:
@@ -140,6 +176,6 @@ async def run(fleet: Fleet, requests: Sequence[Request], policy: Policy,
             rejected += sum(1 for r in result.finished if r.rejected)
             await policy.observe(node, result)
             start(node, now)
-    span = now or 1.0
-    return RunResult(policy.name, list(requests), rejected, now,
+    span = end or 1.0
+    return RunResult(policy.name, list(requests), rejected, end,
                      {node: a / span for node, a in area.items()})

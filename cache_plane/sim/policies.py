@@ -14,8 +14,9 @@ Baselines, each with only the knowledge its real counterpart has (facts in ANCHO
 - `Oracle`: reads every engine's true cache and picks the longest cached prefix (ties: fewest
   in flight); an upper bound for hit rate, blind to overload;
 - `CachePlanePolicy`: asks a real cache_plane cluster over HTTP (`/v1/route`) and reports
-  completions (`/v1/complete`, with output blocks) and evictions (`/v1/kv-events`), as a
-  router plus node agents would.
+  completions (`/v1/complete`, with output blocks and usage: tokens in, out and cached, time
+  to first token, latency), evictions (`/v1/kv-events`) and, on the fleet's heartbeat timer,
+  each engine's running and waiting requests, as a router plus node agents would.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..client import CachePlaneClient
-from .engine import Request, StepResult
+from .engine import Engine, Request, StepResult
 from .fleet import Fleet
 
 
@@ -149,9 +150,12 @@ class CachePlanePolicy:
 
     name = "cache_plane"
 
-    def __init__(self, client: CachePlaneClient, model: str) -> None:
+    def __init__(self, client: CachePlaneClient, model: str, pace: float = 1.0) -> None:
         self.client = client
         self.model = model
+        # Virtual time runs `pace` times faster than the leader's clock (see fleet.run):
+        # reported times are divided by it, so the leader learns speeds on its own clock.
+        self.pace = pace
         self.seq: dict[str, int] = {}
         self.decisions: dict[str, int] = {}   # route types
         self.route_errors: dict[str, int] = {}
@@ -171,15 +175,45 @@ class CachePlanePolicy:
         self.decisions[kind] = self.decisions.get(kind, 0) + 1
         return str(decision["node_id"])
 
+    async def heartbeat(self, node: str, engine: Engine, now_ms: float) -> None:
+        await self.client.heartbeat(node, active_requests=len(engine.running),
+                                    queue_depth=len(engine.waiting),
+                                    used_blocks=engine.held_blocks)
+
     async def observe(self, node: str, result: StepResult) -> None:
         for request in result.finished:
             await self.client.complete(request.request_id, node,
                                        "failed" if request.rejected else "ok",
-                                       block_hashes=list(request.output_blocks))
-        if result.removed:
+                                       block_hashes=list(request.output_blocks),
+                                       **usage(request, self.pace))
+        events = kv_events(result)
+        if events:
             self.seq[node] = self.seq.get(node, 0) + 1
-            await self.client.kv_events(node, self.seq[node], [
-                {"type": "removed", "block_hashes": list(result.removed)}], model=self.model)
+            await self.client.kv_events(node, self.seq[node], events, model=self.model)
+
+
+def kv_events(result: StepResult) -> list[dict[str, Any]]:
+    """The engine's KV events of one step, as its publisher would send them.
+
+    Removals first: within a step the engine evicts before it stores (a block evicted by
+    one admission and computed again by a later one ends the step stored).
+    """
+    events: list[dict[str, Any]] = []
+    if result.removed:
+        events.append({"type": "removed", "block_hashes": list(result.removed)})
+    if result.stored:
+        events.append({"type": "stored", "block_hashes": list(result.stored)})
+    return events
+
+
+def usage(request: Request, pace: float = 1.0) -> dict[str, int]:
+    """What an engine's completion says of a request (OpenAI usage plus its timings, in
+    virtual ms divided by `pace`)."""
+    if request.rejected:
+        return {}
+    return {"prompt_tokens": request.prompt_tokens, "output_tokens": request.output_tokens,
+            "cached_tokens": request.reused_tokens, "ttft_ms": round(request.ttft_ms / pace),
+            "latency_ms": round(request.e2e_ms / pace)}
 
 
 def _prefix_in(held: Any, blocks: Sequence[int]) -> int:

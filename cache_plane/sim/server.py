@@ -154,8 +154,11 @@ class SimNode:
         s = self.settings
         assert self.client is not None
         await self.client.register_model(s.model, block_size=s.block_size, hash_seed=s.hash_seed)
+        # It runs max_num_seqs requests at once and queues the rest (as vLLM does); the
+        # router may send it up to ADMISSION_FACTOR times that many.
         await self.client.register_node(s.node_id, s.address, [s.model], s.capacity_blocks,
-                                        max_active=s.max_num_seqs, instance_id=self.instance)
+                                        max_active=s.max_num_seqs * ADMISSION_FACTOR,
+                                        max_running=s.max_num_seqs, instance_id=self.instance)
         beat = asyncio.get_running_loop().time()
         while True:
             if self._unsent is not None:  # a batch whose send failed: the same batch, same seq
@@ -184,6 +187,8 @@ class SimNode:
                                             queue_depth=len(self.engine.waiting),
                                             used_blocks=self.engine.held_blocks)
 
+
+ADMISSION_FACTOR = 8
 
 SIM_NODE: web.AppKey[SimNode] = web.AppKey("sim_node", SimNode)
 

@@ -11,6 +11,11 @@ shared leading run of ids is reusable KV cache (the Mooncake trace's own convent
 - `multi_turn`: conversations whose prompt is the whole history so far; each turn's answer
   becomes part of the next turn's prompt (output blocks are named, so engines cache them).
 - `no_sharing`: every prompt unique; the control where cache-aware routing cannot help.
+
+Offered load: `capacity_rps` is what a fleet completes per second on a workload when nothing
+is reused (a saturated batch, see its docstring), and `at_rate` rescales a workload's arrival
+times to a chosen rate, so a load of 0.8 means 80% of that capacity whatever the workload and
+engine; `arrival_rate` is the mean rate both use.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Iterable
+import statistics
+from collections.abc import Iterable, Sequence
 
-from .engine import Request
+from .engine import EngineConfig, Request, fresh
 
 
 class _Ids:
@@ -115,3 +121,56 @@ def no_sharing(requests: int, rate_per_s: float, seed: int = 3,
         out.append(Request(f"ns{i}", ids.chain(i + 1, range(-(-tokens // block_size))), tokens,
                            rng.randint(*output_tokens), t))
     return out
+
+
+def arrival_rate(requests: Sequence[Request]) -> float:
+    """Mean arrival rate (requests/s): the inverse of the mean gap between arrivals.
+
+    Raises ValueError for fewer than two requests or a zero time span.
+    """
+    times = [r.arrival_ms for r in requests]
+    span_ms = max(times, default=0.0) - min(times, default=0.0)
+    if len(times) < 2 or span_ms <= 0:
+        raise ValueError("a rate needs at least two requests at different times")
+    return (len(times) - 1) * 1000 / span_ms
+
+
+def capacity_rps(requests: Sequence[Request], config: EngineConfig, nodes: int) -> float:
+    """Requests/s `nodes` engines of `config` complete on this workload, with no prefix reuse.
+
+    A saturated engine runs a full batch of `running` = min(max_num_seqs, the requests whose
+    mean prompt and output fit in the KV pool) sequences. Per request it spends:
+
+    - its share of the decode steps: mean output tokens x step_ms(0, running) / running
+      (each step advances every running request by one token);
+    - its prefill: mean prompt tokens x prefill_ms_per_token, plus the fixed prefill cost of a
+      step shared by the requests admitted together: at saturation a step finishes (and so
+      admits) running / mean output tokens requests, at least one.
+
+    Capacity = nodes x 1000 / that time. Reuse only makes the fleet faster, so a load of 1.0
+    is at most saturation for every policy and exactly saturation without reuse.
+    """
+    if not requests or nodes < 1:
+        raise ValueError("capacity needs requests and at least one node")
+    prompt = statistics.fmean(r.prompt_tokens for r in requests)
+    output = statistics.fmean(max(r.output_tokens, 1) for r in requests)
+    size = config.block_size
+    blocks = -(-prompt // size) + -(-output // size)
+    running = max(1, min(config.max_num_seqs, int(config.capacity_blocks // blocks)))
+    latency = config.latency
+    decode_ms = output * latency.step_ms(0, running) / running
+    admitted_per_step = max(1.0, running / output)
+    prefill_ms = prompt * latency.prefill_ms_per_token + latency.prefill_base_ms / admitted_per_step
+    return nodes * 1000 / (decode_ms + prefill_ms)
+
+
+def at_rate(requests: Sequence[Request], rate_per_s: float) -> list[Request]:
+    """Unrun copies of `requests` with every arrival time scaled so `arrival_rate` = `rate_per_s`.
+
+    One factor multiplies every time, so order and structure are kept in proportion: a
+    multi-turn conversation's think times shrink or grow with the gaps between conversations,
+    and a trace's bursts stay bursts.
+    """
+    if rate_per_s <= 0:
+        raise ValueError("the rate must be positive")
+    return fresh(requests, arrival_rate(requests) / rate_per_s)

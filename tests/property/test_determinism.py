@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tempfile
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from cache_plane.machine import CachePlaneMachine
@@ -13,15 +13,25 @@ from veristore_py.storage import StateStore
 NODE = st.sampled_from(["a", "b", "c"])
 BLOCKS = st.lists(st.integers(0, 40), min_size=1, max_size=8)
 COMMAND = st.one_of(
-    st.builds(lambda n, cap: {"op": "cp.register_node", "node": n, "address": n, "models": ["m"],
-                              "capacity_blocks": cap, "max_active": 3, "now_ms": 0,
-                              "lease_ms": 10_000}, NODE, st.integers(4, 20)),
-    st.builds(lambda b, s, r: {"op": "cp.route", "model": "m", "blocks": b, "session_id": s,
-                               "request_id": f"r{r}", "now_ms": 1}, BLOCKS,
-              st.sampled_from(["s1", "s2"]), st.integers(0, 30)),
-    st.builds(lambda r, n: {"op": "cp.complete", "request_id": f"r{r}", "node": n,
-                            "status": "ok", "output_blocks": [r + 1000]},
-              st.integers(0, 30), NODE),
+    st.builds(lambda n, cap, run: {"op": "cp.register_node", "node": n, "address": n,
+                                   "models": ["m"], "capacity_blocks": cap, "max_active": 3,
+                                   "max_running": run, "now_ms": 0, "lease_ms": 10_000},
+              NODE, st.integers(4, 20), st.integers(0, 3)),
+    st.builds(lambda b, s, r, t: {"op": "cp.route", "model": "m", "blocks": b, "session_id": s,
+                                  "request_id": f"r{r}", "now_ms": t}, BLOCKS,
+              st.sampled_from(["s1", "s2"]), st.integers(0, 30), st.integers(1, 5_000)),
+    # completion reports with usage teach the node's speeds (replicated, learned alike)
+    st.builds(lambda r, n, t, usage: {"op": "cp.complete", "request_id": f"r{r}", "node": n,
+                                      "status": "ok", "output_blocks": [r + 1000],
+                                      "now_ms": t, **usage},
+              st.integers(0, 30), NODE, st.integers(1, 20_000),
+              st.fixed_dictionaries({}, optional={
+                  "prompt_tokens": st.integers(0, 4_000), "output_tokens": st.integers(0, 500),
+                  "cached_tokens": st.integers(0, 4_000), "ttft_ms": st.integers(0, 5_000),
+                  "latency_ms": st.integers(0, 20_000)})),
+    st.builds(lambda n, a, q: {"op": "cp.heartbeat", "node": n, "active": a, "queue": q,
+                               "now_ms": 1, "lease_ms": 10_000},
+              NODE, st.integers(0, 4), st.integers(0, 9)),
     st.builds(lambda n, b, q: {"op": "cp.kv_events", "node": n, "seq": q,
                                "events": [{"type": "stored", "block_hashes": b}]},
               NODE, BLOCKS, st.integers(0, 50)),
@@ -40,10 +50,19 @@ def run(store, commands, start):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(COMMAND, min_size=2, max_size=60), st.data())
-def test_replay_through_snapshot_restore_gives_identical_digest_and_results(commands, data):
+@given(st.lists(COMMAND, min_size=2, max_size=60), st.integers(1, 59))
+# found by hypothesis: a refused command (a heartbeat of an unknown node) moved the in-memory
+# leader clock, which the next stored meta record carried on one replica and not the other
+@example(commands=[{"op": "cp.remove_node", "node": "a"},
+                   {"op": "cp.heartbeat", "node": "a", "active": 0, "queue": 0, "now_ms": 1,
+                    "lease_ms": 10_000},
+                   {"op": "cp.heartbeat", "node": "a", "active": 0, "queue": 0, "now_ms": 1,
+                    "lease_ms": 10_000},
+                   {"op": "cp.compact_log", "slot": 0}],
+         cut=3).via("discovered failure")
+def test_replay_through_snapshot_restore_gives_identical_digest_and_results(commands, cut):
     """Same command sequence -> same results and digest, with or without a snapshot install."""
-    cut = data.draw(st.integers(1, len(commands) - 1))
+    cut = min(cut, len(commands) - 1)
     setup = {"op": "cp.register_model", "model": "m", "block_size": 16}
     with tempfile.TemporaryDirectory() as d:
         a = StateStore(d + "/a", CachePlaneMachine(), map_size=1 << 20)

@@ -57,8 +57,9 @@ def test_miss_is_placed_on_least_loaded_node_then_exact_hit_returns_there():
 def test_prefix_hit_reports_matched_blocks_and_breakdown():
     """A prompt sharing a prefix goes to the holder; candidates explain every node's score."""
     h = cluster()
-    h.route(range(8), "r1")
-    hit = h.route([*range(6), 100, 101], "r2")
+    first = h.route(range(8), "r1")
+    h(op="cp.complete", request_id="r1", node=first["node_id"], status="ok", now_ms=1_000)
+    hit = h.route([*range(6), 100, 101], "r2", now=1_000)  # r1 is done, its prefill too
     assert hit["route_type"] == "prefix" and hit["matched_blocks"] == 6
     by_node = {c["node_id"]: c for c in hit["candidates"]}
     assert by_node[hit["node_id"]]["overlap_blocks"] == 6 and len(by_node) == 2
@@ -78,10 +79,11 @@ def test_a_session_start_is_balanced_tighter_than_a_single_request():
     """Holding the prefix outweighs a little extra load for one request, not for a session
     start, whose later turns will follow it (session_balance_slack 1.0 vs balance_slack 1.5)."""
     h = cluster(nodes=("a", "b", "c", "d"), capacity=1000, max_active=100)
-    system = list(range(1, 61))
+    system = list(range(1, 201))
     h(op="cp.kv_events", node="a", seq=1, model="m",
       events=[{"type": "stored", "block_hashes": system}])
-    h(op="cp.heartbeat", node="a", active=2, queue=0, now_ms=0, lease_ms=LEASE)
+    for node, active in (("a", 14), ("b", 10), ("c", 10), ("d", 10)):
+        h(op="cp.heartbeat", node=node, active=active, queue=0, now_ms=0, lease_ms=LEASE)
     one = h.m.decide({"op": "cp.route", "model": "m", "blocks": [*system, 900],
                       "request_id": "p", "now_ms": 0}, {})
     start = h.m.decide({"op": "cp.route", "model": "m", "blocks": [*system, 900],
@@ -99,6 +101,7 @@ def test_a_replan_uses_the_policy_the_leader_stamped_not_the_replicas_own():
         h(op="cp.kv_events", node="a", seq=1, model="m",
           events=[{"type": "stored", "block_hashes": [1, 2]}])
         h(op="cp.heartbeat", node="a", active=5, queue=0, now_ms=0, lease_ms=LEASE)
+        h(op="cp.heartbeat", node="b", active=4, queue=0, now_ms=0, lease_ms=LEASE)
         return h
 
     owns = (PolicyConfig(load_weight=0.0), PolicyConfig(load_weight=50.0))
