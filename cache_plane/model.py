@@ -76,6 +76,8 @@ class Candidate(NamedTuple):
     prefill_ms: float = 0.0
     saved_ms: float = 0.0
     penalty_ms: float = 0.0
+    prefill_tokens_per_s: float = 0.0  # the speeds it was priced with (learned or prior)
+    decode_ms_per_token: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -220,7 +220,8 @@ def decide(model: ModelSpec, keys: Sequence[int], nodes: Sequence[Node], index: 
                    + config.work_weight * min(load, 2.0) * max(prefill - least, 0.0))
         candidates.append(Candidate(node.id, overlap, weighted, load, free, evict,
                                     -(ttft + penalty), not reason, reason, ttft,
-                                    wait.queue_ms, wait.backlog_ms, prefill, saved, penalty))
+                                    wait.queue_ms, wait.backlog_ms, prefill, saved, penalty,
+                                    1000 / per_token, pace.decode_ms_per_token))
     eligible = [c for c in candidates if c.eligible]
     by_id = {n.id: n for n in serving}
     if not eligible:
