@@ -77,7 +77,7 @@ def test_session_affinity_wins_until_node_overloaded():
 
 def test_a_session_start_is_balanced_tighter_than_a_single_request():
     """Holding the prefix outweighs a little extra load for one request, not for a session
-    start, whose later turns will follow it (session_balance_slack 1.0 vs balance_slack 1.5)."""
+    start, whose later turns will follow it (session_balance_slack 1.0 vs balance_slack 1.3)."""
     h = cluster(nodes=("a", "b", "c", "d"), capacity=1000, max_active=100)
     system = list(range(1, 201))
     h(op="cp.kv_events", node="a", seq=1, model="m",
