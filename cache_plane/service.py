@@ -21,10 +21,11 @@ from typing import Any
 import structlog
 
 from veristore_py.api import propose
-from veristore_py.errors import InvalidCommandError, VeristoreError
+from veristore_py.errors import CommandRejectedError, VeristoreError
 from veristore_py.node import VeristoreNode
 
 from . import hashing
+from .errors import CachePlaneError
 from .machine import MASK64, CachePlaneMachine, decision_result
 from .model import RouteDecision
 from .policy import load_model, running_slots
@@ -32,37 +33,8 @@ from .settings import ServiceSettings
 
 log = structlog.get_logger(__name__)
 
-# Machine error codes -> HTTP status (400 and 503 are the defaults for the rest).
-ERROR_STATUS = {
-    "unknown_model": 404,
-    "unknown_node": 404,
-    "duplicate_request": 409,
-    "node_mismatch": 409,
-    "node_down": 409,
-    "invalid_command": 400,
-}
 # Completion report fields that calibrate the load model (passed through to cp.complete).
 USAGE_FIELDS = ("prompt_tokens", "output_tokens", "cached_tokens", "ttft_ms", "latency_ms")
-# Admission rejections -> HTTP status.
-REJECTION_STATUS = {
-    "prompt_too_large": 413,
-    "no_node_for_model": 503,
-    "no_node_up": 503,
-    "all_nodes_busy": 503,
-    "no_room": 503,
-}
-
-
-class CachePlaneError(VeristoreError):
-    """A request the machine refused; carries the HTTP status and extra body fields."""
-
-    definite = True
-
-    def __init__(self, code: str, detail: str, status: int, **extra: Any) -> None:
-        super().__init__(detail)
-        self.code = code
-        self.status = status
-        self.extra = extra
 
 
 def _merged(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
@@ -95,9 +67,8 @@ class CachePlaneService:
         command.setdefault("now_ms", now_ms())
         try:
             return await propose(self.node, command)
-        except InvalidCommandError as exc:  # the machine answered {"ok": False, ...}
-            code, _, detail = exc.detail.partition(": ")
-            raise CachePlaneError(code, detail or code, ERROR_STATUS.get(code, 400)) from None
+        except CommandRejectedError as exc:  # the machine answered {"ok": False, ...}
+            raise CachePlaneError(exc.reason, exc.reason_detail) from None
 
     # -- nodes and models ------------------------------------------------------------------
 
@@ -151,7 +122,7 @@ class CachePlaneService:
     def node_info(self, node_id: str) -> dict[str, Any]:
         with self.node.store.lock:
             if node_id not in self.machine.nodes:
-                raise CachePlaneError("unknown_node", f"node {node_id!r} is not registered", 404)
+                raise CachePlaneError("unknown_node", f"node {node_id!r} is not registered")
             return self._node_json(node_id)
 
     def _node_json(self, node_id: str) -> dict[str, Any]:
@@ -193,17 +164,16 @@ class CachePlaneService:
         with self.node.store.lock:
             model = self.machine.models.get(body["model"])
         if model is None:
-            raise CachePlaneError("unknown_model", f"model {body['model']!r} is not registered",
-                                  404)
+            raise CachePlaneError("unknown_model", f"model {body['model']!r} is not registered")
         forms = [k for k in ("token_ids", "block_hashes", "prompt") if k in body]
         if len(forms) != 1:
             raise CachePlaneError("invalid_request",
-                                  "give exactly one of 'token_ids', 'block_hashes', 'prompt'", 400)
+                                  "give exactly one of 'token_ids', 'block_hashes', 'prompt'")
         if "block_hashes" in body:
             return list(body["block_hashes"])
         if "token_ids" in body:
             if len(body["token_ids"]) > self.settings.max_prompt_tokens:
-                raise CachePlaneError("prompt_too_large", "too many tokens", 413)
+                raise CachePlaneError("prompt_too_large", "too many tokens")
             return hashing.block_hashes(body["token_ids"], model.block_size, model.hash_seed)
         return hashing.text_block_hashes(body["prompt"], model.block_size, model.hash_seed)
 
@@ -243,8 +213,7 @@ class CachePlaneService:
                 # (a retry of a routed request skips this: the machine replays its answer)
                 decided = self.machine.decide(command, self._inflight, hashes_checked=True)
                 if not isinstance(decided, RouteDecision):
-                    raise CachePlaneError(str(decided["error"]), str(decided["detail"]),
-                                          ERROR_STATUS.get(str(decided["error"]), 400))
+                    raise CachePlaneError(str(decided["error"]), str(decided["detail"]))
                 decision = decided
                 model = self.machine.models[body["model"]]
                 address = (self.machine.nodes[decision.node_id].address
@@ -284,7 +253,7 @@ class CachePlaneService:
         result.pop("replanned", None)
         if not result["routed"]:
             code = result["rejected"]
-            raise CachePlaneError(code, result["detail"], REJECTION_STATUS.get(code, 503),
+            raise CachePlaneError(code, result["detail"],
                                   candidates=result["candidates"], request_id=request_id)
         return result
 

@@ -32,6 +32,7 @@ from aiohttp import web
 
 from .config import NodeSettings
 from .errors import (
+    CommandRejectedError,
     CommitTimeoutError,
     InvalidCommandError,
     LeadershipLostError,
@@ -52,14 +53,22 @@ MAX_BODY_BYTES = 2 << 20
 MUTATING = frozenset({"POST", "PUT", "DELETE", "PATCH"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-_STATUS: dict[type[VeristoreError], int] = {
-    InvalidCommandError: 400,
-    NoLeaderError: 503,
-    OverloadedError: 503,
-    LeadershipLostError: 503,
-    StorageError: 503,
-    CommitTimeoutError: 504,
-}
+# Error types -> HTTP status, most specific first; an error's own `status` wins over it.
+_STATUS: tuple[tuple[type[VeristoreError], int], ...] = (
+    (InvalidCommandError, 400),
+    (NoLeaderError, 503),
+    (OverloadedError, 503),
+    (LeadershipLostError, 503),
+    (StorageError, 503),
+    (CommitTimeoutError, 504),
+)
+
+
+def http_status(exc: VeristoreError) -> int:
+    """The HTTP status for `exc`: its own, else the table's for its type, else 503."""
+    if exc.status is not None:
+        return exc.status
+    return next((status for kind, status in _STATUS if isinstance(exc, kind)), 503)
 
 
 def json_response(body: Any, status: int = 200,
@@ -94,10 +103,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(307, exc.code, exc.detail, True, {"Location": url}, leader=url)
     except VeristoreError as exc:
         # Domain errors may carry their own HTTP status and extra body fields.
-        status = getattr(exc, "status", None) or _STATUS.get(type(exc), 503)
+        status = http_status(exc)
         headers = {"Retry-After": "1"} if status == 503 else None
         return error_response(status, exc.code, exc.detail, exc.definite, headers,
-                              **getattr(exc, "extra", {}))
+                              **exc.extra)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -179,8 +188,9 @@ def _decode(value: bytes | None) -> str | None:
 
 
 def _check(result: dict[str, Any]) -> dict[str, Any]:
+    """`result` if the machine applied the command, else its refusal as an error."""
     if not result.get("ok"):
-        raise InvalidCommandError(f"{result.get('error')}: {result.get('detail')}")
+        raise CommandRejectedError(str(result.get("error")), str(result.get("detail")))
     return result
 
 

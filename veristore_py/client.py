@@ -43,7 +43,7 @@ class ClientRequestError(VeristoreError):
 
     def __init__(self, status: int, code: str, detail: str) -> None:
         super().__init__(f"{status} {code}: {detail}")
-        self.status = status
+        self.status: int | None = status
         self.code = code
 
 

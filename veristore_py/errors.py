@@ -5,6 +5,7 @@ Every error says whether the operation *definitely* did not happen or *may* have
     VeristoreError                      root; `definite` tells the caller whether a retry is safe
     ├── ConfigError                     bad settings (lists every problem at once)      definite
     ├── InvalidCommandError             malformed command or argument                   definite
+    │   └── CommandRejectedError        the state machine refused it: `reason`, detail   definite
     ├── NotLeaderError                  this node does not lead; carries a leader hint   definite
     ├── NoLeaderError                   no leader is known (election under way)          definite
     ├── OverloadedError                 proposal queue full                              definite
@@ -13,10 +14,21 @@ Every error says whether the operation *definitely* did not happen or *may* have
     └── LeadershipLostError             leadership changed while the proposal was open   indefinite
 
 A replicated apply never raises one of these: command errors become result values (see
-`state.py`); these errors live at the edges (proposing, reading, configuring).
+`state.py`); these errors live at the edges (proposing, reading, configuring). A refused
+command's result value becomes a `CommandRejectedError` carrying the machine's code and detail
+as fields, so callers never parse them out of a message.
+
+Every error may ask the HTTP layer for a status (`status`, None: the API's table by type
+decides) and add fields to the error body (`extra`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+_NO_EXTRA: Mapping[str, Any] = MappingProxyType({})
 
 
 class VeristoreError(Exception):
@@ -24,6 +36,8 @@ class VeristoreError(Exception):
 
     code = "veristore_error"
     definite = False
+    status: int | None = None
+    extra: Mapping[str, Any] = _NO_EXTRA
 
     def __init__(self, detail: str = "") -> None:
         super().__init__(detail or self.code)
@@ -46,6 +60,20 @@ class InvalidCommandError(VeristoreError):
 
     code = "invalid_request"
     definite = True
+
+
+class CommandRejectedError(InvalidCommandError):
+    """The state machine refused the command (its result said `ok: false`); nothing changed.
+
+    `reason` and `reason_detail` are the machine's error code and detail. On the wire it stays
+    an `invalid_request` whose detail reads "reason: detail"; domains map `reason` to their
+    own errors.
+    """
+
+    def __init__(self, reason: str, reason_detail: str) -> None:
+        super().__init__(f"{reason}: {reason_detail}")
+        self.reason = reason
+        self.reason_detail = reason_detail
 
 
 class NotLeaderError(VeristoreError):

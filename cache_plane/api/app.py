@@ -26,6 +26,7 @@ from veristore_py.config import NodeSettings
 from veristore_py.group_commit import BATCH_BOUNDS
 from veristore_py.node import VeristoreNode
 
+from ..errors import CachePlaneError
 from ..service import CachePlaneService
 from ..settings import ServiceSettings
 from .openapi import document
@@ -162,9 +163,9 @@ async def route(request: web.Request) -> web.Response:
     metrics = request.app[METRICS]
     try:
         result = await _svc(request).route(await _body(request, "Route"))
-    except Exception as exc:
-        if getattr(exc, "extra", {}).get("candidates") is not None:
-            metrics.rejections.labels(getattr(exc, "code", "rejected")).inc()
+    except CachePlaneError as exc:
+        if "candidates" in exc.extra:  # an admission rejection, with its breakdown
+            metrics.rejections.labels(exc.code).inc()
         raise
     if not result["dry_run"]:
         metrics.routes.labels(result["route_type"]).inc()

@@ -29,8 +29,8 @@ from typing import Any
 
 from veristore_py.state import ApplyContext, Mutation
 
+from ..errors import CachePlaneError
 from ..machine import CachePlaneMachine
-from ..service import ERROR_STATUS, CachePlaneError
 from .engine import Engine, Request, StepResult
 from .fleet import Fleet
 from .policies import kv_events
@@ -117,8 +117,7 @@ class InProcessCachePlane:
         result = outcome.result
         if result.get("ok") is False:
             code = str(result.get("error"))
-            raise CachePlaneError(code, str(result.get("detail", code)),
-                                  ERROR_STATUS.get(code, 400))
+            raise CachePlaneError(code, str(result.get("detail", code)))
         return result
 
     def _advance(self, now_ms: float) -> int:

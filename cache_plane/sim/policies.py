@@ -168,8 +168,7 @@ class CachePlanePolicy:
                                                session_id=request.session,
                                                request_id=request.request_id)
         except VeristoreError as exc:  # a rejection (503 no_room / all_nodes_busy, ...)
-            code = getattr(exc, "code", type(exc).__name__)
-            self.route_errors[code] = self.route_errors.get(code, 0) + 1
+            self.route_errors[exc.code] = self.route_errors.get(exc.code, 0) + 1
             return None
         kind = decision["route_type"]
         self.decisions[kind] = self.decisions.get(kind, 0) + 1

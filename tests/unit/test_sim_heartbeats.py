@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from cache_plane.service import CachePlaneError
+from cache_plane.errors import CachePlaneError
 from cache_plane.sim.engine import (
     DECODE_BOUND_LATENCY,
     Engine,
