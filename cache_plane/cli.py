@@ -25,7 +25,6 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import time
 from typing import Any
 
@@ -33,10 +32,7 @@ from veristore_py.errors import ConfigError, VeristoreError
 from veristore_py.localcluster import LocalCluster
 
 from .client import CachePlaneClient
-from .sim.engine import DEFAULT_LATENCY, EngineConfig, Request, fresh
-from .sim.fleet import Fleet, run
-from .sim.policies import CachePlanePolicy, RoundRobin
-from .sim.workloads import shared_prompts
+from .sim.engine import DEFAULT_LATENCY
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:8000"
 STATE_FILE = "cluster.json"
@@ -259,86 +255,11 @@ def cmd_route(args: argparse.Namespace) -> int:
 
 # -- demo -----------------------------------------------------------------------------------
 
-class _DemoPolicy(CachePlanePolicy):
-    """cache_plane routing that also times each route, heartbeats the fleet, and kills the
-    leader once, mid-run, to show routing carry on through the new leader."""
-
-    def __init__(self, client: CachePlaneClient, model: str, cluster: LocalCluster,
-                 kill_at: int) -> None:
-        super().__init__(client, model)
-        self.cluster, self.kill_at, self.count = cluster, kill_at, 0
-        self.latencies: list[float] = []
-        self.failover_ms: float | None = None
-
-    async def choose(self, request: Request, fleet: Fleet) -> str | None:
-        self.count += 1
-        if self.count % 25 == 0:  # the fleet keeps its leases alive, as real engines would
-            for node_id, engine in fleet.engines.items():
-                await self.client.heartbeat(node_id, active_requests=len(engine.running),
-                                            queue_depth=len(engine.waiting))
-        killed = None
-        if self.count == self.kill_at:
-            self.cluster.kill(self.cluster.wait_for_leader())
-            killed = time.perf_counter()
-        started = time.perf_counter()
-        node = await super().choose(request, fleet)
-        self.latencies.append(time.perf_counter() - started)
-        if killed is not None:
-            self.failover_ms = (time.perf_counter() - killed) * 1000
-        return node
-
-
-async def _demo_workload(cluster: LocalCluster, requests: int, seed: int) -> list[tuple[str, str]]:
-    model, block, nodes = "demo-llm", 16, 4
-    workload = shared_prompts(requests, rate_per_s=12.0, seed=seed, systems=24,
-                              system_tokens=4096)
-    config = EngineConfig(capacity_blocks=30_000, block_size=block, max_num_seqs=64)
-    baseline = (await run(Fleet.build(nodes, config), fresh(workload), RoundRobin())).summary()
-    async with CachePlaneClient(cluster.urls, timeout=15) as client:
-        await client.register_model(model, block_size=block)
-        fleet = Fleet.build(nodes, config)
-        for i, node in enumerate(fleet.ids):
-            await client.register_node(node, f"10.0.0.{i + 1}:8000", [model],
-                                       config.capacity_blocks,
-                                       max_active=config.max_num_seqs * 8,
-                                       max_running=config.max_num_seqs)
-        policy = _DemoPolicy(client, model, cluster, kill_at=requests // 2)
-        ours = (await run(fleet, fresh(workload), policy)).summary()
-        stats = await client.stats()
-    lat = sorted(policy.latencies)
-    return [
-        ("workload", f"{requests} requests, {nodes} simulated GPU nodes, 24 shared 4k-token "
-                     f"system prompts + unique questions"),
-        ("route types", ", ".join(f"{k} {v}" for k, v in sorted(policy.decisions.items()))),
-        ("prompt tokens reused", f"{ours['hit_rate']:.0%} with cache_plane vs "
-                                 f"{baseline['hit_rate']:.0%} round robin"),
-        ("simulated TTFT p50 / p90", f"{ours['ttft_p50_ms']:.0f} / {ours['ttft_p90_ms']:.0f} ms "
-                                     f"vs {baseline['ttft_p50_ms']:.0f} / "
-                                     f"{baseline['ttft_p90_ms']:.0f} ms round robin"),
-        ("cluster block hit rate", f"{stats['block_hit_rate']:.0%}"),
-        ("route latency p50 / p99", f"{lat[len(lat) // 2] * 1000:.1f} ms / "
-                                    f"{lat[int(len(lat) * 0.99)] * 1000:.1f} ms (HTTP, committed)"),
-        ("leader killed mid-run", f"next route answered after {policy.failover_ms:.0f} ms; "
-                                  f"rejections {policy.route_errors or 'none'}"),
-    ]
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    base = args.dir or tempfile.mkdtemp(prefix="cache-plane-demo-")
-    cluster = LocalCluster(base, size=3, module="cache_plane")
-    print(f"starting a 3-member cache-plane cluster under {base} ...")
-    try:
-        cluster.start()
-        t0 = time.perf_counter()
-        leader = cluster.wait_for_leader()
-        print(f"leader elected: member {leader} after {time.perf_counter() - t0:.2f} s; "
-              f"4 simulated GPU nodes joining")
-        rows = asyncio.run(_demo_workload(cluster, args.requests, args.seed))
-    finally:
-        cluster.close()
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"  {key:<{width}}  {value}")
+    from .sim.demo import run_demo
+
+    for key, value in run_demo(args.dir, args.requests, args.seed, echo=print):
+        print(f"  {key}  {value}")
     print("cluster stopped; all member processes reaped")
     return 0
 
