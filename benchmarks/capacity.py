@@ -29,6 +29,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.replication import machine as machine_info  # noqa: E402
+from cache_plane import commands  # noqa: E402
 from cache_plane.machine import CachePlaneMachine  # noqa: E402
 from cache_plane.service import CachePlaneService  # noqa: E402
 from cache_plane.settings import ServiceSettings  # noqa: E402
@@ -74,7 +75,7 @@ async def fill(service: CachePlaneService, routes: int) -> None:
 
 async def compact_block_log(service: CachePlaneService) -> None:
     while service.machine.log.record_count > 0:  # each command checkpoints the largest log
-        await service.submit({"op": "cp.compact_log"})
+        await service.submit(commands.compact_log())
 
 
 def wait_for_snapshot(node: VeristoreNode, built: int, timeout: float = 120.0) -> None:

@@ -30,12 +30,17 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.replication import machine as machine_info  # noqa: E402
-from cache_plane.machine import MASK64, CachePlaneMachine  # noqa: E402
+from cache_plane import commands  # noqa: E402
+from cache_plane.hashing import DEFAULT_SEED  # noqa: E402
+from cache_plane.index import victim_pairs  # noqa: E402
+from cache_plane.machine import CachePlaneMachine  # noqa: E402
 from cache_plane.model import RouteDecision  # noqa: E402
+from cache_plane.policy import DEFAULT_POLICY  # noqa: E402
 from veristore_py.state import ApplyContext  # noqa: E402
 
 CHAIN = 512
 BLOCK_TOKENS = 16
+PRIOR = commands.priors(28_000, 10.0, 256)  # the settings' defaults, as the leader stamps them
 
 
 class NullReader:
@@ -51,12 +56,12 @@ class NullReader:
 def populate(m: CachePlaneMachine, nodes: int, blocks: int, rng: random.Random) -> list[list[int]]:
     """Fill the index through replicated kv_events commands; return the cached chains."""
     reader, ctx = NullReader(), ApplyContext(1, 0, 0)
-    m.apply({"op": "cp.register_model", "model": "m", "block_size": BLOCK_TOKENS}, reader, ctx)
+    m.apply(commands.register_model("m", BLOCK_TOKENS, DEFAULT_SEED), reader, ctx)
     per_node = blocks // nodes
     for n in range(nodes):
-        m.apply({"op": "cp.register_node", "node": f"n{n:02d}", "address": f"10.0.0.{n}:8000",
-                 "models": ["m"], "capacity_blocks": 2 * per_node, "max_active": 64,
-                 "now_ms": 0, "lease_ms": 1 << 40}, reader, ctx)
+        node = commands.register_node(f"n{n:02d}", f"10.0.0.{n}:8000", ["m"], 2 * per_node, 64,
+                                      {}, 1 << 40)
+        m.apply({**node, "now_ms": 0}, reader, ctx)
     chains: list[list[int]] = []
     entries, seq = 0, 0
     while entries < blocks:
@@ -67,8 +72,8 @@ def populate(m: CachePlaneMachine, nodes: int, blocks: int, rng: random.Random) 
             holders.append((holders[0] + 1) % nodes)
         for n in holders:
             seq += 1
-            m.apply({"op": "cp.kv_events", "node": f"n{n:02d}", "seq": seq,
-                     "events": [{"type": "stored", "block_hashes": chain}]}, reader, ctx)
+            m.apply(commands.kv_events(f"n{n:02d}", seq,
+                                       [{"type": "stored", "block_hashes": chain}]), reader, ctx)
             entries += CHAIN
     return chains
 
@@ -136,18 +141,18 @@ def main() -> int:
         for p in prompts:
             index += 1
             ctx = ApplyContext(index, 0, 1)
-            command = {"op": "cp.route", "model": "m", "blocks": p, "request_id": f"q{index}",
-                       "now_ms": 1}
+            command = commands.route("m", p, f"q{index}", 1, 30_000, 600_000, PRIOR,
+                                     DEFAULT_POLICY.load_weight, DEFAULT_POLICY.session_max_load)
             decision = m.decide(command)  # the leader decides before proposing
             if isinstance(decision, RouteDecision) and decision.node_id is not None:
-                command.update(node=decision.node_id, route_type=decision.route_type,
-                               evict=[[k >> 64, k & MASK64] for k in decision.evict])
+                commands.with_decision(command, decision.node_id, decision.route_type,
+                                       decision.matched_blocks, victim_pairs(decision.evict))
             t = time.perf_counter()
             out = m.apply(command, reader, ctx)  # what every replica runs
             applies.append(time.perf_counter() - t)
             if out.result.get("routed"):
-                m.apply({"op": "cp.complete", "request_id": f"q{index}",
-                         "node": out.result["node_id"], "status": "ok"}, reader, ctx)
+                m.apply(commands.complete(f"q{index}", out.result["node_id"], "ok", [], {},
+                                          PRIOR), reader, ctx)
         scan = timed(lambda p: linear_scan_best(m, p), prompts[:5])
         decide.sort()
         print(f"{tokens:>8} {tokens // BLOCK_TOKENS:>7} {decide[len(decide) // 2] * 1e6:>14.0f}"

@@ -62,6 +62,16 @@ def split_key(key: int) -> tuple[int, int]:
     return key >> 64, key & _MASK64
 
 
+def victim_pairs(keys: Iterable[int]) -> list[list[int]]:
+    """Eviction victims (index keys) in their wire form: `[model code, block hash]` pairs."""
+    return [[key >> 64, key & _MASK64] for key in keys]
+
+
+def victim_keys(pairs: Iterable[tuple[int, int]]) -> list[int]:
+    """The index keys of `[model code, block hash]` pairs (the inverse of `victim_pairs`)."""
+    return [model << 64 | block for model, block in pairs]
+
+
 def _consume(iterator: Iterable[object]) -> None:
     deque(iterator, maxlen=0)
 

@@ -47,7 +47,7 @@ from veristore_py.state import ApplyContext, KVMachine, Mutation, Outcome, Reade
 
 from .blocklog import ADD, LOG_SLACK_BLOCKS, MAX_LOG_RECORDS, REMOVE, TOUCH, BlockLog, Replay
 from .calibration import DEFAULT_SPEEDS, Learned, Report, Speeds, learn
-from .index import GPU, PENDING, TIER_CODES, TIER_NAMES, PrefixIndex, block_keys
+from .index import GPU, PENDING, TIER_CODES, TIER_NAMES, PrefixIndex, block_keys, victim_keys
 from .model import Candidate, ModelSpec, Node, RouteDecision
 from .policy import (
     DEFAULT_POLICY,
@@ -766,8 +766,7 @@ class CachePlaneMachine:
         decision = None
         replanned = False
         if planned is not None:
-            victim_keys = [mc << 64 | b for mc, b in victims]
-            decision = self._planned(model, keys, session, now, planned, victim_keys,
+            decision = self._planned(model, keys, session, now, planned, victim_keys(victims),
                                      cmd.get("route_type"), cmd.get("matched"))
             replanned = decision is None
             self.stats.replanned += replanned

@@ -24,17 +24,16 @@ from veristore_py.api import propose
 from veristore_py.errors import CommandRejectedError, VeristoreError
 from veristore_py.node import VeristoreNode
 
-from . import hashing
+from . import commands, hashing
 from .errors import CachePlaneError
-from .machine import MASK64, CachePlaneMachine, decision_result
+from .index import victim_pairs
+from .machine import CachePlaneMachine, decision_result
 from .model import RouteDecision
 from .policy import load_model, running_slots
 from .settings import ServiceSettings
 
 log = structlog.get_logger(__name__)
 
-# Completion report fields that calibrate the load model (passed through to cp.complete).
-USAGE_FIELDS = ("prompt_tokens", "output_tokens", "cached_tokens", "ttft_ms", "latency_ms")
 
 
 def _merged(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
@@ -75,44 +74,34 @@ class CachePlaneService:
     def priors(self) -> dict[str, Any]:
         """The load model's priors (settings) that the leader stamps into commands."""
         s = self.settings
-        return {"prefill_tokens_per_s": s.prefill_tokens_per_s,
-                "decode_ms_per_token": s.decode_ms_per_token,
-                "mean_output_tokens": s.mean_output_tokens}
+        return commands.priors(s.prefill_tokens_per_s, s.decode_ms_per_token,
+                               s.mean_output_tokens)
 
     async def register_node(self, body: dict[str, Any]) -> dict[str, Any]:
-        return await self.submit({
-            "op": "cp.register_node", "node": body["node_id"], "address": body["address"],
-            "models": body["models"], "capacity_blocks": body["capacity_blocks"],
-            "max_active": body.get("max_active", 64), "labels": body.get("labels", {}),
-            "lease_ms": self.settings.node_lease_ms,
-            **({"instance_id": body["instance_id"]} if "instance_id" in body else {}),
-            **({"max_running": body["max_running"]} if "max_running" in body else {}),
-        })
+        return await self.submit(commands.register_node(
+            body["node_id"], body["address"], body["models"], body["capacity_blocks"],
+            body.get("max_active", 64), body.get("labels", {}), self.settings.node_lease_ms,
+            instance_id=body.get("instance_id"), max_running=body.get("max_running")))
 
     async def heartbeat(self, node_id: str, body: dict[str, Any]) -> dict[str, Any]:
-        command = {
-            "op": "cp.heartbeat", "node": node_id, "active": body.get("active_requests", 0),
-            "queue": body.get("queue_depth", 0), "lease_ms": self.settings.node_lease_ms,
-        }
-        if body.get("used_blocks") is not None:  # the engine's own count, shown beside ours
-            command["used"] = body["used_blocks"]
-        return await self.submit(command)
+        # (`used_blocks` is the engine's own count, shown beside the index's)
+        return await self.submit(commands.heartbeat(
+            node_id, body.get("active_requests", 0), body.get("queue_depth", 0),
+            self.settings.node_lease_ms, body.get("used_blocks")))
 
     async def drain(self, node_id: str) -> dict[str, Any]:
-        return await self.submit({"op": "cp.drain", "node": node_id})
+        return await self.submit(commands.drain(node_id))
 
     async def remove_node(self, node_id: str) -> dict[str, Any]:
-        return await self.submit({"op": "cp.remove_node", "node": node_id})
+        return await self.submit(commands.remove_node(node_id))
 
     async def register_model(self, body: dict[str, Any]) -> dict[str, Any]:
-        return await self.submit({
-            "op": "cp.register_model", "model": body["model_id"],
-            "block_size": body.get("block_size", 16),
-            "hash_seed": body.get("hash_seed", hashing.DEFAULT_SEED),
-        })
+        return await self.submit(commands.register_model(
+            body["model_id"], body.get("block_size", 16),
+            body.get("hash_seed", hashing.DEFAULT_SEED)))
 
     async def invalidate_model(self, model_id: str) -> dict[str, Any]:
-        return await self.submit({"op": "cp.invalidate_model", "model": model_id})
+        return await self.submit(commands.invalidate_model(model_id))
 
     def nodes(self) -> list[dict[str, Any]]:
         with self.node.store.lock:
@@ -194,17 +183,10 @@ class CachePlaneService:
         # max_prompt_tokens and done inline.
         blocks = self._blocks(body)
         request_id = body.get("request_id") or os.urandom(16).hex()
-        command: dict[str, Any] = {
-            "op": "cp.route", "model": body["model"], "blocks": blocks,
-            "request_id": request_id, "now_ms": now_ms(),
-            "request_ttl_ms": self.settings.request_ttl_ms,
-            "session_ttl_ms": self.settings.session_ttl_ms,
-            **self.priors(),
-            "load_weight": self.settings.load_weight,
-            "session_max_load": self.settings.session_max_load,
-        }
-        if body.get("session_id"):
-            command["session_id"] = body["session_id"]
+        command = commands.route(
+            body["model"], blocks, request_id, now_ms(), self.settings.request_ttl_ms,
+            self.settings.session_ttl_ms, self.priors(), self.settings.load_weight,
+            self.settings.session_max_load, body.get("session_id"))
         dry_run = bool(body.get("dry_run"))
         with self.node.store.lock:
             index = self.node.store.applied_index
@@ -222,9 +204,8 @@ class CachePlaneService:
             return self._route_result(await self.submit(command), body, request_id)
         result = decision_result(decision, model, request_id, address)
         if decision.node_id is not None and not dry_run:
-            command.update(node=decision.node_id, route_type=decision.route_type,
-                           matched=decision.matched_blocks,
-                           evict=[[key >> 64, key & MASK64] for key in decision.evict])
+            commands.with_decision(command, decision.node_id, decision.route_type,
+                                   decision.matched_blocks, victim_pairs(decision.evict))
             node_id = decision.node_id
             new_blocks = decision.total_blocks - decision.matched_blocks
             sent, sent_blocks = self._inflight.get(node_id, (0, 0))
@@ -258,18 +239,13 @@ class CachePlaneService:
         return result
 
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
-        return await self.submit({
-            "op": "cp.complete", "request_id": body["request_id"], "node": body["node_id"],
-            "status": body.get("status", "ok"), "output_blocks": body.get("block_hashes", []),
-            **{k: body[k] for k in USAGE_FIELDS if k in body}, **self.priors(),
-        })
+        return await self.submit(commands.complete(
+            body["request_id"], body["node_id"], body.get("status", "ok"),
+            body.get("block_hashes", []), body, self.priors()))
 
     async def kv_events(self, body: dict[str, Any]) -> dict[str, Any]:
-        command = {"op": "cp.kv_events", "node": body["node_id"], "seq": body["seq"],
-                   "events": body["events"]}
-        if "model" in body:
-            command["model"] = body["model"]
-        return await self.submit(command)
+        return await self.submit(commands.kv_events(body["node_id"], body["seq"],
+                                                    body["events"], body.get("model")))
 
     # -- introspection ---------------------------------------------------------------------
 
@@ -301,15 +277,14 @@ class CachePlaneService:
             if not (self.node.is_leader() and self.node.has_quorum_lease()):
                 continue
             try:
-                out = await self.submit({"op": "cp.expire", "now_ms": now_ms(),
-                                         "block_ttl_ms": self.settings.block_ttl_ms,
-                                         **self.priors()})
+                out = await self.submit(commands.expire(now_ms(), self.settings.block_ttl_ms,
+                                                        self.priors()))
                 if out.get("nodes_down"):
                     log.warning("nodes_declared_down", nodes=out["nodes_down"])
                 with self.node.store.lock:
                     due = self.machine.compaction_due(self.settings.block_log_slack_blocks,
                                                       self.settings.block_log_max_records)
                 for slot in due:  # one node per command: apply stalls for one node at most
-                    await self.submit({"op": "cp.compact_log", "slot": slot})
+                    await self.submit(commands.compact_log(slot))
             except VeristoreError as exc:
                 log.info("housekeeping_not_committed", error=exc.detail)

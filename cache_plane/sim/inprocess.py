@@ -29,11 +29,13 @@ from typing import Any
 
 from veristore_py.state import ApplyContext, Mutation
 
+from .. import commands
 from ..errors import CachePlaneError
+from ..hashing import DEFAULT_SEED
 from ..machine import CachePlaneMachine
 from .engine import Engine, Request, StepResult
 from .fleet import Fleet
-from .policies import kv_events
+from .policies import kv_events, usage
 
 LEASE_MS = 10**12          # nodes never expire in a simulation
 REQUEST_TTL_MS = 10**9     # nor do routed requests: every one is reported
@@ -77,11 +79,8 @@ class InProcessCachePlane:
         self.machine = machine if machine is not None else CachePlaneMachine()
         self.store = MemoryStore()
         self.model = model
-        self.priors: dict[str, Any] = {
-            "prefill_tokens_per_s": round(prefill_tokens_per_s),
-            "decode_ms_per_token": decode_ms_per_token,
-            "mean_output_tokens": mean_output_tokens,
-        }
+        self.priors = commands.priors(round(prefill_tokens_per_s), decode_ms_per_token,
+                                      mean_output_tokens)
         self.overrides = dict(policy_overrides or {})
         # a share of heartbeats lost on the way, drawn per node from a seeded generator
         self.heartbeat_loss = heartbeat_loss
@@ -95,20 +94,20 @@ class InProcessCachePlane:
         sizes = {engine.config.block_size for engine in fleet.engines.values()}
         if len(sizes) != 1:
             raise ValueError("every engine of the fleet must use the same block size")
-        self.apply({"op": "cp.register_model", "model": model, "block_size": sizes.pop(),
-                    "now_ms": 0})
+        self.apply(commands.register_model(model, sizes.pop(), DEFAULT_SEED))
         for node, engine in fleet.engines.items():
             slots = engine.config.max_num_seqs
             # The router never refuses for "busy" here: the engine queues what it cannot run.
-            self.apply({"op": "cp.register_node", "node": node, "address": "sim",
-                        "models": [model], "capacity_blocks": engine.config.capacity_blocks,
-                        "max_active": slots * 64, "max_running": slots, "now_ms": 0,
-                        "lease_ms": LEASE_MS})
+            self.apply(commands.register_node(node, "sim", [model],
+                                              engine.config.capacity_blocks, slots * 64, {},
+                                              LEASE_MS, max_running=slots))
 
     # -- applying --------------------------------------------------------------------------
 
     def apply(self, command: dict[str, Any]) -> dict[str, Any]:
-        """Apply `command` as the next log entry; raise CachePlaneError if the machine refuses."""
+        """Apply `command` as the next log entry, stamped with the leader's clock as the
+        service stamps it; raise CachePlaneError if the machine refuses it."""
+        command.setdefault("now_ms", self.now_ms)
         self.index += 1
         outcome = self.machine.apply(command, self.store,
                                      ApplyContext(index=self.index, position=0,
@@ -125,25 +124,20 @@ class InProcessCachePlane:
         self.now_ms = max(self.now_ms, int(now_ms))
         if self.now_ms >= self._next_housekeeping:  # (once after a gap, as the leader's loop)
             self._next_housekeeping = self.now_ms + HOUSEKEEPING_MS
-            self.apply({"op": "cp.expire", "now_ms": self.now_ms, "block_ttl_ms": 0,
-                        **self.priors})
+            self.apply(commands.expire(self.now_ms, 0, self.priors))
             for slot in self.machine.compaction_due():
-                self.apply({"op": "cp.compact_log", "slot": slot, "now_ms": self.now_ms})
+                self.apply(commands.compact_log(slot))
         return self.now_ms
 
     # -- the fleet's Policy protocol -------------------------------------------------------
 
     async def choose(self, request: Request, fleet: Fleet) -> str | None:
         now = self._advance(request.arrival_ms)
-        command: dict[str, Any] = {
-            "op": "cp.route", "model": self.model, "blocks": list(request.blocks),
-            "request_id": request.request_id, "now_ms": now,
-            "request_ttl_ms": REQUEST_TTL_MS, "session_ttl_ms": SESSION_TTL_MS,
-            **self.priors, **self.overrides,
-        }
-        if request.session:
-            command["session_id"] = request.session
-        result = self.apply(command)
+        policy = self.machine.policy
+        command = commands.route(self.model, list(request.blocks), request.request_id, now,
+                                 REQUEST_TTL_MS, SESSION_TTL_MS, self.priors,
+                                 policy.load_weight, policy.session_max_load, request.session)
+        result = self.apply({**command, **self.overrides})
         if not result["routed"]:
             reason = str(result["rejected"])
             self.route_errors[reason] = self.route_errors.get(reason, 0) + 1
@@ -153,29 +147,21 @@ class InProcessCachePlane:
         return str(result["node_id"])
 
     async def observe(self, node: str, result: StepResult) -> None:
-        now = self._advance(result.ends_ms)
+        self._advance(result.ends_ms)
         for request in result.finished:
-            command: dict[str, Any] = {
-                "op": "cp.complete", "request_id": request.request_id, "node": node,
-                "status": "failed" if request.rejected else "ok",
-                "output_blocks": list(request.output_blocks), "now_ms": now, **self.priors,
-            }
-            if not request.rejected:  # a refused request has no usage to learn from
-                command.update(prompt_tokens=request.prompt_tokens,
-                               output_tokens=request.output_tokens,
-                               cached_tokens=request.reused_tokens,
-                               ttft_ms=round(request.ttft_ms), latency_ms=round(request.e2e_ms))
-            self.apply(command)
+            # (a refused request has no usage to learn from)
+            self.apply(commands.complete(request.request_id, node,
+                                         "failed" if request.rejected else "ok",
+                                         list(request.output_blocks), usage(request),
+                                         self.priors))
         events = kv_events(result)
         if events:
             self.seq[node] = self.seq.get(node, 0) + 1
-            self.apply({"op": "cp.kv_events", "node": node, "seq": self.seq[node],
-                        "events": events, "model": self.model, "now_ms": now})
+            self.apply(commands.kv_events(node, self.seq[node], events, self.model))
 
     async def heartbeat(self, node: str, engine: Engine, now_ms: float) -> None:
         if self.heartbeat_loss and self._losses[node].random() < self.heartbeat_loss:
             return
-        now = self._advance(now_ms)
-        self.apply({"op": "cp.heartbeat", "node": node, "active": len(engine.running),
-                    "queue": len(engine.waiting), "used": engine.held_blocks,
-                    "lease_ms": LEASE_MS, "now_ms": now})
+        self._advance(now_ms)
+        self.apply(commands.heartbeat(node, len(engine.running), len(engine.waiting), LEASE_MS,
+                                      engine.held_blocks))

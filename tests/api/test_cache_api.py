@@ -203,31 +203,33 @@ async def test_a_member_that_may_not_decide_redirects_before_judging_the_request
 async def test_completion_reports_calibrate_the_node_shown_in_nodes_and_breakdown(client):
     """Usage and timings in /v1/complete teach the node's speeds; GET /v1/nodes and the next
     route's candidates show them."""
-    before = await (await client.get("/v1/nodes/gpu0")).json()
-    done = before["speeds"]["samples"]["completions"]
+    before = {n["node_id"]: n["speeds"]["samples"]["completions"]
+              for n in (await (await client.get("/v1/nodes")).json())["nodes"]}
+    served = []
     for i in range(3):
         status, r = await post(client, "/v1/route", {"model": "llama", "request_id": f"cal{i}",
                                                      "token_ids": list(range(1000 + i * 64,
                                                                              1064 + i * 64))})
-        if r["node_id"] != "gpu0":
-            await post(client, "/v1/complete", {"request_id": f"cal{i}", "node_id": r["node_id"]})
-            continue
-        status, _ = await post(client, "/v1/complete", {
-            "request_id": f"cal{i}", "node_id": "gpu0", "prompt_tokens": 64, "cached_tokens": 0,
-            "output_tokens": 101, "ttft_ms": 30, "latency_ms": 30 + 100 * 40})
         assert status == 200
-    after = await (await client.get("/v1/nodes/gpu0")).json()
+        served.append(r["node_id"])
+        status, _ = await post(client, "/v1/complete", {
+            "request_id": f"cal{i}", "node_id": r["node_id"], "prompt_tokens": 64,
+            "cached_tokens": 0, "output_tokens": 101, "ttft_ms": 30,
+            "latency_ms": 30 + 100 * 40})
+        assert status == 200
+    node = served[0]
+    after = await (await client.get(f"/v1/nodes/{node}")).json()
     speeds = after["speeds"]
-    assert speeds["samples"]["completions"] > done
+    assert speeds["samples"]["completions"] == before[node] + served.count(node)
     assert speeds["decode_ms_per_token"] > 10.0  # pulled from the 10 ms prior towards 40 ms
     assert {"max_running", "running_slots", "expected_wait_ms"} <= set(after)
     status, dry = await post(client, "/v1/route", {"model": "llama", "token_ids": [1, 2, 3, 4],
                                                    "dry_run": True})
     by_node = {c["node_id"]: c for c in dry["candidates"]}
-    assert by_node["gpu0"]["decode_ms_per_token"] == pytest.approx(
+    assert by_node[node]["decode_ms_per_token"] == pytest.approx(
         speeds["decode_ms_per_token"], rel=0.01)
     assert {"ttft_ms", "queue_ms", "prefill_ms", "saved_ms", "prefill_tokens_per_s"} <= \
-        set(by_node["gpu0"])
-    status, bad = await post(client, "/v1/complete", {"request_id": "x", "node_id": "gpu0",
+        set(by_node[node])
+    status, bad = await post(client, "/v1/complete", {"request_id": "x", "node_id": node,
                                                       "ttft_ms": -1})
     assert status == 400 and "ttft_ms" in bad["detail"]

@@ -1,0 +1,113 @@
+"""One constructor per replicated command: the wire form the machine reads (msgpack maps).
+
+The leader's service, the in-process simulator and the benchmarks build commands here and
+nowhere else, so a field has one name and one place. Each constructor returns the map with
+its keys in a fixed order: msgpack keeps insertion order, and a command's bytes are part of
+the Raft log (`tests/integration/test_store_fixture.py` pins the encodings). Optional fields
+are left out when not given, as the machine reads absent fields as their defaults.
+
+`now_ms` is the leader's clock. Commands whose handlers read it take it as an argument;
+the others get it stamped last by the proposer (`CachePlaneService.submit`), if absent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+Command = dict[str, Any]
+
+# Report fields of a completion that calibrate the load model (see `calibration`).
+USAGE_FIELDS = ("prompt_tokens", "output_tokens", "cached_tokens", "ttft_ms", "latency_ms")
+
+
+def priors(prefill_tokens_per_s: float, decode_ms_per_token: float,
+           mean_output_tokens: float) -> Command:
+    """The load model's priors (the leader's settings), stamped into route, complete, expire."""
+    return {"prefill_tokens_per_s": prefill_tokens_per_s,
+            "decode_ms_per_token": decode_ms_per_token,
+            "mean_output_tokens": mean_output_tokens}
+
+
+def register_model(model: str, block_size: int, hash_seed: str) -> Command:
+    return {"op": "cp.register_model", "model": model, "block_size": block_size,
+            "hash_seed": hash_seed}
+
+
+def invalidate_model(model: str) -> Command:
+    return {"op": "cp.invalidate_model", "model": model}
+
+
+def register_node(node: str, address: str, models: Sequence[str], capacity_blocks: int,
+                  max_active: int, labels: Mapping[str, str], lease_ms: int, *,
+                  instance_id: str | None = None, max_running: int | None = None) -> Command:
+    command: Command = {"op": "cp.register_node", "node": node, "address": address,
+                        "models": list(models), "capacity_blocks": capacity_blocks,
+                        "max_active": max_active, "labels": dict(labels), "lease_ms": lease_ms}
+    if instance_id is not None:
+        command["instance_id"] = instance_id
+    if max_running is not None:
+        command["max_running"] = max_running
+    return command
+
+
+def heartbeat(node: str, active: int, queue: int, lease_ms: int,
+              used: int | None = None) -> Command:
+    """Running (`active`) and waiting (`queue`) requests; `used`: the engine's KV blocks."""
+    command: Command = {"op": "cp.heartbeat", "node": node, "active": active, "queue": queue,
+                        "lease_ms": lease_ms}
+    if used is not None:
+        command["used"] = used
+    return command
+
+
+def drain(node: str) -> Command:
+    return {"op": "cp.drain", "node": node}
+
+
+def remove_node(node: str) -> Command:
+    return {"op": "cp.remove_node", "node": node}
+
+
+def route(model: str, blocks: list[int], request_id: str, now_ms: int, request_ttl_ms: int,
+          session_ttl_ms: int, prior: Mapping[str, Any], load_weight: float,
+          session_max_load: float, session_id: str | None = None) -> Command:
+    """A route to decide (the leader adds its decision with `with_decision`)."""
+    command: Command = {"op": "cp.route", "model": model, "blocks": blocks,
+                        "request_id": request_id, "now_ms": now_ms,
+                        "request_ttl_ms": request_ttl_ms, "session_ttl_ms": session_ttl_ms,
+                        **prior, "load_weight": load_weight,
+                        "session_max_load": session_max_load}
+    if session_id:
+        command["session_id"] = session_id
+    return command
+
+
+def with_decision(command: Command, node: str, route_type: str | None, matched: int,
+                  victims: list[list[int]]) -> Command:
+    """Stamp the leader's decision into a route command (in place; returns it)."""
+    command.update(node=node, route_type=route_type, matched=matched, evict=victims)
+    return command
+
+
+def complete(request_id: str, node: str, status: str, output_blocks: list[int],
+             usage: Mapping[str, int], prior: Mapping[str, Any]) -> Command:
+    """A completion report; `usage` holds any of `USAGE_FIELDS`."""
+    return {"op": "cp.complete", "request_id": request_id, "node": node, "status": status,
+            "output_blocks": output_blocks,
+            **{k: usage[k] for k in USAGE_FIELDS if k in usage}, **prior}
+
+
+def kv_events(node: str, seq: int, events: list[Any], model: str | None = None) -> Command:
+    command: Command = {"op": "cp.kv_events", "node": node, "seq": seq, "events": events}
+    if model is not None:
+        command["model"] = model
+    return command
+
+
+def expire(now_ms: int, block_ttl_ms: int, prior: Mapping[str, Any]) -> Command:
+    return {"op": "cp.expire", "now_ms": now_ms, "block_ttl_ms": block_ttl_ms, **prior}
+
+
+def compact_log(slot: int | None = None) -> Command:
+    return {"op": "cp.compact_log"} if slot is None else {"op": "cp.compact_log", "slot": slot}
