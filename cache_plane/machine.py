@@ -48,6 +48,18 @@ from veristore_py.state import ApplyContext, KVMachine, Mutation, Outcome, Reade
 from .blocklog import ADD, LOG_SLACK_BLOCKS, MAX_LOG_RECORDS, REMOVE, TOUCH, BlockLog, Replay
 from .calibration import DEFAULT_SPEEDS, Learned, Report, Speeds, learn
 from .index import GPU, PENDING, TIER_CODES, TIER_NAMES, PrefixIndex, block_keys, victim_keys
+from .limits import (
+    MAX_ACTIVE,
+    MAX_BLOCK_SIZE,
+    MAX_CAPACITY_BLOCKS,
+    MAX_COUNT,
+    MAX_ID_BYTES,
+    MAX_PROMPT_BLOCKS,
+    MAX_REPORTED,
+    MAX_SEQ,
+    MAX_SLOTS,
+    MAX_TIME_MS,
+)
 from .model import Candidate, ModelSpec, Node, RouteDecision
 from .policy import (
     DEFAULT_POLICY,
@@ -62,10 +74,6 @@ from .policy import (
 PREFIX = b"cp/"
 META_KEY = b"cp/meta"
 MASK64 = (1 << 64) - 1
-MAX_PROMPT_BLOCKS = 1 << 17
-MAX_TIME_MS = 1 << 62  # the largest leader time a command may carry
-MAX_SLOTS = 1 << 16
-MAX_ID_BYTES = 256
 
 
 class _Invalid(Exception):
@@ -218,7 +226,7 @@ def _speeds(rate: float | None, decode: float | None, output: float | None) -> S
                   float(output) if output else d.output_tokens)
 
 
-def _opt_int(cmd: Mapping[str, Any], name: str, hi: int = 1 << 40) -> int | None:
+def _opt_int(cmd: Mapping[str, Any], name: str, hi: int = MAX_COUNT) -> int | None:
     return None if cmd.get(name) is None else _int(cmd, name, 0, hi)
 
 
@@ -579,7 +587,7 @@ class CachePlaneMachine:
     def _register_model(self, cmd: Mapping[str, Any], ctx: ApplyContext, m: list[Mutation]) -> Result:
         model_id = _str(cmd, "model")
         assert model_id is not None
-        block_size = _int(cmd, "block_size", 1, 1 << 16, 16)
+        block_size = _int(cmd, "block_size", 1, MAX_BLOCK_SIZE, 16)
         seed = cmd.get("hash_seed", "vllm-none-hash")
         if not isinstance(seed, str) or len(seed) > MAX_ID_BYTES:
             raise _Invalid("field 'hash_seed' must be a string")
@@ -627,9 +635,9 @@ class CachePlaneMachine:
                 or not all(isinstance(x, str) and x for x in models)):
             raise _Invalid("field 'models' must be a non-empty list of model ids")
         unknown = [x for x in models if x not in self.models]
-        capacity = _int(cmd, "capacity_blocks", 1, 1 << 31)
-        max_active = _int(cmd, "max_active", 1, 1 << 20)
-        max_running = _int(cmd, "max_running", 0, 1 << 20, 0)
+        capacity = _int(cmd, "capacity_blocks", 1, MAX_CAPACITY_BLOCKS)
+        max_active = _int(cmd, "max_active", 1, MAX_ACTIVE)
+        max_running = _int(cmd, "max_running", 0, MAX_ACTIVE, 0)
         now = _int(cmd, "now_ms", 0, MAX_TIME_MS)
         lease = _int(cmd, "lease_ms", 1, 1 << 40)
         labels = cmd.get("labels", {})
@@ -680,11 +688,11 @@ class CachePlaneMachine:
         return rec
 
     def _heartbeat(self, cmd: Mapping[str, Any], ctx: ApplyContext, m: list[Mutation]) -> Result:
-        active = _int(cmd, "active", 0, 1 << 30)
-        queue = _int(cmd, "queue", 0, 1 << 30)
+        active = _int(cmd, "active", 0, MAX_REPORTED)
+        queue = _int(cmd, "queue", 0, MAX_REPORTED)
         now = _int(cmd, "now_ms", 0, MAX_TIME_MS)
         lease = _int(cmd, "lease_ms", 1, 1 << 40)
-        used = _int(cmd, "used", 0, 1 << 31) if cmd.get("used") is not None else None
+        used = _int(cmd, "used", 0, MAX_CAPACITY_BLOCKS) if cmd.get("used") is not None else None
         rec = self._known_node(cmd)
         rec.active, rec.queue, rec.lease_until_ms = active, queue, now + lease
         if used is not None:
@@ -933,7 +941,7 @@ class CachePlaneMachine:
 
     def _kv_events(self, cmd: Mapping[str, Any], ctx: ApplyContext, m: list[Mutation]) -> Result:
         """Engine KV events, applied exactly once per (node, seq)."""
-        seq = _int(cmd, "seq", 0, 1 << 62)
+        seq = _int(cmd, "seq", 0, MAX_SEQ)
         events = cmd.get("events")
         if not isinstance(events, list):
             raise _Invalid("field 'events' must be a list")

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-U64 = {"type": "integer", "minimum": 0, "maximum": 2**64 - 1}
-TOKEN = {"type": "integer", "minimum": 0, "maximum": 2**32 - 1}
-ID = {"type": "string", "minLength": 1, "maxLength": 256}
+from .. import limits as L
+
+U64 = {"type": "integer", "minimum": 0, "maximum": L.MAX_BLOCK_HASH}
+TOKEN = {"type": "integer", "minimum": 0, "maximum": L.MAX_TOKEN_ID}
+# An id: at most MAX_ID_BYTES UTF-8 bytes (`x-max-bytes`, checked by api/validation.py);
+# maxLength states the same number as characters, which JSON Schema can express.
+ID = {"type": "string", "minLength": 1, "maxLength": L.MAX_ID_BYTES,
+      "x-max-bytes": L.MAX_ID_BYTES}
 # Completion report fields that teach the load model (cache_plane/calibration.py).
-COUNT = {"type": "integer", "minimum": 0, "maximum": 2**40}
+COUNT = {"type": "integer", "minimum": 0, "maximum": L.MAX_COUNT}
 
 
 def _obj(required: list[str], **props: Any) -> dict[str, Any]:
@@ -20,26 +25,27 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "RegisterNode": _obj(
         ["node_id", "address", "models", "capacity_blocks"],
         node_id=ID, address=ID,
-        models={"type": "array", "items": ID, "minItems": 1, "maxItems": 64},
-        capacity_blocks={"type": "integer", "minimum": 1, "maximum": 2**31},
-        max_active={"type": "integer", "minimum": 1, "maximum": 2**20,
+        models={"type": "array", "items": ID, "minItems": 1, "maxItems": L.MAX_MODELS_PER_NODE},
+        capacity_blocks={"type": "integer", "minimum": 1, "maximum": L.MAX_CAPACITY_BLOCKS},
+        max_active={"type": "integer", "minimum": 1, "maximum": L.MAX_ACTIVE,
                     "description": "the most requests (running + waiting) the router sends "
                                    "the node; more are rejected as all_nodes_busy"},
-        max_running={"type": "integer", "minimum": 1, "maximum": 2**20,
+        max_running={"type": "integer", "minimum": 1, "maximum": L.MAX_ACTIVE,
                      "description": "the engine's running slots (vLLM --max-num-seqs); "
                                     "requests beyond them wait in its queue. Default: "
                                     "max_active (capped at it)"},
         labels={"type": "object", "additionalProperties": {"type": "string", "maxLength": 256},
-                "maxProperties": 64},
-        instance_id={"type": "string", "maxLength": 256},
+                "maxProperties": L.MAX_LABELS},
+        instance_id={"type": "string", "maxLength": L.MAX_ID_BYTES,
+                     "x-max-bytes": L.MAX_ID_BYTES},
     ),
     "Heartbeat": _obj(
-        [], active_requests={"type": "integer", "minimum": 0, "maximum": 2**30,
+        [], active_requests={"type": "integer", "minimum": 0, "maximum": L.MAX_REPORTED,
                              "description": "running requests (vLLM num_requests_running)"},
-        queue_depth={"type": "integer", "minimum": 0, "maximum": 2**30,
+        queue_depth={"type": "integer", "minimum": 0, "maximum": L.MAX_REPORTED,
                      "description": "requests waiting for a running slot (vLLM "
                                     "num_requests_waiting)"},
-        used_blocks={"type": "integer", "minimum": 0, "maximum": 2**31,
+        used_blocks={"type": "integer", "minimum": 0, "maximum": L.MAX_CAPACITY_BLOCKS,
                      "description": "the engine's own count of KV blocks in use; GET /v1/nodes "
                                     "shows it as reported_used_blocks beside the index's "
                                     "used_blocks (a growing gap means lost KV events)"},
@@ -50,21 +56,21 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     ),
     "RegisterModel": _obj(
         ["model_id"], model_id=ID,
-        block_size={"type": "integer", "minimum": 1, "maximum": 65536},
-        hash_seed={"type": "string", "maxLength": 256},
+        block_size={"type": "integer", "minimum": 1, "maximum": L.MAX_BLOCK_SIZE},
+        hash_seed={"type": "string", "maxLength": L.MAX_ID_BYTES},
     ),
     "Route": _obj(
         ["model"], model=ID, session_id=ID, request_id=ID,
-        token_ids={"type": "array", "items": TOKEN, "maxItems": 2**20},
-        block_hashes={"type": "array", "items": U64, "maxItems": 2**17},
-        prompt={"type": "string", "maxLength": 2**22},
+        token_ids={"type": "array", "items": TOKEN, "maxItems": L.MAX_PROMPT_TOKENS},
+        block_hashes={"type": "array", "items": U64, "maxItems": L.MAX_PROMPT_BLOCKS},
+        prompt={"type": "string", "maxLength": L.MAX_PROMPT_CHARS},
         max_tokens={"type": "integer", "minimum": 0, "maximum": 2**24, "description": "accepted (vLLM/llm-d compatibility), not used yet"},
         dry_run={"type": "boolean"},
     ),
     "Complete": _obj(
         ["request_id", "node_id"], request_id=ID, node_id=ID,
         status={"enum": ["ok", "failed", "cancelled"]},
-        block_hashes={"type": "array", "items": U64, "maxItems": 2**17},
+        block_hashes={"type": "array", "items": U64, "maxItems": L.MAX_PROMPT_BLOCKS},
         prompt_tokens={**COUNT, "description": "the prompt's tokens (usage.prompt_tokens)"},
         output_tokens={**COUNT, "description": "tokens generated (usage.completion_tokens)"},
         cached_tokens={**COUNT, "description": "prompt tokens served from the engine's prefix "
@@ -77,10 +83,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     ),
     "KVEvents": _obj(
         ["node_id", "seq", "events"], node_id=ID, model=ID,
-        seq={"type": "integer", "minimum": 0, "maximum": 2**62},
-        events={"type": "array", "maxItems": 10_000, "items": _obj(
+        seq={"type": "integer", "minimum": 0, "maximum": L.MAX_SEQ},
+        events={"type": "array", "maxItems": L.MAX_EVENTS, "items": _obj(
             ["type"], type={"enum": ["stored", "removed", "cleared"]},
-            block_hashes={"type": "array", "items": U64, "maxItems": 2**17},
+            block_hashes={"type": "array", "items": U64, "maxItems": L.MAX_PROMPT_BLOCKS},
             parent_hash={"anyOf": [U64, {"type": "null"}], "description": "accepted (vLLM/llm-d compatibility), not used yet"},
             tier={"enum": ["gpu", "cpu", "disk"]},
         )},

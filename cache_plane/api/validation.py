@@ -6,6 +6,8 @@ error message. Arrays of bounded integers (token ids, block hashes) can hold hun
 thousands of items, which either validator checks one Python object at a time; they are left
 out of the compiled schema and checked here with C-level passes (`array`, `map`) against the
 same bounds the schema states, falling back to an item-by-item pass only to name the bad item.
+Strings marked `x-max-bytes` (ids: see `cache_plane/limits.py`) are also checked in UTF-8
+bytes, which JSON Schema cannot express.
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ class BodyValidator:
         self._nested = {n: p["items"].get("x-fast", {})
                         for n, p in light.get("properties", {}).items()
                         if isinstance(p.get("items"), dict) and p["items"].get("x-fast")}
+        # field -> byte limit, for strings (and arrays of strings) marked x-max-bytes
+        self._bytes = {n: (p.get("x-max-bytes") or p.get("items", {}).get("x-max-bytes"))
+                       for n, p in SCHEMAS[name].get("properties", {}).items()
+                       if p.get("x-max-bytes") or (isinstance(p.get("items"), dict)
+                                                   and p["items"].get("x-max-bytes"))}
 
     def __call__(self, body: Any) -> dict[str, Any]:
         """Return `body` if valid, else raise InvalidCommandError naming the field."""
@@ -59,6 +66,13 @@ class BodyValidator:
             where = "/".join(str(p) for p in error.absolute_path) or "body"
             raise InvalidCommandError(f"{where}: {error.message}") from None
         _check_ints(body, self._fast, "")
+        for field, limit in self._bytes.items():
+            value = body.get(field)
+            for i, text in enumerate(value if isinstance(value, list) else [value]):
+                if isinstance(text, str) and len(text.encode()) > limit:
+                    where = f"{field}/{i}" if isinstance(value, list) else field
+                    raise InvalidCommandError(f"{where}: is {len(text.encode())} bytes in "
+                                              f"UTF-8; the limit is {limit}")
         for name, fast in self._nested.items():
             for i, item in enumerate(body.get(name, [])):
                 _check_ints(item, fast, f"{name}/{i}/")

@@ -233,3 +233,25 @@ async def test_completion_reports_calibrate_the_node_shown_in_nodes_and_breakdow
     status, bad = await post(client, "/v1/complete", {"request_id": "x", "node_id": node,
                                                       "ttft_ms": -1})
     assert status == 400 and "ttft_ms" in bad["detail"]
+
+
+async def test_the_schema_and_the_machine_agree_on_limits(client):
+    """A body at every stated maximum is applied; an id over the byte limit is refused at the
+    edge, naming the field, though its character count is within maxLength."""
+    from cache_plane import limits
+
+    node_id = "n" * limits.MAX_ID_BYTES
+    status, out = await post(client, "/v1/nodes", {
+        "node_id": node_id, "address": "a" * limits.MAX_ID_BYTES, "models": ["llama"],
+        "capacity_blocks": limits.MAX_CAPACITY_BLOCKS, "max_active": limits.MAX_ACTIVE,
+        "max_running": limits.MAX_ACTIVE, "instance_id": "i" * limits.MAX_ID_BYTES})
+    assert status == 200 and out["created"]
+    status, out = await post(client, f"/v1/nodes/{node_id}/heartbeat", {
+        "active_requests": limits.MAX_REPORTED, "queue_depth": limits.MAX_REPORTED,
+        "used_blocks": limits.MAX_CAPACITY_BLOCKS})
+    assert status == 200
+    r = await client.delete(f"/v1/nodes/{node_id}", headers=AUTH)
+    assert r.status == 200
+    wide = "é" * 200  # 200 characters, 400 bytes
+    status, out = await post(client, "/v1/route", {"model": wide, "token_ids": [1]})
+    assert status == 400 and out["detail"].startswith("model:") and "bytes" in out["detail"]

@@ -1,0 +1,32 @@
+"""The limits of the cache_plane API and state machine, in one place.
+
+The OpenAPI schema (`api/openapi.py`) states them and the machine (`machine.py`) enforces them
+again on every replica; both import them from here, so the two cannot drift apart.
+
+Strings that name things (model, node, request, session, instance ids; hash seeds) are
+limited in **UTF-8 bytes**, `MAX_ID_BYTES`: that is what the machine stores. JSON Schema's
+`maxLength` counts characters, so the schema states the same number as characters (an ASCII
+id is limited exactly) and marks the field with `x-max-bytes`; the body validator
+(`api/validation.py`) checks the byte length of every such field and names it in a 400, so
+a multi-byte id is refused at the edge rather than by the machine.
+"""
+
+from __future__ import annotations
+
+MAX_ID_BYTES = 256                # ids and hash seeds, UTF-8 bytes
+MAX_PROMPT_BLOCKS = 1 << 17       # block hashes in one prompt, one list of victims or events
+MAX_PROMPT_TOKENS = 1 << 20       # token ids in one route request
+MAX_PROMPT_CHARS = 1 << 22        # a text prompt, characters
+MAX_TOKEN_ID = 2**32 - 1
+MAX_BLOCK_HASH = 2**64 - 1
+MAX_BLOCK_SIZE = 1 << 16          # tokens per KV block
+MAX_CAPACITY_BLOCKS = 1 << 31     # KV blocks of one node
+MAX_ACTIVE = 1 << 20              # requests on one node (max_active, max_running)
+MAX_REPORTED = 1 << 30            # running / waiting requests a heartbeat reports
+MAX_SEQ = 1 << 62                 # KV-event batch sequence numbers
+MAX_EVENTS = 10_000               # events in one KV-event batch
+MAX_COUNT = 1 << 40               # usage and timings of a completion report
+MAX_TIME_MS = 1 << 62             # the largest leader time a command may carry
+MAX_SLOTS = 1 << 16               # nodes (slots) and models (codes) a cluster can number
+MAX_MODELS_PER_NODE = 64
+MAX_LABELS = 64
