@@ -3,8 +3,10 @@
 The OpenAPI schema (`api/openapi.py`) states them and the machine (`machine.py`) enforces them
 again on every replica; both import them from here, so the two cannot drift apart.
 
-Strings that name things (model, node, request, session, instance ids; hash seeds) are
-limited in **UTF-8 bytes**, `MAX_ID_BYTES`: that is what the machine stores. JSON Schema's
+Strings that name things (model, node, request, session, instance ids, node addresses) are
+limited in **UTF-8 bytes**, `MAX_ID_BYTES`: that is what the machine stores. (A model's hash
+seed is limited to as many characters, as the machine has always checked it: a replayed log
+must be judged as it was when it was written.) JSON Schema's
 `maxLength` counts characters, so the schema states the same number as characters (an ASCII
 id is limited exactly) and marks the field with `x-max-bytes`; the body validator
 (`api/validation.py`) checks the byte length of every such field and names it in a 400, so
@@ -13,7 +15,7 @@ a multi-byte id is refused at the edge rather than by the machine.
 
 from __future__ import annotations
 
-MAX_ID_BYTES = 256                # ids and hash seeds, UTF-8 bytes
+MAX_ID_BYTES = 256                # ids, UTF-8 bytes (hash seeds: characters)
 MAX_PROMPT_BLOCKS = 1 << 17       # block hashes in one prompt, one list of victims or events
 MAX_PROMPT_TOKENS = 1 << 20       # token ids in one route request
 MAX_PROMPT_CHARS = 1 << 22        # a text prompt, characters
