@@ -20,16 +20,15 @@ from typing import Any
 
 import structlog
 
-from veristore_py.api import propose
 from veristore_py.errors import CommandRejectedError, VeristoreError
 from veristore_py.node import VeristoreNode
+from veristore_py.proposals import propose
 
-from . import commands, hashing
+from . import commands, hashing, views
 from .errors import CachePlaneError
 from .index import victim_pairs
 from .machine import CachePlaneMachine, decision_result
-from .model import RouteDecision
-from .policy import load_model, running_slots
+from .model import ModelSpec, RouteDecision
 from .settings import ServiceSettings
 
 log = structlog.get_logger(__name__)
@@ -104,54 +103,24 @@ class CachePlaneService:
         return await self.submit(commands.invalidate_model(model_id))
 
     def nodes(self) -> list[dict[str, Any]]:
-        with self.node.store.lock:
-            return [self._node_json(rec.id) for rec in sorted(self.machine.nodes.values(),
-                                                              key=lambda r: r.id)]
+        prior, now = CachePlaneMachine.prior_of(self.priors()), now_ms()
+        return self.node.store.view(lambda m: views.node_views(m, prior, now))
 
     def node_info(self, node_id: str) -> dict[str, Any]:
-        with self.node.store.lock:
-            if node_id not in self.machine.nodes:
-                raise CachePlaneError("unknown_node", f"node {node_id!r} is not registered")
-            return self._node_json(node_id)
-
-    def _node_json(self, node_id: str) -> dict[str, Any]:
-        rec = self.machine.nodes[node_id]
-        used = self.machine.index.used(rec.slot)
-        pace = self.machine.pace(rec, self.machine.prior_of(self.priors()))
-        learned = rec.learned
-        model = self.machine.models.get(rec.models[0]) if rec.models else None
-        block_size = model.block_size if model else 16
-        wait = load_model(rec, pace, now_ms(), block_size)
-        return {"node_id": rec.id, "address": rec.address, "models": list(rec.models),
-                "state": rec.state, "capacity_blocks": rec.capacity_blocks,
-                "used_blocks": used, "free_blocks": max(rec.capacity_blocks - used, 0),
-                "max_active": rec.max_active, "max_running": rec.slots,
-                "running_slots": running_slots(rec, pace, block_size),
-                "active_requests": rec.active, "queue_depth": rec.queue,
-                "expected_wait_ms": round(wait.backlog_ms + wait.queue_ms, 1),
-                "speeds": {
-                    "prefill_tokens_per_s": round(1000 / pace.prefill_ms_per_token),
-                    "decode_ms_per_token": round(pace.decode_ms_per_token, 3),
-                    "mean_output_tokens": round(pace.output_tokens, 1),
-                    "mean_new_tokens": round(pace.new_tokens, 1),
-                    "samples": {"prefill": learned.prefill_n, "decode": learned.decode_n,
-                                "completions": learned.output_n}},
-                "labels": dict(rec.labels),
-                "lease_until_ms": rec.lease_until_ms, "instance_id": rec.instance,
-                "reported_used_blocks": rec.reported_used if rec.reported_used >= 0 else None}
+        prior, now = CachePlaneMachine.prior_of(self.priors()), now_ms()
+        view = self.node.store.view(lambda m: views.node_view(m, node_id, prior, now))
+        if view is None:
+            raise CachePlaneError("unknown_node", f"node {node_id!r} is not registered")
+        return view
 
     def models(self) -> list[dict[str, Any]]:
-        with self.node.store.lock:
-            return [{"model_id": m.id, "block_size": m.block_size, "hash_seed": m.hash_seed,
-                     "epoch": m.epoch} for m in sorted(self.machine.models.values(),
-                                                       key=lambda m: m.id)]
+        return self.node.store.view(views.model_views)
 
     # -- routing ---------------------------------------------------------------------------
 
     def _blocks(self, body: dict[str, Any]) -> list[int]:
         """The request's block hashes, from whichever prompt form it carries."""
-        with self.node.store.lock:
-            model = self.machine.models.get(body["model"])
+        model = self.node.store.view(lambda m: views.model_spec(m, body["model"]))
         if model is None:
             raise CachePlaneError("unknown_model", f"model {body['model']!r} is not registered")
         forms = [k for k in ("token_ids", "block_hashes", "prompt") if k in body]
@@ -188,20 +157,23 @@ class CachePlaneService:
             self.settings.session_ttl_ms, self.priors(), self.settings.load_weight,
             self.settings.session_max_load, body.get("session_id"))
         dry_run = bool(body.get("dry_run"))
-        with self.node.store.lock:
+
+        def decide(m: CachePlaneMachine) -> tuple[int, Any, ModelSpec | None, str | None]:
             index = self.node.store.applied_index
-            decision: RouteDecision | None = None
-            if request_id not in self.machine.requests or dry_run:
-                # (a retry of a routed request skips this: the machine replays its answer)
-                decided = self.machine.decide(command, self._inflight, hashes_checked=True)
-                if not isinstance(decided, RouteDecision):
-                    raise CachePlaneError(str(decided["error"]), str(decided["detail"]))
-                decision = decided
-                model = self.machine.models[body["model"]]
-                address = (self.machine.nodes[decision.node_id].address
-                           if decision.node_id else None)
+            if request_id in m.requests and not dry_run:
+                return index, None, None, None  # a retry: the machine replays its answer
+            decided = m.decide(command, self._inflight, hashes_checked=True)
+            if not isinstance(decided, RouteDecision):
+                return index, decided, None, None
+            address = m.nodes[decided.node_id].address if decided.node_id else None
+            return index, decided, m.models[body["model"]], address
+
+        index, decision, model, address = self.node.store.view(decide)
         if decision is None:
             return self._route_result(await self.submit(command), body, request_id)
+        if not isinstance(decision, RouteDecision):
+            raise CachePlaneError(str(decision["error"]), str(decision["detail"]))
+        assert model is not None
         result = decision_result(decision, model, request_id, address)
         if decision.node_id is not None and not dry_run:
             commands.with_decision(command, decision.node_id, decision.route_type,
@@ -250,23 +222,12 @@ class CachePlaneService:
     # -- introspection ---------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        with self.node.store.lock:
-            s = self.machine.stats
-            routed = sum(s.routes.values())
-            return {
-                "routes": dict(s.routes), "routes_total": routed,
-                "rejections": _merged(s.rejections, self._rejections),
-                "replanned": s.replanned,
-                "blocks_requested": s.blocks_requested, "blocks_reused": s.blocks_reused,
-                "block_hit_rate": s.blocks_reused / s.blocks_requested if s.blocks_requested else 0.0,
-                "tokens_reused": s.tokens_reused, "evictions": s.evictions,
-                "indexed_blocks": self.machine.index.size(),
-                "nodes": len(self.machine.nodes), "active_requests": len(self.machine.requests),
-            }
+        stats = self.node.store.view(views.stats_view)
+        stats["rejections"] = _merged(stats["rejections"], self._rejections)
+        return stats
 
     def block_log_records(self) -> int:
-        with self.node.store.lock:
-            return self.machine.log.record_count
+        return self.node.store.view(views.block_log_records)
 
     # -- housekeeping ----------------------------------------------------------------------
 
@@ -281,9 +242,8 @@ class CachePlaneService:
                                                         self.priors()))
                 if out.get("nodes_down"):
                     log.warning("nodes_declared_down", nodes=out["nodes_down"])
-                with self.node.store.lock:
-                    due = self.machine.compaction_due(self.settings.block_log_slack_blocks,
-                                                      self.settings.block_log_max_records)
+                due = self.node.store.view(lambda m: m.compaction_due(
+                    self.settings.block_log_slack_blocks, self.settings.block_log_max_records))
                 for slot in due:  # one node per command: apply stalls for one node at most
                     await self.submit(commands.compact_log(slot))
             except VeristoreError as exc:

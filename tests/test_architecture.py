@@ -20,6 +20,7 @@ PURE = (
     "veristore_py.state", "veristore_py.codec", "veristore_py.errors",
     "cache_plane.machine", "cache_plane.policy", "cache_plane.calibration",
     "cache_plane.index", "cache_plane.blocklog", "cache_plane.hashing", "cache_plane.model",
+    "cache_plane.views", "cache_plane.commands", "cache_plane.limits",
 )
 FORBIDDEN = {
     "os", "io", "pathlib", "shutil", "tempfile", "socket", "select", "selectors", "ssl",

@@ -30,9 +30,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from . import proposals
 from .config import NodeSettings
 from .errors import (
-    CommandRejectedError,
     CommitTimeoutError,
     InvalidCommandError,
     LeadershipLostError,
@@ -187,37 +187,10 @@ def _decode(value: bytes | None) -> str | None:
     return None if value is None else value.decode("utf-8", "replace")
 
 
-def _check(result: dict[str, Any]) -> dict[str, Any]:
-    """`result` if the machine applied the command, else its refusal as an error."""
-    if not result.get("ok"):
-        raise CommandRejectedError(str(result.get("error")), str(result.get("detail")))
-    return result
-
-
-async def propose(node: VeristoreNode, command: dict[str, Any]) -> dict[str, Any]:
-    """Submit `command` on the leader and await its apply result (errors raise)."""
-    return _check(await asyncio.wrap_future(node.submit(command)))
-
-
 async def read(request: web.Request, command: dict[str, Any]) -> dict[str, Any]:
     """Run a read-only command at the consistency level the request asks for."""
-    node = request.app[NODE]
-    consistency = request.query.get("consistency", "linearizable")
-    if consistency == "linearizable":
-        return await propose(node, command)
-    if consistency == "lease":
-        node.require_current_leader()
-        target = node.raftCommitIndex
-        for _ in range(200):
-            if node.raftLastApplied >= target:
-                break
-            await asyncio.sleep(0.005)
-        else:
-            raise CommitTimeoutError("leader did not apply its commit index in time")
-        return _check(node.read_local(command))
-    if consistency == "stale":
-        return _check(node.read_local(command))
-    raise InvalidCommandError("query 'consistency' must be linearizable, lease or stale")
+    return await proposals.read(request.app[NODE], command,
+                                request.query.get("consistency", "linearizable"))
 
 
 async def kv_get(request: web.Request) -> web.Response:
@@ -231,7 +204,7 @@ async def kv_get(request: web.Request) -> web.Response:
 async def kv_put(request: web.Request) -> web.Response:
     body = await read_json(request)
     value = _text(body, "value", nullable=False, limit=1 << 20)
-    result = await propose(request.app[NODE],
+    result = await proposals.propose(request.app[NODE],
                            {"op": "put", "key": _key(request), "value": value, **_idem(body)})
     return json_response({"revision": result["revision"],
                               "prev_revision": result.get("prev_revision", 0),
@@ -240,7 +213,7 @@ async def kv_put(request: web.Request) -> web.Response:
 
 async def kv_delete(request: web.Request) -> web.Response:
     body = await read_json(request, optional=True)
-    result = await propose(request.app[NODE], {"op": "delete", "key": _key(request), **_idem(body)})
+    result = await proposals.propose(request.app[NODE], {"op": "delete", "key": _key(request), **_idem(body)})
     return json_response({"deleted": result["deleted"], "revision": result["revision"],
                               "replayed": result.get("replayed", False)})
 
@@ -254,7 +227,7 @@ async def kv_cas(request: web.Request) -> web.Response:
         "value": _text(body, "value", nullable=True, limit=1 << 20),
         **_idem(body),
     }
-    result = await propose(request.app[NODE], command)
+    result = await proposals.propose(request.app[NODE], command)
     return json_response({"succeeded": result["succeeded"], "current": _decode(result["current"]),
                               "revision": result["revision"],
                               "replayed": result.get("replayed", False)})

@@ -27,9 +27,9 @@ import hashlib
 import os
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import lmdb
 import structlog
@@ -38,6 +38,8 @@ from .codec import pack, unpack
 from .errors import StorageError
 from .journal import lmdb_truncation
 from .state import ApplyContext, Machine, Result, error
+
+T = TypeVar("T")
 
 log = structlog.get_logger(__name__)
 
@@ -179,6 +181,14 @@ class StateStore:
             self._env.sync(True)
             self._mark_boot(clean=True)
             self._env.close()
+
+    def view(self, read: Callable[[Any], T]) -> T:
+        """Run `read(machine)` under the store's lock: it sees no apply half done.
+
+        Views read the machine's memory state; they must not change it.
+        """
+        with self.lock:
+            return read(self.machine)
 
     @property
     def applied_index(self) -> int:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 
 from cache_plane.errors import STATUS, CachePlaneError
-from veristore_py.api import _check, http_status
+from veristore_py.api import http_status
 from veristore_py.errors import (
     CommandRejectedError,
     CommitTimeoutError,
     InvalidCommandError,
     NoLeaderError,
 )
+from veristore_py.proposals import check as _check
 
 
 def test_a_refused_command_raises_its_code_and_detail_as_fields():

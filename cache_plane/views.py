@@ -1,0 +1,84 @@
+"""Read views of the replicated state, as the API shows them. PURE.
+
+Each view is a function of the machine (and of the leader's clock and priors where it
+estimates), returning plain data. The service asks for them through `StateStore.view`, which
+holds the store's lock for the duration, so a view never sees half an apply.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .calibration import Speeds
+from .machine import CachePlaneMachine
+from .model import ModelSpec
+from .policy import load_model, running_slots
+
+
+def model_spec(machine: CachePlaneMachine, model_id: str) -> ModelSpec | None:
+    return machine.models.get(model_id)
+
+
+def model_views(machine: CachePlaneMachine) -> list[dict[str, Any]]:
+    return [{"model_id": m.id, "block_size": m.block_size, "hash_seed": m.hash_seed,
+             "epoch": m.epoch} for m in sorted(machine.models.values(), key=lambda m: m.id)]
+
+
+def node_view(machine: CachePlaneMachine, node_id: str, prior: Speeds,
+              now_ms: int) -> dict[str, Any] | None:
+    """One node as `GET /v1/nodes/{id}` shows it, or None if it is not registered.
+
+    `expected_wait_ms` is the load model's wait for one more request at `now_ms`; `speeds`
+    are the ones the node is priced with (its learned values shrunk towards the fleet's,
+    `prior` where nothing is learned yet).
+    """
+    rec = machine.nodes.get(node_id)
+    if rec is None:
+        return None
+    used = machine.index.used(rec.slot)
+    pace = machine.pace(rec, prior)
+    learned = rec.learned
+    model = machine.models.get(rec.models[0]) if rec.models else None
+    block_size = model.block_size if model else 16
+    wait = load_model(rec, pace, now_ms, block_size)
+    return {"node_id": rec.id, "address": rec.address, "models": list(rec.models),
+            "state": rec.state, "capacity_blocks": rec.capacity_blocks,
+            "used_blocks": used, "free_blocks": max(rec.capacity_blocks - used, 0),
+            "max_active": rec.max_active, "max_running": rec.slots,
+            "running_slots": running_slots(rec, pace, block_size),
+            "active_requests": rec.active, "queue_depth": rec.queue,
+            "expected_wait_ms": round(wait.backlog_ms + wait.queue_ms, 1),
+            "speeds": {
+                "prefill_tokens_per_s": round(1000 / pace.prefill_ms_per_token),
+                "decode_ms_per_token": round(pace.decode_ms_per_token, 3),
+                "mean_output_tokens": round(pace.output_tokens, 1),
+                "mean_new_tokens": round(pace.new_tokens, 1),
+                "samples": {"prefill": learned.prefill_n, "decode": learned.decode_n,
+                            "completions": learned.output_n}},
+            "labels": dict(rec.labels),
+            "lease_until_ms": rec.lease_until_ms, "instance_id": rec.instance,
+            "reported_used_blocks": rec.reported_used if rec.reported_used >= 0 else None}
+
+
+def node_views(machine: CachePlaneMachine, prior: Speeds, now_ms: int) -> list[dict[str, Any]]:
+    """Every node, in id order (see `node_view`)."""
+    views = (node_view(machine, node_id, prior, now_ms) for node_id in sorted(machine.nodes))
+    return [view for view in views if view is not None]
+
+
+def stats_view(machine: CachePlaneMachine) -> dict[str, Any]:
+    """Replicated routing statistics (the service adds what it rejected before proposing)."""
+    s = machine.stats
+    return {
+        "routes": dict(s.routes), "routes_total": sum(s.routes.values()),
+        "rejections": dict(s.rejections), "replanned": s.replanned,
+        "blocks_requested": s.blocks_requested, "blocks_reused": s.blocks_reused,
+        "block_hit_rate": s.blocks_reused / s.blocks_requested if s.blocks_requested else 0.0,
+        "tokens_reused": s.tokens_reused, "evictions": s.evictions,
+        "indexed_blocks": machine.index.size(),
+        "nodes": len(machine.nodes), "active_requests": len(machine.requests),
+    }
+
+
+def block_log_records(machine: CachePlaneMachine) -> int:
+    return machine.log.record_count
