@@ -29,11 +29,8 @@ FORBIDDEN = {
     "logging", "structlog",
     "pysyncobj", "aiohttp", "lmdb", "requests", "httpx", "zmq",
 }
-# Where PySyncObj may be imported. Issue 16 narrows this to one seam module.
-PYSYNCOBJ_ALLOWED = {
-    "veristore_py.node", "veristore_py.journal", "veristore_py.snapshot", "veristore_py.logs",
-    "veristore_py.tick", "veristore_py.group_commit",
-}
+# The one module that may import PySyncObj (the seam: its imports, patches, private reads).
+PYSYNCOBJ_ALLOWED = {"veristore_py.raft"}
 
 
 def _path(module: str) -> str | None:
@@ -103,7 +100,7 @@ def test_the_pure_core_reaches_no_io_clock_randomness_raft_http_or_lmdb(module):
 
 
 def test_only_the_allowed_modules_import_pysyncobj():
-    """PySyncObj is imported by the replication engine's Raft modules and nowhere else."""
+    """PySyncObj is imported by the seam (veristore_py/raft.py) and nowhere else."""
     offenders = sorted(m for m in _modules()
                        if any(name.split(".")[0] == "pysyncobj" for name in _imports(m))
                        and m not in PYSYNCOBJ_ALLOWED)
@@ -114,4 +111,5 @@ def test_the_checker_sees_relative_and_transitive_imports():
     """The resolver is not vacuous: it finds known edges, relative ones included."""
     assert "cache_plane.index" in set(_imports("cache_plane.policy"))
     assert "veristore_py.codec" in _closure("cache_plane.machine")
-    assert "pysyncobj" in {n.split(".")[0] for n in _imports("veristore_py.node")}
+    assert "pysyncobj" in {n.split(".")[0] for n in _imports("veristore_py.raft")}
+    assert "veristore_py.raft" in set(_imports("veristore_py.node"))

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from pysyncobj import FAIL_REASON
 
 from .codec import encode_batch, pack
 from .errors import (
@@ -37,6 +36,7 @@ from .errors import (
     OverloadedError,
     VeristoreError,
 )
+from .raft import FAIL_REASON
 
 log = structlog.get_logger(__name__)
 

@@ -36,12 +36,11 @@ from collections.abc import Callable
 from typing import Any
 
 import lmdb
-import pysyncobj.syncobj as _syncobj_module
 import structlog
-from pysyncobj.journal import Journal
 
 from .codec import pack, unpack
 from .errors import StorageError
+from .raft import Journal, journal_factory, set_journal_factory
 
 log = structlog.get_logger(__name__)
 
@@ -326,7 +325,7 @@ def install_journal_factory() -> None:
 
     Idempotent. Any other `journalFile` value still gets PySyncObj's own journal.
     """
-    current = _syncobj_module.createJournal
+    current = journal_factory()
     if getattr(current, "_veristore", False):
         return
 
@@ -336,4 +335,4 @@ def install_journal_factory() -> None:
         return current(journal_file)
 
     create_journal._veristore = True  # type: ignore[attr-defined]
-    _syncobj_module.createJournal = create_journal
+    set_journal_factory(create_journal)

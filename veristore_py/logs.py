@@ -12,6 +12,8 @@ from typing import Any
 
 import structlog
 
+from .raft import LOGGER_NAME
+
 
 class _RewindIsNotDivergence(logging.Filter):
     """Downgrade PySyncObj's "truncating already-applied log entries" from critical to info.
@@ -74,7 +76,7 @@ def configure_logging(fmt: str = "auto", level: str = "info", **bind: Any) -> No
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    pysyncobj_log = logging.getLogger("pysyncobj.syncobj")
+    pysyncobj_log = logging.getLogger(LOGGER_NAME)
     for kind in (_RewindIsNotDivergence, _SnapshotFailureIsLoggedOnce):
         if not any(isinstance(f, kind) for f in pysyncobj_log.filters):
             pysyncobj_log.addFilter(kind())

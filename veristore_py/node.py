@@ -25,16 +25,12 @@ from __future__ import annotations
 import os
 import threading
 import time
-import types
 import zlib
 from concurrent.futures import Future
 from typing import Any
 
 import lmdb
 import structlog
-from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
-from pysyncobj import tcp_connection as _tcp_connection
-from pysyncobj.transport import TCPTransport
 
 from .codec import decode_batch
 from .config import NodeSettings
@@ -48,6 +44,17 @@ from .errors import (
 )
 from .group_commit import GroupCommitter, failure
 from .journal import LmdbJournal, install_journal_factory
+from .raft import (
+    FAIL_REASON,
+    SyncObj,
+    SyncObjConf,
+    TCPTransport,
+    last_response_times,
+    noop_index,
+    replay_membership_change,
+    replicated,
+    set_peer_compression,
+)
 from .snapshot import SnapshotManager, prepare_journal
 from .state import KVMachine, Machine, Result
 from .storage import StateStore
@@ -73,8 +80,7 @@ def store_peer_messages() -> None:
     encryption with the cluster password are untouched. Idempotent; PySyncObj is pinned to
     0.3.17, whose module this patches.
     """
-    _tcp_connection.zlib = types.SimpleNamespace(
-        compress=_stored, decompress=zlib.decompress)
+    set_peer_compression(_stored, zlib.decompress)
 
 
 def _exit_if_panicked(exc: StorageError, logger: Any) -> None:
@@ -223,12 +229,8 @@ class VeristoreNode(SyncObj):
         PySyncObj reverses first (see `LmdbJournal.deleteEntriesFrom`). Uses PySyncObj's
         private helpers (the version is pinned).
         """
-        parse = self._SyncObj__parseChangeClusterRequest
-        change = self._SyncObj__doChangeCluster
         for command in commands:
-            request = parse(command)
-            if request is not None:
-                change(request)
+            replay_membership_change(self, command)
 
     def _housekeeping(self) -> None:
         """On the leader, periodically propose pruning of expired idempotency records.
@@ -324,7 +326,7 @@ class VeristoreNode(SyncObj):
         """True if this leader heard from a majority within `leader_lease_s`."""
         if not self._isLeader():
             return False
-        responses = getattr(self, "_SyncObj__lastResponseTime", {})
+        responses = last_response_times(self)
         horizon = time.monotonic() - self.settings.leader_lease_s
         others = self.otherNodes
         fresh = sum(1 for node in others if responses.get(node, 0.0) > horizon)
@@ -353,7 +355,7 @@ class VeristoreNode(SyncObj):
 
     def leader_caught_up(self) -> bool:
         """True once this leader has applied an entry of its own term (lease reads are safe)."""
-        noop = getattr(self, "_SyncObj__noopIDx", None)
+        noop = noop_index(self)
         return noop is not None and self.raftLastApplied >= noop
 
     # -- reads and introspection -----------------------------------------------------------

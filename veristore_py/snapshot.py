@@ -31,11 +31,10 @@ from collections.abc import Callable
 from typing import IO, Any
 
 import structlog
-from pysyncobj import SERIALIZER_STATE
-from pysyncobj.node import TCPNode
 
 from .codec import pack, unpack
 from .errors import InvalidCommandError, StorageError
+from .raft import SERIALIZER_STATE, TCPNode
 from .storage import StateStore, fsync_dir
 
 log = structlog.get_logger(__name__)

@@ -13,9 +13,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TypeVar
 
-from pysyncobj import SyncObj
-
 from .errors import NoLeaderError
+from .raft import SyncObj
 
 T = TypeVar("T")
 
