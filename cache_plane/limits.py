@@ -1,6 +1,6 @@
 """The limits of the cache_plane API and state machine, in one place.
 
-The OpenAPI schema (`api/openapi.py`) states them and the machine (`machine.py`) enforces them
+The OpenAPI schema (`api/openapi.py`) states them and the machine (`machine/`) enforces them
 again on every replica; both import them from here, so the two cannot drift apart.
 
 Strings that name things (model, node, request, session, instance ids, node addresses) are
