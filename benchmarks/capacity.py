@@ -79,7 +79,7 @@ async def compact_block_log(service: CachePlaneService) -> None:
 
 
 def wait_for_snapshot(node: VeristoreNode, built: int, timeout: float = 120.0) -> None:
-    node.forceLogCompaction()
+    node.request_compaction()
     deadline = time.monotonic() + timeout
     while node.snapshots.built == built or len(node._journal) > 10:
         if time.monotonic() > deadline:

@@ -199,7 +199,7 @@ class CachePlaneService:
 
     def _route_result(self, result: dict[str, Any], body: dict[str, Any],
                       request_id: str) -> dict[str, Any]:
-        result = {**result, "term": self.node.raftCurrentTerm,
+        result = {**result, "term": self.node.term,
                   "index": result.get("index", self.node.store.applied_index),
                   "dry_run": bool(body.get("dry_run"))}
         result.pop("ok", None)

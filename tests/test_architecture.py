@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -113,3 +114,26 @@ def test_the_checker_sees_relative_and_transitive_imports():
     assert "veristore_py.codec" in _closure("cache_plane.machine")
     assert "pysyncobj" in {n.split(".")[0] for n in _imports("veristore_py.raft")}
     assert "veristore_py.raft" in set(_imports("veristore_py.node"))
+
+
+SYNCOBJ_ATTRIBUTES = re.compile(
+    r"\.(raftCurrentTerm|raftCommitIndex|raftLastApplied|otherNodes|selfNode|_isLeader|"
+    r"_getLeader|forceLogCompaction|isNodeConnected|transferLeadership|destroy_synchronous|"
+    r"addNodeToCluster|removeNodeFromCluster|_SyncObj__\w+)\b")
+# The node is a SyncObj; only it (and the seam) may use SyncObj's own attributes. Others use
+# its facade: term, commit_index, last_applied, is_leader, peers_connected, ...
+SYNCOBJ_ATTRIBUTES_ALLOWED = {"veristore_py.node", "veristore_py.raft"}
+
+
+def test_only_the_node_uses_syncobj_attributes():
+    """Other modules go through the node's narrow facade, not PySyncObj's attributes."""
+    offenders = {}
+    for module in _modules():
+        path = _path(module)
+        if module in SYNCOBJ_ATTRIBUTES_ALLOWED or path is None:
+            continue
+        with open(path, encoding="utf-8") as f:
+            found = sorted(set(SYNCOBJ_ATTRIBUTES.findall(f.read())))
+        if found:
+            offenders[module] = found
+    assert not offenders, f"PySyncObj attributes used outside the node: {offenders}"

@@ -322,6 +322,35 @@ class VeristoreNode(SyncObj):
     def is_leader(self) -> bool:
         return bool(self._isLeader())
 
+    # -- the narrow facade other modules use (not PySyncObj's attributes) -------------------
+
+    @property
+    def term(self) -> int:
+        """The current Raft term."""
+        return int(self.raftCurrentTerm)
+
+    @property
+    def commit_index(self) -> int:
+        """The highest log index this member knows to be committed."""
+        return int(self.raftCommitIndex)
+
+    @property
+    def last_applied(self) -> int:
+        """The highest log index this member has applied."""
+        return int(self.raftLastApplied)
+
+    def peers_connected(self) -> bool:
+        """True if this member has a live connection to at least one other member."""
+        return any(self.isNodeConnected(n) for n in self.otherNodes)
+
+    def transfer_leadership(self) -> None:
+        """Ask PySyncObj to hand leadership to another member (call on the tick thread)."""
+        self.transferLeadership(None)
+
+    def request_compaction(self) -> None:
+        """Ask for a snapshot (log compaction) at the next tick; see `fresh_snapshot`."""
+        self.forceLogCompaction()
+
     def has_quorum_lease(self) -> bool:
         """True if this leader heard from a majority within `leader_lease_s`."""
         if not self._isLeader():

@@ -36,9 +36,9 @@ async def read(node: VeristoreNode, command: dict[str, Any],
         return await propose(node, command)
     if consistency == "lease":
         node.require_current_leader()
-        target = node.raftCommitIndex
+        target = node.commit_index
         for _ in range(200):
-            if node.raftLastApplied >= target:
+            if node.last_applied >= target:
                 break
             await asyncio.sleep(0.005)
         else:

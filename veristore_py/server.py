@@ -75,13 +75,13 @@ async def hand_over_leadership(node: VeristoreNode, timeout: float) -> str | Non
         if not node.is_leader():
             leader = node.leader_address()
             if leader is not None and leader != me:
-                log.info("leadership_handed_over", new_leader=leader, term=node.raftCurrentTerm)
+                log.info("leadership_handed_over", new_leader=leader, term=node.term)
                 return leader
-        elif not any(node.isNodeConnected(n) for n in node.otherNodes):
+        elif not node.peers_connected():
             return None
         else:
             try:  # transferLeadership sends on the transport: only from the tick thread
-                await run_on_tick(node, lambda: node.transferLeadership(None),
+                await run_on_tick(node, node.transfer_leadership,
                                   timeout=max(0.1, deadline - loop.time()))
             except VeristoreError:
                 return None
