@@ -158,8 +158,8 @@ def decide(model: ModelSpec, keys: Sequence[int], nodes: Sequence[Node], index: 
     yet applied; they count as requests and backlog, so concurrent decisions do not all pick
     the same node. `prior` holds the settings' speeds, used where a node has learned nothing
     yet; `paces`, if given, are the nodes' speeds already worked out from them (the machine
-    caches them). `sessions` (live sessions per node) is given when the request starts a session: its
-    later turns will follow it, so sessions are balanced like requests.
+    caches them). `sessions` (live sessions per node) is given when the request starts a
+    session: its later turns will follow it, so sessions are balanced like requests.
     """
     total = len(keys)
     bs = max(model.block_size, 1)
@@ -180,8 +180,8 @@ def decide(model: ModelSpec, keys: Sequence[int], nodes: Sequence[Node], index: 
     # The least prefill any node would do: work a node adds beyond it is the extra work.
     # Penalties for where load sits are priced in the fleet's units (a node's own learned
     # decode speed is partly its current load: pricing load with it would count load twice).
-    step = sum(p.decode_ms_per_token for p in paces.values()) / len(paces)
-    output = sum(p.output_tokens for p in paces.values()) / len(paces)
+    step = sum(paces[n.id].decode_ms_per_token for n in serving) / len(serving)
+    output = sum(paces[n.id].output_tokens for n in serving) / len(serving)
     least = min((total - (matches[n.slot].weighted if n.slot in matches else 0.0))
                 * bs * paces[n.id].prefill_ms_per_token for n in serving)
     for node in serving:
