@@ -62,6 +62,7 @@ from .index import PrefixIndex
 from .model import Candidate, ModelSpec, Node, RouteDecision
 
 _NONE: Mapping[str, tuple[int, int]] = {}
+_NO_SENT = (0, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,23 +185,34 @@ def decide(model: ModelSpec, keys: Sequence[int], nodes: Sequence[Node], index: 
     output = sum(paces[n.id].output_tokens for n in serving) / len(serving)
     least = min((total - (matches[n.slot].weighted if n.slot in matches else 0.0))
                 * bs * paces[n.id].prefill_ms_per_token for n in serving)
+    balance_weight, load_weight = config.balance_weight, config.load_weight
+    work_weight = config.work_weight
     for node in serving:
         match = matches.get(node.slot)
         overlap = match.blocks if match else 0
         weighted = match.weighted if match else 0.0
         used = index.used(node.slot)
-        free = max(node.capacity_blocks - used, 0)
+        free = node.capacity_blocks - used
+        if free < 0:
+            free = 0
         new_blocks = total - overlap
-        evict = max(new_blocks - free, 0)
-        sent, sent_blocks = inflight.get(node.id, (0, 0))
+        evict = new_blocks - free if new_blocks > free else 0
+        sent, sent_blocks = inflight.get(node.id, _NO_SENT)
         requests = node.active + node.queue + sent
         pace = paces[node.id]
-        slots = running_slots(node, pace, bs)
-        wait = load_model(node, pace, now_ms, bs, sent, sent_blocks * bs, slots)
         per_token = pace.prefill_ms_per_token
+        slots = running_slots(node, pace, bs)
+        # load_model(node, pace, now_ms, bs, sent, sent_blocks * bs, slots), inlined (hot)
+        until = node.prefill_until_ms - now_ms
+        backlog = (until if until > 0 else 0) + sent_blocks * bs * per_token
+        ahead = requests - slots + 1
+        queue_ms = 0.0 if ahead <= 0 else (
+            ahead * (pace.output_tokens * pace.decode_ms_per_token / slots)
+            + (ahead - 1) * pace.new_tokens * per_token)
         saved = weighted * bs * per_token
-        prefill = max(total - weighted, 0.0) * bs * per_token
-        ttft = pace.fixed_ms + wait.backlog_ms + wait.queue_ms + prefill
+        unsaved = total - weighted
+        prefill = (unsaved if unsaved > 0 else 0.0) * bs * per_token
+        ttft = pace.fixed_ms + backlog + queue_ms + prefill
         load = loads[node.id] = requests / slots
         reason = ""
         if node.state != "up":
@@ -212,15 +224,18 @@ def decide(model: ModelSpec, keys: Sequence[int], nodes: Sequence[Node], index: 
         elif evict and evict > _evictable(node.slot, used, keys[:overlap], is_pinned,
                                           pinned_count):
             reason = "no_room"
-        excess = max((requests + 1) / (mean_requests + 1) - slack, 0.0)
+        excess = (requests + 1) / (mean_requests + 1) - slack
+        excess = excess if excess > 0 else 0.0
         if sessions is not None:
-            excess += max((sessions.get(node.id, 0) + 1) / (mean_sessions + 1) - slack, 0.0)
-        penalty = (config.balance_weight * excess * step * output
-                   + config.load_weight * load * step
-                   + config.work_weight * min(load, 2.0) * max(prefill - least, 0.0))
+            more = (sessions.get(node.id, 0) + 1) / (mean_sessions + 1) - slack
+            excess += more if more > 0 else 0.0
+        extra = prefill - least
+        penalty = (balance_weight * excess * step * output
+                   + load_weight * load * step
+                   + work_weight * (load if load < 2.0 else 2.0) * (extra if extra > 0 else 0.0))
         candidates.append(Candidate(node.id, overlap, weighted, load, free, evict,
                                     -(ttft + penalty), not reason, reason, ttft,
-                                    wait.queue_ms, wait.backlog_ms, prefill, saved, penalty,
+                                    queue_ms, backlog, prefill, saved, penalty,
                                     1000 / per_token, pace.decode_ms_per_token))
     eligible = [c for c in candidates if c.eligible]
     by_id = {n.id: n for n in serving}
