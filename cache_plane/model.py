@@ -46,11 +46,6 @@ class Node:
         """Requests the engine may run at once (its KV cache may hold fewer)."""
         return self.max_running or self.max_active
 
-    @property
-    def load(self) -> float:
-        """Running plus waiting requests per running slot (above 1: a queue)."""
-        return (self.active + self.queue) / max(self.slots, 1)
-
 
 class Candidate(NamedTuple):
     """One node's line in a decision's breakdown (a tuple: built 16x per decision).

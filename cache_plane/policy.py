@@ -136,14 +136,19 @@ def load_model(node: Node, pace: Speeds, now_ms: int, block_size: int, sent: int
     """
     if slots is None:
         slots = running_slots(node, pace, block_size)
-    requests = node.active + node.queue + sent
-    backlog = max(node.prefill_until_ms - now_ms, 0) + sent_tokens * pace.prefill_ms_per_token
+    return Wait(*_wait(node, pace, now_ms, node.active + node.queue + sent, sent_tokens, slots))
+
+
+def _wait(node: Node, pace: Speeds, now_ms: int, requests: int, sent_tokens: int,
+          slots: int) -> tuple[float, float]:
+    """(backlog_ms, queue_ms) of `load_model`; a plain tuple: `decide` runs it per node."""
+    until = node.prefill_until_ms - now_ms
+    backlog = (until if until > 0 else 0) + sent_tokens * pace.prefill_ms_per_token
     ahead = requests - slots + 1
     if ahead <= 0:
-        return Wait(backlog, 0.0)
+        return backlog, 0.0
     turnover = pace.output_tokens * pace.decode_ms_per_token / slots
-    queued_prefill = (ahead - 1) * pace.new_tokens * pace.prefill_ms_per_token
-    return Wait(backlog, ahead * turnover + queued_prefill)
+    return backlog, ahead * turnover + (ahead - 1) * pace.new_tokens * pace.prefill_ms_per_token
 
 
 def decide(model: ModelSpec, keys: Sequence[int], nodes: Sequence[Node], index: PrefixIndex,
@@ -202,13 +207,7 @@ def decide(model: ModelSpec, keys: Sequence[int], nodes: Sequence[Node], index: 
         pace = paces[node.id]
         per_token = pace.prefill_ms_per_token
         slots = running_slots(node, pace, bs)
-        # load_model(node, pace, now_ms, bs, sent, sent_blocks * bs, slots), inlined (hot)
-        until = node.prefill_until_ms - now_ms
-        backlog = (until if until > 0 else 0) + sent_blocks * bs * per_token
-        ahead = requests - slots + 1
-        queue_ms = 0.0 if ahead <= 0 else (
-            ahead * (pace.output_tokens * pace.decode_ms_per_token / slots)
-            + (ahead - 1) * pace.new_tokens * per_token)
+        backlog, queue_ms = _wait(node, pace, now_ms, requests, sent_blocks * bs, slots)
         saved = weighted * bs * per_token
         unsaved = total - weighted
         prefill = (unsaved if unsaved > 0 else 0.0) * bs * per_token

@@ -30,6 +30,8 @@ from typing import Any
 from veristore_py.config import NodeSettings, load_settings
 from veristore_py.errors import ConfigError
 
+from .limits import MAX_PROMPT_TOKENS
+
 ENV_PREFIX = "CACHE_PLANE_"
 
 
@@ -50,7 +52,7 @@ class ServiceSettings:
     prefill_tokens_per_s: int = 28_000
     decode_ms_per_token: float = 10.0
     mean_output_tokens: int = 256
-    max_prompt_tokens: int = 1 << 20
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS
     # Checkpoint a node's block log once it lists this many blocks more than the node's index
     # holds, or has this many records (see cache_plane/blocklog.py).
     block_log_slack_blocks: int = 65_536
@@ -77,8 +79,9 @@ class ServiceSettings:
             problems.append("cache_plane.load_weight must be a number in [0, 1e6]")
         if not 0 < self.session_max_load <= 1e6:
             problems.append("cache_plane.session_max_load must be a number in (0, 1e6]")
-        if self.max_prompt_tokens > 1 << 20:
-            problems.append("cache_plane.max_prompt_tokens must be <= 1048576 (the API's limit)")
+        if self.max_prompt_tokens > MAX_PROMPT_TOKENS:
+            problems.append(f"cache_plane.max_prompt_tokens must be <= {MAX_PROMPT_TOKENS} "
+                            "(the API's limit)")
         return problems
 
 
