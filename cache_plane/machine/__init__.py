@@ -89,7 +89,7 @@ class CachePlaneMachine(State):
         if handler is None:
             return self.kv.apply(command, reader, ctx)
         self.m = []
-        self._reader = reader
+        self.reader = reader
         self.log.discard()  # an operation a refused command left buffered
         before = self.now
         now = command.get("now_ms", self.now)
@@ -105,7 +105,7 @@ class CachePlaneMachine(State):
             code = exc.code if isinstance(exc, Rejected) else "invalid_command"
             return error(code, str(exc))
         finally:
-            self._reader = None  # only valid inside this apply
+            self.reader = None  # only valid inside this apply
         self.log.flush(self.m)
         self.m.append((META_KEY, self.meta_wire()))
         return Outcome(tuple(self.m), result)

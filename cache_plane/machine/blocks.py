@@ -28,9 +28,9 @@ def compact_log(st: State, cmd: Mapping[str, Any], ctx: ApplyContext) -> Result:
     if slot is None:
         return {"ok": True, "slot": None, "records": 0, "blocks": 0, "remaining": 0}
     legacy: list[bytes] = []
-    if slot in st.log.legacy and st._reader is not None:
+    if slot in st.log.legacy and st.reader is not None:
         prefix = BlockLog.legacy_prefix(slot)
-        legacy = [key for key, _ in st._reader.scan(prefix, prefix, 1 << 62)]
+        legacy = [key for key, _ in st.reader.scan(prefix, prefix, 1 << 62)]
     records, blocks = st.log.checkpoint(st.m, slot, st.index, legacy)
     return {"ok": True, "slot": slot, "records": records, "blocks": blocks,
             "remaining": st.log.record_count}

@@ -100,7 +100,7 @@ def register_node(st: State, cmd: Mapping[str, Any], ctx: ApplyContext) -> Resul
         rec = Node(node_id, st.next_slot, address, tuple(models), capacity, max_active)
         st.next_slot += 1
         st.nodes[node_id] = rec
-        st._paces_cache = None
+        st.forget_speeds()
     rec.address, rec.models = address, tuple(models)
     rec.capacity_blocks, rec.max_active = capacity, max_active
     rec.max_running = min(max_running, max_active)
@@ -144,7 +144,7 @@ def remove_node(st: State, cmd: Mapping[str, Any], ctx: ApplyContext) -> Result:
     rec = st.known_node(cmd)
     st.drop_node_state(rec)
     del st.nodes[rec.id]
-    st._paces_cache = None
+    st.forget_speeds()
     st.m.append((node_key(rec.id), None))
     return {"ok": True, "node": rec.id, "removed": True}
 

@@ -179,7 +179,7 @@ def complete(st: State, cmd: Mapping[str, Any], ctx: ApplyContext) -> Result:
     rec = st.nodes[request.node]
     if status == "ok":
         model = st.model_by_code(request.model)
-        st._paces_cache = None
+        st.forget_speeds()
         rec.learned = learn(rec.learned, report, prior,
                             elapsed_ms=max(st.now - request.routed_ms, 0),
                             expected_wait_ms=request.expected_wait_ms,

@@ -55,7 +55,7 @@ class State:
         self.m: list[Mutation] = []  # the mutations of the command being applied
         self._paces_cache: tuple[Speeds, dict[str, Speeds]] | None = None
         self.log = BlockLog()
-        self._reader: Reader | None = None
+        self.reader: Reader | None = None
         self.now = 0
         self.next_slot = 0
         self.next_model = 0
@@ -65,6 +65,10 @@ class State:
     def pace(self, rec: Node, prior: Speeds) -> Speeds:
         """The speeds the load model prices `rec` with (see `calibration.speeds`)."""
         return self.paces(prior)[rec.id]
+
+    def forget_speeds(self) -> None:
+        """A node came or went, or learned something: work its speeds out again when asked."""
+        self._paces_cache = None
 
     def paces(self, prior: Speeds) -> dict[str, Speeds]:
         """Every node's speeds under `prior`, cached until a node or what it learned changes.
