@@ -2,39 +2,16 @@
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Iterator
 
 import pytest
 
+from cache_plane.sim.inprocess import MemoryStore
 from veristore_py.localcluster import LocalCluster
 
-
-class DictReader:
-    """A `state.Reader` over a plain dict (pure unit tests of the machine only)."""
-
-    def __init__(self, data: dict[bytes, bytes] | None = None) -> None:
-        self.data = data if data is not None else {}
-
-    def get(self, key: bytes) -> bytes | None:
-        return self.data.get(key)
-
-    def scan(self, prefix: bytes, start: bytes, limit: int) -> list[tuple[bytes, bytes]]:
-        keys = sorted(self.data)
-        i = bisect.bisect_left(keys, max(start, prefix))
-        out = []
-        for key in keys[i:]:
-            if not key.startswith(prefix) or len(out) >= limit:
-                break
-            out.append((key, self.data[key]))
-        return out
-
-    def write(self, mutations) -> None:
-        for key, value in mutations:
-            if value is None:
-                self.data.pop(key, None)
-            else:
-                self.data[key] = value
+# A `state.Reader` over a plain dict that absorbs each command's mutations (pure unit tests
+# of the machine): the one the in-process simulator applies commands with.
+DictReader = MemoryStore
 
 
 @pytest.fixture
