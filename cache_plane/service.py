@@ -28,7 +28,7 @@ from . import commands, hashing, views
 from .errors import CachePlaneError
 from .index import victim_pairs
 from .machine import CachePlaneMachine, decision_result
-from .model import ModelSpec, RouteDecision
+from .model import RouteDecision
 from .settings import ServiceSettings
 
 log = structlog.get_logger(__name__)
@@ -140,68 +140,74 @@ class CachePlaneService:
 
         The decision (node, eviction victims) travels in the command; every replica applies
         it, or re-decides from the replicated state if commands applied in between made it
-        impossible (see `CachePlaneMachine._planned`). Routes proposed but not yet applied
-        count as active on their node, so concurrent decisions spread out.
+        impossible (see `machine.routing.planned_decision`). Routes proposed but not yet applied count as
+        active on their node, so concurrent decisions spread out.
         """
         # Decided from local state: a new leader must first apply the previous term's entries
         # (else e.g. a just-registered model looks unknown, a definite but false answer), and
         # a follower must redirect before it judges the request against its own state (one
         # rebuilding its store after a crash knows no models yet).
         self.node.require_current_leader()
-        # Hashing holds the GIL (cbor2), so a thread would not help; it is bounded by
-        # max_prompt_tokens and done inline.
-        blocks = self._blocks(body)
-        request_id = body.get("request_id") or os.urandom(16).hex()
-        command = commands.route(
-            body["model"], blocks, request_id, now_ms(), self.settings.request_ttl_ms,
-            self.settings.session_ttl_ms, self.priors(), self.settings.load_weight,
-            self.settings.session_max_load, body.get("session_id"))
         dry_run = bool(body.get("dry_run"))
-
-        def decide(m: CachePlaneMachine) -> tuple[int, Any, ModelSpec | None, str | None]:
-            index = self.node.store.applied_index
-            if request_id in m.requests and not dry_run:
-                return index, None, None, None  # a retry: the machine replays its answer
-            decided = m.decide(command, self._inflight, hashes_checked=True)
-            if not isinstance(decided, RouteDecision):
-                return index, decided, None, None
-            address = m.nodes[decided.node_id].address if decided.node_id else None
-            return index, decided, m.models[body["model"]], address
-
-        index, decision, model, address = self.node.store.view(decide)
-        if decision is None:
-            return self._route_result(await self.submit(command), body, request_id)
+        command = self._route_command(body)
+        request_id = str(command["request_id"])
+        store = self.node.store
+        plan = store.view(lambda m: views.route_plan(m, store.applied_index, command,
+                                                     self._inflight, replay_retries=not dry_run))
+        if plan.decision is None:  # a retry: the machine replays its recorded answer
+            return self._route_result(await self.submit(command), dry_run, request_id)
+        decision = plan.decision
         if not isinstance(decision, RouteDecision):
             raise CachePlaneError(str(decision["error"]), str(decision["detail"]))
-        assert model is not None
-        result = decision_result(decision, model, request_id, address)
-        if decision.node_id is not None and not dry_run:
-            commands.with_decision(command, decision.node_id, decision.route_type,
-                                   decision.matched_blocks, victim_pairs(decision.evict))
-            node_id = decision.node_id
-            new_blocks = decision.total_blocks - decision.matched_blocks
-            sent, sent_blocks = self._inflight.get(node_id, (0, 0))
-            self._inflight[node_id] = (sent + 1, sent_blocks + new_blocks)
-            try:
-                applied = await self.submit(command)
-            finally:
-                sent, sent_blocks = self._inflight.pop(node_id)
-                if sent > 1:
-                    self._inflight[node_id] = (sent - 1, sent_blocks - new_blocks)
-            if (not applied.pop("replanned", False) and not applied.get("duplicate")
-                    and applied.get("node_id") == node_id):
-                applied["candidates"] = result["candidates"]  # the decision's breakdown
-            return self._route_result(applied, body, request_id)
-        if decision.node_id is None and not dry_run:
+        assert plan.model is not None
+        result = decision_result(decision, plan.model, request_id, plan.address)
+        if dry_run:
+            return self._route_result({**result, "index": plan.applied_index}, dry_run,
+                                      request_id)
+        if decision.node_id is None:
             code = str(decision.rejected)
             self._rejections[code] = self._rejections.get(code, 0) + 1
-        return self._route_result({**result, "index": index}, body, request_id)
+            return self._route_result({**result, "index": plan.applied_index}, dry_run,
+                                      request_id)
+        applied = await self._commit_route(command, decision)
+        if (not applied.pop("replanned", False) and not applied.get("duplicate")
+                and applied.get("node_id") == decision.node_id):
+            applied["candidates"] = result["candidates"]  # the decision's breakdown
+        return self._route_result(applied, dry_run, request_id)
 
-    def _route_result(self, result: dict[str, Any], body: dict[str, Any],
+    def _route_command(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The `cp.route` command for a request body, stamped with the leader's clock."""
+        # Hashing holds the GIL (cbor2), so a thread would not help; it is bounded by
+        # max_prompt_tokens and done inline.
+        s = self.settings
+        return commands.route(
+            body["model"], self._blocks(body), body.get("request_id") or os.urandom(16).hex(),
+            now_ms(), s.request_ttl_ms, s.session_ttl_ms, self.priors(), s.load_weight,
+            s.session_max_load, body.get("session_id"))
+
+    async def _commit_route(self, command: dict[str, Any],
+                            decision: RouteDecision) -> dict[str, Any]:
+        """Stamp `decision` into `command` and propose it, counting it in flight meanwhile."""
+        node_id = decision.node_id
+        assert node_id is not None
+        commands.with_decision(command, node_id, decision.route_type, decision.matched_blocks,
+                               victim_pairs(decision.evict))
+        new_blocks = decision.total_blocks - decision.matched_blocks
+        sent, sent_blocks = self._inflight.get(node_id, (0, 0))
+        self._inflight[node_id] = (sent + 1, sent_blocks + new_blocks)
+        try:
+            return await self.submit(command)
+        finally:
+            sent, sent_blocks = self._inflight.pop(node_id)
+            if sent > 1:
+                self._inflight[node_id] = (sent - 1, sent_blocks - new_blocks)
+
+    def _route_result(self, result: dict[str, Any], dry_run: bool,
                       request_id: str) -> dict[str, Any]:
+        """The API's answer: term and index added; a rejection raised as an error."""
         result = {**result, "term": self.node.term,
                   "index": result.get("index", self.node.store.applied_index),
-                  "dry_run": bool(body.get("dry_run"))}
+                  "dry_run": dry_run}
         result.pop("ok", None)
         result.pop("replanned", None)
         if not result["routed"]:

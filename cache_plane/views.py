@@ -7,16 +7,48 @@ holds the store's lock for the duration, so a view never sees half an apply.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from .calibration import Speeds
 from .machine import CachePlaneMachine
-from .model import ModelSpec
+from .model import ModelSpec, RouteDecision
 from .policy import load_model, running_slots
 
 
 def model_spec(machine: CachePlaneMachine, model_id: str) -> ModelSpec | None:
     return machine.models.get(model_id)
+
+
+@dataclass(frozen=True)
+class RoutePlan:
+    """The leader's decision for a route command, made on a view of the state.
+
+    `decision` is None for a retry of a request the state already records (the machine
+    replays its answer when the command is proposed again); a dict is a refusal of the
+    command itself (`{error, detail}`); a `RouteDecision` may still reject (no node fits).
+    `applied_index` is the state's index the decision was made at.
+    """
+
+    applied_index: int
+    decision: RouteDecision | dict[str, Any] | None
+    model: ModelSpec | None = None
+    address: str | None = None  # the chosen node's address
+
+
+def route_plan(machine: CachePlaneMachine, applied_index: int, command: Mapping[str, Any],
+               inflight: Mapping[str, tuple[int, int]], replay_retries: bool) -> RoutePlan:
+    """Decide `command` (a `cp.route`) against the state, counting routes `inflight`
+    (proposed, not applied) on their nodes. With `replay_retries`, a known request id plans
+    nothing (see `RoutePlan`)."""
+    if replay_retries and command["request_id"] in machine.requests:
+        return RoutePlan(applied_index, None)
+    decided = machine.decide(command, inflight, hashes_checked=True)
+    if not isinstance(decided, RouteDecision):
+        return RoutePlan(applied_index, decided)
+    address = machine.nodes[decided.node_id].address if decided.node_id else None
+    return RoutePlan(applied_index, decided, machine.models[command["model"]], address)
 
 
 def model_views(machine: CachePlaneMachine) -> list[dict[str, Any]]:

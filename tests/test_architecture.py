@@ -119,14 +119,16 @@ def test_the_checker_sees_relative_and_transitive_imports():
 SYNCOBJ_ATTRIBUTES = re.compile(
     r"\.(raftCurrentTerm|raftCommitIndex|raftLastApplied|otherNodes|selfNode|_isLeader|"
     r"_getLeader|forceLogCompaction|isNodeConnected|transferLeadership|destroy_synchronous|"
-    r"addNodeToCluster|removeNodeFromCluster|_SyncObj__\w+)\b")
-# The node is a SyncObj; only it (and the seam) may use SyncObj's own attributes. Others use
-# its facade: term, commit_index, last_applied, is_leader, peers_connected, ...
-SYNCOBJ_ATTRIBUTES_ALLOWED = {"veristore_py.node", "veristore_py.raft"}
+    r"addNodeToCluster|removeNodeFromCluster|addOnTickCallback|removeOnTickCallback|getStatus|"
+    r"isReady|_poller|_onTick|_syncObj|_SyncObj__\w+)\b")
+# The seam's `RaftMember` is the SyncObj; only the seam may use SyncObj's own attributes. The
+# node holds a member and uses its facade; everything else uses the node's facade: term,
+# commit_index, last_applied, is_leader, peers, ...
+SYNCOBJ_ATTRIBUTES_ALLOWED = {"veristore_py.raft"}
 
 
-def test_only_the_node_uses_syncobj_attributes():
-    """Other modules go through the node's narrow facade, not PySyncObj's attributes."""
+def test_only_the_seam_uses_syncobj_attributes():
+    """Other modules go through the member's narrow facade, not PySyncObj's attributes."""
     offenders = {}
     for module in _modules():
         path = _path(module)
@@ -136,4 +138,13 @@ def test_only_the_node_uses_syncobj_attributes():
             found = sorted(set(SYNCOBJ_ATTRIBUTES.findall(f.read())))
         if found:
             offenders[module] = found
-    assert not offenders, f"PySyncObj attributes used outside the node: {offenders}"
+    assert not offenders, f"PySyncObj attributes used outside the seam: {offenders}"
+
+
+def test_the_node_holds_its_syncobj():
+    """The node is not a SyncObj (Patroni's shape: it holds one behind a facade)."""
+    from veristore_py.node import VeristoreNode
+    from veristore_py.raft import RaftMember, SyncObj
+
+    assert not issubclass(VeristoreNode, SyncObj)
+    assert issubclass(RaftMember, SyncObj)

@@ -8,7 +8,7 @@ Durability contract (Raft's "persist before you respond"):
 - `setCurrentTerm` (term + vote) commits and fsyncs before it returns, so a vote is durable
   before the vote response is sent.
 - `add` / deletions change the in-memory log and queue the LMDB writes; `sync()` writes the
-  whole queue in one LMDB transaction committed with fsync. `node.DurableTransport` calls
+  whole queue in one LMDB transaction committed with fsync. `raft.DurableTransport` calls
   `sync()` before *any* message leaves this node, so no follower acknowledges, and no leader
   replicates (and so counts toward a commit), an entry that is not on disk. Many entries
   written in one tick share one transaction and one fsync: group commit at the journal level.

@@ -1,11 +1,14 @@
-"""The Raft node: a PySyncObj `SyncObj` with an LMDB journal, LMDB state and group commit.
+"""The Raft node: PySyncObj's Raft (held, not inherited) with an LMDB journal, LMDB state and
+group commit.
 
 Thin glue. Everything a command does is decided by the pure machine (`state.py`) and written
-by `storage.py`; this module wires PySyncObj to them:
+by `storage.py`; this module wires the Raft member (`raft.RaftMember`, the one place that
+touches PySyncObj) to them:
 
-- one ``@replicated`` method, `apply_entry(entry)`, whose argument is a msgpack batch
-  (`codec.py`); PySyncObj frames it in its own (password-authenticated) protocol;
-- `DurableTransport` fsyncs the journal before any message leaves the node (see `journal.py`);
+- every entry is a msgpack batch (`codec.py`) proposed through `RaftMember.propose`;
+  PySyncObj frames it in its own (password-authenticated) protocol;
+- the member fsyncs the journal (through `sync_journal` here) before any message leaves the
+  node (`raft.DurableTransport`, `journal.py`);
 - `store_peer_messages()` stops PySyncObj from zlib-compressing peer messages (see there);
 - `SnapshotManager` compacts the log without fork or pickle (see `snapshot.py`);
 - `GroupCommitter` turns concurrent `submit()` calls into few entries (see `group_commit.py`);
@@ -13,7 +16,7 @@ by `storage.py`; this module wires PySyncObj to them:
   within `leader_lease_s` refuses to decide (`NoLeaderError`), and PySyncObj demotes it after
   `leader_fallback_s` (its own default is 30 s).
 
-A failing LMDB write inside `apply_entry` (disk gone, not map full) is re-raised on purpose:
+A failing LMDB write inside `apply` (disk gone, not map full) is re-raised on purpose:
 PySyncObj then retries the same entry on the next tick and the node stops applying (and stops
 being ready) instead of skipping an entry and diverging from its peers. A failing journal sync
 (a full disk) likewise stops the tick before anything is sent. Both resume once the disk has
@@ -26,6 +29,7 @@ import os
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -44,25 +48,13 @@ from .errors import (
 )
 from .group_commit import GroupCommitter, failure
 from .journal import LmdbJournal, install_journal_factory
-from .raft import (
-    FAIL_REASON,
-    SyncObj,
-    SyncObjConf,
-    TCPTransport,
-    last_response_times,
-    noop_index,
-    replay_membership_change,
-    replicated,
-    set_peer_compression,
-)
+from .raft import FAIL_REASON, ROLES, Peer, RaftMember, SyncObjConf, set_peer_compression
 from .snapshot import SnapshotManager, prepare_journal
 from .state import KVMachine, Machine, Result
 from .storage import StateStore
 
 log = structlog.get_logger(__name__)
 MEMBER_HTTP_PREFIX = "sys/member-http/"  # replicated KV records of members added at run time
-
-_STATE_NAMES = {0: "follower", 1: "candidate", 2: "leader"}
 
 
 def _stored(data: bytes, level: int = -1) -> bytes:
@@ -96,51 +88,12 @@ def _exit_if_panicked(exc: StorageError, logger: Any) -> None:
         os._exit(70)  # EX_SOFTWARE; skip cleanup that would touch the broken environment
 
 
-class DurableTransport(TCPTransport):
-    """TCP transport that makes the journal durable before a message leaves the node.
+class VeristoreNode:
+    """One member of a veristore cluster (its Raft member runs a tick thread in the background).
 
-    Except the leader's `append_entries`: the leader writes its own copy in parallel with
-    replicating it (Raft dissertation, section 10.2.1), which is safe because the leader
-    counts itself toward a commit only once its copy is durable: `VeristoreNode._onTick`
-    syncs before PySyncObj's commit computation at the start of every tick, and the poll
-    wrapper syncs before the tick thread waits for (and handles) the followers' answers.
-    Everything else, in particular a follower's acknowledgement and a vote, is sent only
-    after a sync.
-
-    It also gives PySyncObj's acknowledgements (`next_node_idx`) the term Raft's responses
-    carry: the sender's current term goes out in `ACK_TERM`, and a leader drops an
-    acknowledgement from another term instead of letting a badly delayed one from its own
-    earlier leadership raise a `matchIndex`. (An acknowledgement without it, from an older
-    version of this code, is taken as before.)
+    It is the member's `RaftHost`: the member calls `apply`, `sync_journal`, `settle_journal`
+    and `role_changed` back.
     """
-
-    def send(self, node: Any, message: Any) -> bool:
-        if isinstance(message, dict) and message.get("type") == "next_node_idx":
-            message = {**message, ACK_TERM: self._syncObj.raftCurrentTerm}
-        if not (isinstance(message, dict) and message.get("type") == "append_entries"):
-            self._syncObj.sync_journal()
-        return bool(super().send(node, message))
-
-    def _onMessageReceived(self, node: Any, message: Any) -> None:  # noqa: N802
-        if stale_ack(message, self._syncObj.raftCurrentTerm):
-            return
-        try:
-            super()._onMessageReceived(node, message)
-        finally:
-            self._syncObj.settle_journal()
-
-
-ACK_TERM = "veristore_term"
-
-
-def stale_ack(message: Any, term: int) -> bool:
-    """True for an acknowledgement stamped with a term other than `term` (Raft drops it)."""
-    return (isinstance(message, dict) and message.get("type") == "next_node_idx"
-            and message.get(ACK_TERM, term) != term)
-
-
-class VeristoreNode(SyncObj):
-    """One member of a veristore cluster (runs PySyncObj's tick thread in the background)."""
 
     def __init__(self, settings: NodeSettings, machine: Machine | None = None) -> None:
         install_journal_factory()
@@ -190,7 +143,6 @@ class VeristoreNode(SyncObj):
             logCompactionMinTime=settings.compaction_min_time_s,
             dynamicMembershipChange=settings.dynamic_membership,
             commandsWaitLeader=False,
-            onStateChanged=self._on_state_changed,
         )
         self.committer = GroupCommitter(
             self._propose,
@@ -201,18 +153,8 @@ class VeristoreNode(SyncObj):
             window_s=settings.batch_window_ms / 1000.0,
             commit_timeout_s=settings.commit_timeout_s,
         )
-        if settings.dynamic_membership:  # (before PySyncObj's tick thread starts)
-            self._journal.on_membership = self._replay_membership
-        super().__init__(settings.raft_address, [p.raft for p in settings.peers], conf,
-                         transportClass=DurableTransport)
-        # Sync while the followers work on what was just sent (see DurableTransport).
-        wait_for_events = self._poller.poll
-
-        def sync_then_poll(timeout: float) -> None:
-            self.sync_journal()
-            wait_for_events(timeout)
-
-        self._poller.poll = sync_then_poll
+        self._raft = RaftMember(self, settings.raft_address, [p.raft for p in settings.peers],
+                                conf)
         self._wake = threading.Event()
         self._housekeeper = threading.Thread(target=self._housekeeping, name="housekeeping",
                                              daemon=True)
@@ -221,16 +163,6 @@ class VeristoreNode(SyncObj):
     def settle_journal(self) -> None:
         """After each received message: let the journal finish a rewind (`LmdbJournal.settle`)."""
         self._journal.settle()
-
-    def _replay_membership(self, commands: list[bytes]) -> None:
-        """Apply membership-change entries again, in order, as PySyncObj does for new ones.
-
-        The journal keeps entries PySyncObj meant to truncate, whose membership changes
-        PySyncObj reverses first (see `LmdbJournal.deleteEntriesFrom`). Uses PySyncObj's
-        private helpers (the version is pinned).
-        """
-        for command in commands:
-            replay_membership_change(self, command)
 
     def _housekeeping(self) -> None:
         """On the leader, periodically propose pruning of expired idempotency records.
@@ -249,10 +181,9 @@ class VeristoreNode(SyncObj):
 
     # -- replication -----------------------------------------------------------------------
 
-    @replicated
-    def apply_entry(self, entry: bytes) -> list[Result] | None:
-        """Apply one batch entry (runs on every replica, in log order). Never raises for input."""
-        index = self.raftLastApplied + 1  # PySyncObj bumps raftLastApplied after this returns
+    def apply(self, index: int, entry: bytes) -> list[Result] | None:
+        """Apply the batch entry at log `index` (every replica, in log order). Never raises for
+        input."""
         try:
             batch = decode_batch(entry)
         except InvalidCommandError as exc:
@@ -264,28 +195,8 @@ class VeristoreNode(SyncObj):
             _exit_if_panicked(exc, self._log)
             raise
 
-    def _onTick(self, timeToWait: float = 0.0) -> None:  # noqa: N803 (PySyncObj's name)
-        """One PySyncObj tick, after making the journal durable.
-
-        The leader computes its commit index first thing in a tick, counting its own log as
-        a replica; since the leader sends entries before syncing them (DurableTransport), this
-        sync is what makes that count true. A sync that fails aborts the tick before any
-        commit (PySyncObj logs it and retries the tick).
-        """
-        self.sync_journal()
-        super()._onTick(timeToWait)
-
-    def _setCodeVersion(self, args: Any, callback: Any) -> None:  # noqa: N802 (PySyncObj's name)
-        """Refuse PySyncObj's `set_version` admin command.
-
-        A VERSION entry this code cannot run makes PySyncObj skip bumping its applied counter,
-        which would shift the log index `apply_entry` derives; versioning is done with command
-        ops inside our msgpack batches instead.
-        """
-        callback(None, "set_version is not supported by veristore")
-
     def _propose(self, entry: bytes, callback: Any) -> None:
-        self.apply_entry(entry, callback=callback)
+        self._raft.propose(entry, callback)
 
     def sync_journal(self) -> None:
         """fsync the journal if anything was written since the last sync (tick thread)."""
@@ -306,66 +217,69 @@ class VeristoreNode(SyncObj):
 
     # -- leadership ------------------------------------------------------------------------
 
-    def _on_state_changed(self, old: int, new: int) -> None:
-        self._log.info("raft_state_changed", old=_STATE_NAMES.get(old), new=_STATE_NAMES.get(new),
-                       term=self.raftCurrentTerm)
-        if new == 2:
-            self._log.info("leader_elected", term=self.raftCurrentTerm)
-        if old == 2 and new != 2 and self.committer is not None:
+    def role_changed(self, old: str, new: str, term: int) -> None:
+        self._log.info("raft_state_changed", old=old, new=new, term=term)
+        if new == "leader":
+            self._log.info("leader_elected", term=term)
+        if old == "leader" and new != "leader" and self.committer is not None:
             self.committer.fail_all(LeadershipLostError("leadership lost with the command in flight"))
 
     def leader_address(self) -> str | None:
         """Raft address of the last known leader (may be stale), or None."""
-        leader = self._getLeader()
-        return None if leader is None else str(leader.address)
+        return self._raft.leader_address()
 
     def is_leader(self) -> bool:
-        return bool(self._isLeader())
+        return self._raft.is_leader()
 
-    # -- the narrow facade other modules use (not PySyncObj's attributes) -------------------
+    # -- the narrow facade other modules use ------------------------------------------------
 
     @property
     def term(self) -> int:
         """The current Raft term."""
-        return int(self.raftCurrentTerm)
+        return self._raft.term
 
     @property
     def commit_index(self) -> int:
         """The highest log index this member knows to be committed."""
-        return int(self.raftCommitIndex)
+        return self._raft.commit_index
 
     @property
     def last_applied(self) -> int:
         """The highest log index this member has applied."""
-        return int(self.raftLastApplied)
+        return self._raft.last_applied
+
+    def peers(self) -> list[Peer]:
+        """The other members: address, connected, match index (on the leader)."""
+        return self._raft.peers()
 
     def peers_connected(self) -> bool:
         """True if this member has a live connection to at least one other member."""
-        return any(self.isNodeConnected(n) for n in self.otherNodes)
+        return any(peer.connected for peer in self._raft.peers())
 
     def transfer_leadership(self) -> None:
-        """Ask PySyncObj to hand leadership to another member (call on the tick thread)."""
-        self.transferLeadership(None)
+        """Ask Raft to hand leadership to another member (call on the tick thread)."""
+        self._raft.transfer_leadership()
 
     def request_compaction(self) -> None:
         """Ask for a snapshot (log compaction) at the next tick; see `fresh_snapshot`."""
-        self.forceLogCompaction()
+        self._raft.request_compaction()
+
+    def add_tick_callback(self, callback: Callable[[], None]) -> None:
+        """Run `callback()` on every tick of the Raft thread until removed (see `tick.py`)."""
+        self._raft.add_tick_callback(callback)
+
+    def remove_tick_callback(self, callback: Callable[[], None]) -> None:
+        self._raft.remove_tick_callback(callback)
 
     def has_quorum_lease(self) -> bool:
         """True if this leader heard from a majority within `leader_lease_s`."""
-        if not self._isLeader():
-            return False
-        responses = last_response_times(self)
-        horizon = time.monotonic() - self.settings.leader_lease_s
-        others = self.otherNodes
-        fresh = sum(1 for node in others if responses.get(node, 0.0) > horizon)
-        return fresh + 1 > (len(others) + 1) / 2
+        return self._raft.heard_from_majority(self.settings.leader_lease_s, time.monotonic())
 
     def require_leader(self) -> None:
         """Raise unless this node leads and holds a quorum lease."""
         if self._stopped:
             raise NoLeaderError("node is stopping")
-        if not self._isLeader():
+        if not self._raft.is_leader():
             leader = self.leader_address()
             if leader is None:
                 raise NoLeaderError("no leader is known (election in progress?)")
@@ -384,8 +298,7 @@ class VeristoreNode(SyncObj):
 
     def leader_caught_up(self) -> bool:
         """True once this leader has applied an entry of its own term (lease reads are safe)."""
-        noop = noop_index(self)
-        return noop is not None and self.raftLastApplied >= noop
+        return self._raft.applied_own_term()
 
     # -- reads and introspection -----------------------------------------------------------
 
@@ -395,37 +308,31 @@ class VeristoreNode(SyncObj):
 
     def status(self) -> dict[str, Any]:
         """Who leads, term, commit/applied indexes, members and their connectivity."""
-        for _ in range(5):
-            try:
-                raw = self.getStatus()
-                break
-            except RuntimeError:  # a dict changed size under us (tick thread); try again
-                continue
-        else:
-            raw = {}
+        raw = self._raft.raw_status()
         leader = self.leader_address()
         members = [{"raft": self.settings.raft_address, "http": self.settings.http_address,
                     "self": True, "connected": True}]
-        for node in sorted(self.otherNodes, key=lambda n: n.id):
+        for peer in self._raft.peers():
             members.append({
-                "raft": node.address,
-                "http": self.peer_http(node.address),
+                "raft": peer.address,
+                "http": self.peer_http(peer.address),
                 "self": False,
-                "connected": self.isNodeConnected(node),
-                "match_index": raw.get("match_idx_server_" + node.id),
+                "connected": peer.connected,
+                "match_index": peer.match_index,
             })
         committer = self.committer
         return {
             "raft_address": self.settings.raft_address,
             "http_address": self.settings.http_address,
-            "state": _STATE_NAMES.get(raw.get("state", -1), "unknown"),
+            "state": ROLES.get(raw.get("state", -1), "unknown"),
             "leader": leader,
             "leader_http": self.peer_http(leader) if leader else None,
-            "term": self.raftCurrentTerm,
-            "commit_index": self.raftCommitIndex,
-            "applied_index": self.raftLastApplied,
+            "term": self.term,
+            "commit_index": self.commit_index,
+            "applied_index": self.last_applied,
             "store_applied_index": self.store.applied_index,
-            "has_quorum": self.has_quorum_lease() if self._isLeader() else bool(raw.get("has_quorum")),
+            "has_quorum": (self.has_quorum_lease() if self._raft.is_leader()
+                           else bool(raw.get("has_quorum"))),
             "ready": self.is_ready(),
             "log_len": raw.get("log_len"),
             "journal_syncs": self._journal.syncs,
@@ -445,7 +352,7 @@ class VeristoreNode(SyncObj):
     def is_ready(self) -> bool:
         """Member of a cluster with a known leader, and caught up with what it has committed."""
         return (not self._stopped and self.leader_address() is not None
-                and self.raftLastApplied >= self.raftCommitIndex and bool(self.isReady()))
+                and self.last_applied >= self.commit_index and self._raft.in_cluster())
 
     # -- membership ------------------------------------------------------------------------
 
@@ -472,9 +379,10 @@ class VeristoreNode(SyncObj):
         LeadershipLostError / CommitTimeoutError as for any write.
         """
         self.require_current_leader()
-        members = {n.address for n in self.otherNodes} | {self.settings.raft_address}
-        reachable = {self.settings.raft_address} | {
-            n.address for n in self.otherNodes if self.isNodeConnected(n)}
+        peers = self._raft.peers()
+        members = {peer.address for peer in peers} | {self.settings.raft_address}
+        reachable = {self.settings.raft_address} | {peer.address for peer in peers
+                                                     if peer.connected}
         after = members | {raft_address} if action == "add" else members - {raft_address}
         if len(reachable & after) <= len(after) // 2:
             # e.g. adding a fourth member while one of three is down: nothing could commit
@@ -494,7 +402,7 @@ class VeristoreNode(SyncObj):
         except BaseException:
             done.set_result(FAIL_REASON.DISCARDED)  # nothing proposed: free the slot
             raise
-        change(raft_address, callback=lambda _result, error: done.set_result(error))
+        change(raft_address, lambda _result, error: done.set_result(error))
         try:
             error = done.result(timeout_s)
         except TimeoutError as exc:
@@ -514,7 +422,7 @@ class VeristoreNode(SyncObj):
             key = (MEMBER_HTTP_PREFIX + raft_address).encode()
             self.submit({"op": "put", "key": key, "value": http_address.encode()}).result(
                 timeout_s)
-            change = self.addNodeToCluster
+            change = self._raft.add_member
         elif action == "remove":
             if raft_address == self.settings.raft_address:
                 raise InvalidCommandError(
@@ -522,7 +430,7 @@ class VeristoreNode(SyncObj):
                     "through the new leader")
             if raft_address not in members:
                 raise InvalidCommandError(f"{raft_address} is not a member")
-            change = self.removeNodeFromCluster
+            change = self._raft.remove_member
         else:
             raise InvalidCommandError("action must be add or remove")
         return change
@@ -538,7 +446,7 @@ class VeristoreNode(SyncObj):
         Raises CommitTimeoutError if no snapshot completes within `timeout_s`.
         """
         built = self.snapshots.built
-        self.forceLogCompaction()
+        self._raft.request_compaction()
         deadline = time.monotonic() + timeout_s
         while self.snapshots.built == built:
             if time.monotonic() > deadline:
@@ -558,6 +466,6 @@ class VeristoreNode(SyncObj):
         self._wake.set()
         if self.committer is not None:
             self.committer.close()
-        self.destroy_synchronous()  # PySyncObj closes the journal (`_destroy`) on the way out
+        self._raft.shut_down()  # PySyncObj closes the journal (`_destroy`) on the way out
         self.snapshots.wait()
         self.store.close()

@@ -11,15 +11,22 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from .errors import NoLeaderError
-from .raft import SyncObj
 
 T = TypeVar("T")
 
 
-async def run_on_tick(node: SyncObj, fn: Callable[[], T], timeout: float = 5.0) -> T:
+class TickThread(Protocol):
+    """What owns a tick thread (the node: `VeristoreNode.add_tick_callback`)."""
+
+    def add_tick_callback(self, callback: Callable[[], None]) -> None: ...
+
+    def remove_tick_callback(self, callback: Callable[[], None]) -> None: ...
+
+
+async def run_on_tick(node: TickThread, fn: Callable[[], T], timeout: float = 5.0) -> T:
     """Run `fn()` once in `node`'s tick thread and return what it returns (or raise it).
 
     Raises NoLeaderError (definite: `fn` did not run) if no tick ran it within `timeout`.
@@ -37,7 +44,7 @@ async def run_on_tick(node: SyncObj, fn: Callable[[], T], timeout: float = 5.0) 
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    node.addOnTickCallback(callback)
+    node.add_tick_callback(callback)
     try:
         while not future.done():
             if loop.time() > deadline and future.cancel():
@@ -46,4 +53,4 @@ async def run_on_tick(node: SyncObj, fn: Callable[[], T], timeout: float = 5.0) 
         return future.result()
     finally:
         # Not from inside the callback: PySyncObj holds its callback lock while calling it.
-        node.removeOnTickCallback(callback)
+        node.remove_tick_callback(callback)

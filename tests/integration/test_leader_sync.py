@@ -39,7 +39,7 @@ def test_a_leader_that_cannot_sync_commits_nothing(tmp_path):
                  "no leader")
         leader = next(n for n in nodes if n.is_leader())
         leader.submit({"op": "put", "key": b"before", "value": b"1"}).result(10)
-        durable = leader.raftCommitIndex
+        durable = leader.commit_index
         last_index = leader._journal[-1][1]
         last_synced = leader._journal.syncs
 
@@ -59,7 +59,7 @@ def test_a_leader_that_cannot_sync_commits_nothing(tmp_path):
         # ... but the leader, unable to sync its copy, never counts it toward a commit.
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline:
-            assert leader.raftCommitIndex == durable
+            assert leader.commit_index == durable
             assert not (pending.done() and pending.exception() is None)
             time.sleep(0.01)
         assert leader._journal.syncs == last_synced

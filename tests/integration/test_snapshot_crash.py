@@ -72,7 +72,7 @@ def test_crash_between_snapshot_rename_and_compaction_keeps_later_entries(tmp_pa
     node = start(settings)
     for i in range(20):
         put(node, b"a%d" % i)
-    node.forceLogCompaction()
+    node.request_compaction()
     dump = os.path.join(settings.data_dir, "snapshot.bin")
     deadline = time.monotonic() + 10
     while not os.path.exists(dump):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import time
+
 import pytest
 
 from veristore_py.config import ConfigError, load_settings
@@ -60,7 +63,16 @@ def test_raft_listener_binds_only_its_address(tmp_path):
         "data_dir": str(tmp_path / "data")})
     node = VeristoreNode(settings)
     try:
-        assert node.conf.bindAddress == f"127.0.0.1:{raft}"
+        deadline = time.monotonic() + 10
+        while True:  # the listener is bound by the tick thread, soon after start
+            try:
+                socket.create_connection(("127.0.0.1", raft), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the Raft port never listened"
+                time.sleep(0.05)
+        with pytest.raises(ConnectionRefusedError):  # another loopback address: not bound
+            socket.create_connection(("127.0.0.2", raft), timeout=1)
     finally:
         node.stop()
 

@@ -231,7 +231,7 @@ def test_a_rewound_tail_has_its_membership_changes_applied_again_past_the_resend
 def test_acknowledgements_from_another_term_are_stale():
     """The transport stamps PySyncObj's next_node_idx with the sender's term; a leader drops
     one from another term (Raft ignores responses of other terms); unstamped ones pass."""
-    from veristore_py.node import ACK_TERM, stale_ack
+    from veristore_py.raft import ACK_TERM, stale_ack
 
     ack = {"type": "next_node_idx", "next_node_idx": 7, "reset": True, "success": False}
     assert not stale_ack({**ack, ACK_TERM: 5}, 5)

@@ -3,7 +3,7 @@ LMDB and the node's snapshot manager); a failed build cleans up and backs off.
 
 Three PySyncObj members on `LmdbJournal`, a `StateStore` and `SnapshotManager` (the node's
 snapshot path), ticked by hand, with an in-memory transport that follows
-`node.DurableTransport`'s rules (sync before any message but a leader's append,
+`raft.DurableTransport`'s rules (sync before any message but a leader's append,
 acknowledgements stamped with the term and stale ones dropped, `settle` after each message).
 
 The scenarios (found in reviews): a slow follower F acknowledges entries in order; its first,
@@ -31,7 +31,7 @@ from veristore_py import snapshot
 from veristore_py.codec import pack
 from veristore_py.errors import StorageError
 from veristore_py.journal import LmdbJournal, install_journal_factory
-from veristore_py.node import ACK_TERM, stale_ack
+from veristore_py.raft import ACK_TERM, stale_ack
 from veristore_py.snapshot import SnapshotManager
 from veristore_py.state import KVMachine
 from veristore_py.storage import StateStore
