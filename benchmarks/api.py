@@ -143,7 +143,7 @@ def _raw_raft_member(index: int, raft_ports: list[int], http_port: int, journal_
         return web.json_response({"ok": True, "model": body.get("model")})
 
     async def leader(request: web.Request) -> web.Response:
-        return web.json_response({"leader": node.is_leader()})
+        return web.json_response({"leader": bool(node._isLeader())})  # plain PySyncObj
 
     app = web.Application(client_max_size=16 << 20)
     app.router.add_post("/commit", commit)
