@@ -8,6 +8,8 @@ sends the same kind of request to each target:
 - trivial:    POST /echo with the route body;
 - dry-run:    POST /v1/route with dry_run (decision only, nothing committed);
 - committed:  POST /v1/route (decision committed through Raft on every member);
+- ..., TLS:   the same two against a second cluster serving HTTPS (a throwaway CA, TLS 1.2+,
+              kept-alive connections): what TLS costs a route;
 - raw Raft:   same-run baselines for the replication engine alone: three processes running
               plain PySyncObj (its journal file, never fsynced; the same password; its
               low-latency mode, appendEntriesUseBatch off) behind the trivial handler, which
@@ -41,6 +43,7 @@ import multiprocessing as mp
 import os
 import random
 import shutil
+import ssl
 import statistics
 import sys
 import tempfile
@@ -183,12 +186,13 @@ def machine_busy_seconds() -> float:
 
 
 def measured(url: str, payloads: list[dict[str, Any]], seconds: float, concurrency: int,
-             headers: dict[str, str], pids: list[int]) -> dict[str, Any]:
+             headers: dict[str, str], pids: list[int],
+             ssl_context: ssl.SSLContext | None = None) -> dict[str, Any]:
     """`load`, plus the CPU seconds used by `pids`, by this process and by the whole machine
     (`*_cpu`) over `wall` seconds (`merged` turns them into cores)."""
     before = [cpu_seconds(p) for p in pids], cpu_seconds(os.getpid()), machine_busy_seconds()
     started = time.monotonic()
-    result = asyncio.run(load(url, payloads, seconds, concurrency, headers))
+    result = asyncio.run(load(url, payloads, seconds, concurrency, headers, ssl_context))
     wall = time.monotonic() - started
     result["wall"] = wall
     result["target_cpu"] = sum(cpu_seconds(p) - c for p, c in zip(pids, before[0], strict=True))
@@ -227,14 +231,16 @@ def bodies(count: int, rng: random.Random, dry_run: bool) -> list[dict[str, Any]
 
 
 async def load(url: str, payloads: list[dict[str, Any]], seconds: float, concurrency: int,
-               headers: dict[str, str]) -> dict[str, Any]:
-    """Closed-loop load: `concurrency` workers send payloads back to back for `seconds`."""
+               headers: dict[str, str],
+               ssl_context: ssl.SSLContext | None = None) -> dict[str, Any]:
+    """Closed-loop load: `concurrency` workers send payloads back to back for `seconds`
+    (over kept-alive connections: a TLS handshake per connection, not per request)."""
     latencies: list[float] = []
     errors = 0
     statuses: dict[int, int] = {}
     stop = time.perf_counter() + seconds
     cursor = iter(range(10**9))
-    connector = aiohttp.TCPConnector(limit=concurrency)
+    connector = aiohttp.TCPConnector(limit=concurrency, ssl=ssl_context or True)
     async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
         async def worker() -> None:
             nonlocal errors
@@ -269,7 +275,7 @@ def summary(latencies: list[float], elapsed: float) -> dict[str, Any]:
 
 
 async def prepare(cluster: LocalCluster, token: str) -> str:
-    async with CachePlaneClient(cluster.urls, token=token) as client:
+    async with CachePlaneClient(cluster.urls, token=token, ca_file=cluster.ca_file) as client:
         await client.register_model("bench", block_size=16)
         for i in range(16):
             await client.register_node(f"gpu{i:02d}", f"10.0.0.{i}:8000", ["bench"],
@@ -310,6 +316,21 @@ def _start_raw(mode: str, directory: str) -> tuple[list[Any], str]:
     return raw, f"http://127.0.0.1:{_raw_raft_leader(http_ports)}/commit"
 
 
+def _tls_files(directory: str) -> dict[str, str]:
+    """A throwaway CA and a certificate for 127.0.0.1 (trustme, a test dependency)."""
+    import trustme
+
+    os.makedirs(directory)
+    ca = trustme.CA()
+    member = ca.issue_cert("127.0.0.1")
+    files = {"ca": os.path.join(directory, "ca.pem"), "cert": os.path.join(directory, "cert.pem"),
+             "key": os.path.join(directory, "key.pem")}
+    ca.cert_pem.write_to_path(files["ca"])
+    member.cert_chain_pems[0].write_to_path(files["cert"])
+    member.private_key_pem.write_to_path(files["key"])
+    return files
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10.0, help="per target, all rounds")
@@ -323,7 +344,7 @@ def main() -> int:
     if args.rounds < 1 or args.seconds <= 0:
         parser.error("--rounds must be >= 1 and --seconds > 0")
     rng = random.Random(3)
-    token = "bench-token"
+    token = "bench-token-for-the-api-benchmark"
     headers = {"Authorization": f"Bearer {token}"}
     print(f"machine: {machine_info()}")
     print(f"load: {args.concurrency} connections x {args.seconds:g} s per target, in "
@@ -339,6 +360,13 @@ def main() -> int:
                            env={"CACHE_PLANE_NODE_LEASE_MS": str(3_600_000),
                                 **{k: v for k, v in os.environ.items()
                                    if k.startswith("CACHE_PLANE_")}})
+    # The same cluster serving HTTPS (a throwaway CA; no client certificates): TLS's cost.
+    tls_files = _tls_files(os.path.join(workdir, "tls"))
+    tls_cluster = LocalCluster(os.path.join(workdir, "tls-cluster"), module="cache_plane",
+                               api_token=token, ca_file=tls_files["ca"],
+                               settings={"log_level": "warning", "tls_cert_file": tls_files["cert"],
+                                         "tls_key_file": tls_files["key"]},
+                               env=cluster.env)
     rounds: dict[str, list[dict[str, Any]]] = {}
     idle_cores = float("nan")
     terms: dict[str, list[int]] = {}
@@ -347,12 +375,14 @@ def main() -> int:
         trivial.start()
         processes.append(trivial)
         assert trivial.pid is not None
-        cluster.start()
-        cluster.wait_for_leader()
-        asyncio.run(prepare(cluster, token))
+        for each in (cluster, tls_cluster):
+            each.start()
+            each.wait_for_leader()
+            asyncio.run(prepare(each, token))
         _wait_for_port(port)
         members = [p.pid for p in (cluster.nodes[i].process for i in range(cluster.size))
                    if p is not None]
+        tls_members = [p.pid for p in (n.process for n in tls_cluster.nodes) if p is not None]
         # (name, URL, dry run, pids, cluster or None); every target runs from the start, idle
         # but for the round that loads it, so all of them see the same machine.
         targets: list[tuple[str, Callable[[], str], bool, list[int], LocalCluster | None]] = [
@@ -362,6 +392,10 @@ def main() -> int:
              cluster),
             ("route, committed", lambda: _leader_url(cluster) + "/v1/route", False, members,
              cluster),
+            ("route, dry run, TLS", lambda: _leader_url(tls_cluster) + "/v1/route", True,
+             tls_members, tls_cluster),
+            ("route, committed, TLS", lambda: _leader_url(tls_cluster) + "/v1/route", False,
+             tls_members, tls_cluster),
         ]
         for mode in RAW_MODES:
             directory = os.path.join(workdir, f"raw-{mode}")
@@ -378,12 +412,14 @@ def main() -> int:
                 before = _term(target_cluster) if target_cluster else 0
                 rounds.setdefault(name, []).append(measured(
                     url(), bodies(500, rng, dry_run), args.seconds / args.rounds,
-                    args.concurrency, headers if target_cluster else {}, pids))
+                    args.concurrency, headers if target_cluster else {}, pids,
+                    target_cluster.ssl_context if target_cluster else None))
                 terms.setdefault(name, [before])
                 if target_cluster:
                     terms[name][1:] = [_term(target_cluster)]
     finally:
         cluster.close()
+        tls_cluster.close()
         for process in processes:
             process.kill()
             process.join()

@@ -98,7 +98,7 @@ def main() -> int:
     raft, http = free_ports(2)
     settings = NodeSettings(raft_address=f"127.0.0.1:{raft}", http_address=f"127.0.0.1:{http}",
                             data_dir=data, compaction_min_entries=1_000_000,
-                            compaction_min_time_s=1e9).validate()
+                            compaction_min_time_s=1e9, password="capacity-benchmark").validate()
     node = VeristoreNode(settings, CachePlaneMachine())
     try:
         while not (node.is_leader() and node.leader_caught_up()):

@@ -34,13 +34,16 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+PASSWORD = "replication-benchmark"  # both sides authenticate and encrypt, as in production
+
+
 def _raw_node(address: str, peers: list[str], data_dir: str, batch: bool) -> Any:
     from pysyncobj import SyncObj, SyncObjConf, replicated
 
     class RawKV(SyncObj):
         def __init__(self) -> None:
             conf = SyncObjConf(journalFile=os.path.join(data_dir, "journal"),
-                               appendEntriesUseBatch=batch)
+                               appendEntriesUseBatch=batch, password=PASSWORD)
             super().__init__(address, peers, conf)
             self._data: dict[bytes, bytes] = {}
 
@@ -65,7 +68,8 @@ def _veristore_node(address: str, peers: list[str], data_dir: str) -> Any:
     from veristore_py.node import VeristoreNode
 
     settings = NodeSettings(raft_address=address, http_address="127.0.0.1:1", data_dir=data_dir,
-                            peers=tuple(Peer(p, "127.0.0.1:1") for p in peers)).validate()
+                            peers=tuple(Peer(p, "127.0.0.1:1") for p in peers),
+                            password=PASSWORD).validate()
     node = VeristoreNode(settings)
 
     def is_leader() -> bool:

@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import signal
+import ssl
 import sys
 import time
 from typing import Any
@@ -65,7 +66,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                              session_max_load=service_settings.session_max_load))
     try:
         serve(node_settings,
-              lambda node, settings, token: create_app(node, settings, token, service_settings),
+              lambda node, settings: create_app(node, settings, service_settings),
               machine)
     except VeristoreError as exc:  # e.g. a damaged journal: say what to do, no traceback
         print(f"cannot start: {exc}", file=sys.stderr)
@@ -77,7 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_cluster(args: argparse.Namespace) -> int:
     if args.action == "members":
-        return _print_members(args.endpoint)
+        return _print_members(args)
     if args.action in ("add", "remove"):
         return _change_member(args)
     state_path = os.path.join(args.dir, STATE_FILE)
@@ -133,10 +134,10 @@ def _stop_pid(pid: int, grace: float = 10.0) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def _print_members(endpoint: str) -> int:
+def _print_members(args: argparse.Namespace) -> int:
     async def fetch() -> dict[str, Any]:
-        async with CachePlaneClient([endpoint]) as c:
-            return await c.cluster(endpoint)
+        async with _client(args) as c:
+            return await c.cluster(args.endpoint)
 
     try:
         view = asyncio.run(fetch())
@@ -158,7 +159,7 @@ def _change_member(args: argparse.Namespace) -> int:
         return 2
 
     async def change() -> Any:
-        async with CachePlaneClient([args.endpoint], token=args.token, timeout=60.0) as c:
+        async with _client(args, timeout=60.0) as c:
             if args.action == "add":
                 return await c.request("POST", "/v1/cluster/members",
                                        json={"raft": args.raft, "http": args.http})
@@ -179,7 +180,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
     from .operations import BackupError, download_backup
 
     try:
-        header = asyncio.run(download_backup(args.endpoint, args.out, args.token))
+        header = asyncio.run(download_backup(args.endpoint, args.out, args.token,
+                                             ssl_context=_ssl_context(args)))
     except BackupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -205,7 +207,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     async def fetch() -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        async with CachePlaneClient([args.endpoint], token=args.token) as c:
+        async with _client(args) as c:
             return await c.cluster(args.endpoint), await c.nodes()
 
     try:
@@ -230,7 +232,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_route(args: argparse.Namespace) -> int:
     async def ask() -> dict[str, Any]:
-        async with CachePlaneClient([args.endpoint], token=args.token) as c:
+        async with _client(args) as c:
             return await c.route(args.model, prompt=args.prompt, session_id=args.session,
                                  dry_run=args.dry_run)
 
@@ -282,10 +284,39 @@ def cmd_sim_node(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs, time_scale=args.time_scale,
         latency=LatencyModel(args.prefill_ms_per_token, args.prefill_base_ms,
                              args.decode_base_ms, args.decode_ms_per_seq),
-        cluster_urls=tuple(args.cluster or ()), api_token=token)
+        cluster_urls=tuple(args.cluster or ()), api_token=token, ca_file=args.ca_file,
+        cert_file=args.cert_file, key_file=args.key_file)
+    ssl_context = None
+    if args.tls_cert_file:
+        from veristore_py.tls import server_context
+
+        ssl_context = server_context(args.tls_cert_file, args.tls_key_file)
     web.run_app(create_app(settings), host=args.host, port=args.port, print=None,
-                access_log=None)
+                access_log=None, ssl_context=ssl_context)
     return 0
+
+
+def _add_tls_client_args(p: argparse.ArgumentParser) -> None:
+    """How this command verifies the members it talks to (HTTPS is always verified)."""
+    p.add_argument("--ca-file", default=os.environ.get("CACHE_PLANE_CA_FILE"),
+                   help="CA certificate that signed the members' (default: "
+                        "$CACHE_PLANE_CA_FILE, else the system's CAs)")
+    p.add_argument("--cert-file", default=os.environ.get("CACHE_PLANE_CERT_FILE"),
+                   help="client certificate for mTLS (default: $CACHE_PLANE_CERT_FILE)")
+    p.add_argument("--key-file", default=os.environ.get("CACHE_PLANE_KEY_FILE"),
+                   help="its key (default: $CACHE_PLANE_KEY_FILE)")
+
+
+def _client(args: argparse.Namespace, timeout: float = 10.0) -> CachePlaneClient:
+    return CachePlaneClient([args.endpoint], token=args.token, timeout=timeout,
+                            ca_file=args.ca_file, cert_file=args.cert_file,
+                            key_file=args.key_file)
+
+
+def _ssl_context(args: argparse.Namespace) -> ssl.SSLContext:
+    from veristore_py.tls import client_context
+
+    return client_context(args.ca_file, args.cert_file, args.key_file)
 
 
 def _nonnegative_float(text: str) -> float:
@@ -331,8 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raft", help="add/remove: the member's Raft address host:port")
     p.add_argument("--http", help="add: the member's HTTP address host:port")
     p.add_argument("--token", default=os.environ.get("CACHE_PLANE_API_TOKEN"),
-                   help="add/remove: bearer token (default: $CACHE_PLANE_API_TOKEN)")
+                   help="members (read) / add, remove (admin): bearer token "
+                        "(default: $CACHE_PLANE_API_TOKEN)")
     p.add_argument("--token-file", help="file holding the bearer token")
+    _add_tls_client_args(p)
     p.set_defaults(func=cmd_cluster)
 
     p = sub.add_parser("backup", help="download a fresh snapshot of a live member's state")
@@ -341,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=os.environ.get("CACHE_PLANE_API_TOKEN"),
                    help="bearer token (default: $CACHE_PLANE_API_TOKEN)")
     p.add_argument("--token-file", help="file holding the bearer token")
+    _add_tls_client_args(p)
     p.set_defaults(func=cmd_backup)
 
     p = sub.add_parser("restore", help="seed a fresh member's empty data dir with a backup")
@@ -355,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--token", default=os.environ.get("CACHE_PLANE_API_TOKEN"),
                        help="bearer token (default: $CACHE_PLANE_API_TOKEN)")
         p.add_argument("--token-file", help="file holding the bearer token")
+        _add_tls_client_args(p)
         if name == "route":
             p.add_argument("--model", required=True)
             p.add_argument("--prompt", required=True)
@@ -391,7 +426,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"{what} (default {default}; docs/simulation.md cites the source)")
     p.add_argument("--cluster", action="append", metavar="URL",
                    help="register with this cache-plane member (repeatable)")
-    p.add_argument("--api-token-file", help="file holding the cluster's bearer token")
+    p.add_argument("--api-token-file", help="file holding the cluster's bearer token "
+                                             "(a route token: heartbeats and KV events; "
+                                             "registering needs admin)")
+    p.add_argument("--tls-cert-file", help="serve HTTPS with this certificate chain (PEM)")
+    p.add_argument("--tls-key-file", help="... and this key")
+    _add_tls_client_args(p)
     p.set_defaults(func=cmd_sim_node)
     return parser
 

@@ -6,11 +6,12 @@ again on every replica; both import them from here, so the two cannot drift apar
 Strings that name things (model, node, request, session, instance ids, node addresses) are
 limited in **UTF-8 bytes**, `MAX_ID_BYTES`: that is what the machine stores. (A model's hash
 seed is limited to as many characters, as the machine has always checked it: a replayed log
-must be judged as it was when it was written.) JSON Schema's
-`maxLength` counts characters, so the schema states the same number as characters (an ASCII
-id is limited exactly) and marks the field with `x-max-bytes`; the body validator
-(`api/validation.py`) checks the byte length of every such field and names it in a 400, so
-a multi-byte id is refused at the edge rather than by the machine.
+must be judged as it was when it was written.) JSON Schema's `maxLength` counts characters
+and cannot count bytes, so the API states, and its edge enforces, a limit that is exactly
+expressible and always within the bytes (`veristore_py.api.text_schema` / `text_fits`): an
+id is ASCII of at most `MAX_ID_BYTES` characters, or any text of at most a quarter of that
+(a UTF-8 character takes at most 4 bytes). The body validator (`api/validation.py`) refuses
+anything else with a 400 naming the field, so the machine never has to.
 """
 
 from __future__ import annotations

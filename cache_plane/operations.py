@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import ssl
 from typing import Any
 
 import aiohttp
@@ -30,12 +31,15 @@ class BackupError(Exception):
 
 
 async def download_backup(endpoint: str, out_path: str, token: str | None = None,
-                          timeout_s: float = 300.0) -> dict[str, Any]:
-    """Save member `endpoint`'s fresh snapshot to `out_path`; return the snapshot header."""
+                          timeout_s: float = 300.0,
+                          ssl_context: ssl.SSLContext | None = None) -> dict[str, Any]:
+    """Save member `endpoint`'s fresh snapshot to `out_path`; return the snapshot header.
+    HTTPS is verified with `ssl_context` (default: the system's CAs)."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     partial = out_path + ".partial"
+    connector = aiohttp.TCPConnector(ssl=ssl_context or True)
     try:
-        async with aiohttp.ClientSession() as session, session.post(
+        async with aiohttp.ClientSession(connector=connector) as session, session.post(
                 endpoint.rstrip("/") + "/v1/backup", headers=headers,
                 timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
             if resp.status != 200:

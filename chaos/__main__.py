@@ -24,13 +24,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--faults", default=",".join(FAULTS),
                    help="comma-separated fault kinds to cycle through (default: all: "
                         f"{','.join(FAULTS)})")
+    p.add_argument("--plain-http", action="store_true",
+                   help="members serve plain HTTP (default: HTTPS with mTLS and role tokens, "
+                        "as in production)")
     args = parser.parse_args(argv)
     faults = tuple(f.strip() for f in args.faults.split(",") if f.strip())
     unknown = sorted(set(faults) - set(FAULTS))
     if unknown or not faults:
         parser.error(f"--faults: unknown kinds {unknown}; known: {', '.join(FAULTS)}")
     report = asyncio.run(run(args.cycles, args.seed, args.clients, args.routers,
-                             log_level=args.log_level, faults=faults))
+                             log_level=args.log_level, faults=faults,
+                             tls_on=not args.plain_http))
     print(summary(report))
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import shutil
 import sys
@@ -46,7 +47,8 @@ from .nemesis import FAULTS, Disks, Nemesis
 from .network import Network
 
 REGISTERS = 4
-TOKEN = "chaos-token"
+TOKEN = "chaos-suite-token"  # admin: the KV clients write the generic store
+ROUTE_TOKEN = "chaos-suite-route-token"  # the routers' role
 MODEL = "chaos-model"
 INFERENCE_NODES = ("inference-0", "inference-1")
 
@@ -113,10 +115,11 @@ async def _run_op(client: VeristoreClient, history: History, pid: int, kind: str
 
 
 async def _client(pid: int, urls: list[str], history: History, stop: asyncio.Event,
-                  paused: asyncio.Event, rng: random.Random) -> None:
+                  paused: asyncio.Event, rng: random.Random, tls: dict[str, Any]) -> None:
     seen: dict[str, Any] = {}
     n = 0
-    async with VeristoreClient(urls, token=TOKEN, timeout=4.0, attempt_timeout=1.0) as client:
+    async with VeristoreClient(urls, token=TOKEN, timeout=4.0, attempt_timeout=1.0,
+                               **tls) as client:
         while not stop.is_set():
             await paused.wait()
             n += 1
@@ -161,9 +164,9 @@ async def _complete_op(client: CachePlaneClient, history: History, pid: int, req
                               "fail" if exc.definite else "info"))
 
 
-async def _setup_fleet(urls: list[str]) -> None:
+async def _setup_fleet(urls: list[str], tls: dict[str, Any]) -> None:
     """Register the model and the inference nodes the routers route to."""
-    async with CachePlaneClient(urls, token=TOKEN, timeout=30.0) as client:
+    async with CachePlaneClient(urls, token=TOKEN, timeout=30.0, **tls) as client:
         await client.register_model(MODEL, block_size=16)
         for node_id in INFERENCE_NODES:
             await client.register_node(node_id, f"http://{node_id}.invalid:8000", [MODEL],
@@ -171,11 +174,12 @@ async def _setup_fleet(urls: list[str]) -> None:
 
 
 async def _router(pid: int, urls: list[str], history: History, stop: asyncio.Event,
-                  paused: asyncio.Event, rng: random.Random) -> None:
+                  paused: asyncio.Event, rng: random.Random, tls: dict[str, Any]) -> None:
     """Route requests sharing a few prefixes (25% dry-run) and report each routed one done."""
     prefixes = [[rng.getrandbits(63) for _ in range(8)] for _ in range(4)]
     n = 0
-    async with CachePlaneClient(urls, token=TOKEN, timeout=4.0, attempt_timeout=1.0) as client:
+    async with CachePlaneClient(urls, token=ROUTE_TOKEN, timeout=4.0, attempt_timeout=1.0,
+                                **tls) as client:
         while not stop.is_set():
             await paused.wait()
             n += 1
@@ -188,10 +192,11 @@ async def _router(pid: int, urls: list[str], history: History, stop: asyncio.Eve
 
 
 async def _probe(urls: list[str], history: History, stop: asyncio.Event,
-                 successes: list[float]) -> None:
+                 successes: list[float], tls: dict[str, Any]) -> None:
     n = 0
     # Short attempts, as a router would use: a paused leader must not hold the probe for long.
-    async with VeristoreClient(urls, token=TOKEN, timeout=1.0, attempt_timeout=0.25) as client:
+    async with VeristoreClient(urls, token=TOKEN, timeout=1.0, attempt_timeout=0.25,
+                               **tls) as client:
         while not stop.is_set():
             n += 1
             op = await _run_op(client, history, 99, "put", f"probe-{n}", (str(n),))
@@ -200,12 +205,36 @@ async def _probe(urls: list[str], history: History, stop: asyncio.Event,
             await asyncio.sleep(0.05)
 
 
+def _make_tls(base_dir: str) -> dict[str, Any]:
+    """A throwaway CA, the members' certificate and a client certificate (mTLS), and the
+    role file: the suite runs the members as production does (docs/security.md)."""
+    import trustme  # a test dependency, like the suite itself
+
+    directory = os.path.join(base_dir, "tls")
+    os.makedirs(directory, exist_ok=True)
+    ca = trustme.CA()
+    member = ca.issue_cert("127.0.0.1")
+    paths = {name: os.path.join(directory, name)
+             for name in ("ca.crt", "member.crt", "member.key", "client.pem", "tokens")}
+    ca.cert_pem.write_to_path(paths["ca.crt"])
+    member.cert_chain_pems[0].write_to_path(paths["member.crt"])
+    member.private_key_pem.write_to_path(paths["member.key"])
+    ca.issue_cert("chaos-client").private_key_and_cert_chain_pem.write_to_path(paths["client.pem"])
+    with open(paths["tokens"], "w", encoding="utf-8") as f:
+        f.write(f"route {ROUTE_TOKEN}\n")
+    return {"ca_file": paths["ca.crt"], "client_cert_file": paths["client.pem"],
+            "settings": {"tls_cert_file": paths["member.crt"], "tls_key_file": paths["member.key"],
+                         "tls_client_ca_file": paths["ca.crt"], "tokens_file": paths["tokens"]}}
+
+
 async def _converge(cluster: LocalCluster, timeout: float = 5.0) -> tuple[bool, float]:
     """Wait until every member reports the same applied index and state digest."""
     import aiohttp
 
     started = time.monotonic()
-    async with aiohttp.ClientSession() as session:
+    connector = aiohttp.TCPConnector(ssl=cluster.ssl_context or True)
+    async with aiohttp.ClientSession(headers=cluster.auth_headers,
+                                     connector=connector) as session:
         async def view(url: str) -> Any:
             try:
                 async with session.get(url + "/v1/digest",
@@ -226,7 +255,7 @@ async def _converge(cluster: LocalCluster, timeout: float = 5.0) -> tuple[bool, 
 
 async def run(cycles: int, seed: int, clients: int = 4, routers: int = 2,
               base_dir: str | None = None, log_level: str = "warning",
-              faults: Sequence[str] = FAULTS) -> Report:
+              faults: Sequence[str] = FAULTS, tls_on: bool = True) -> Report:
     """Run `cycles` faults, each kind of `faults` in turn, in an order shuffled by `seed`."""
     unknown = sorted(set(faults) - set(FAULTS))
     if unknown or not faults:
@@ -235,8 +264,14 @@ async def run(cycles: int, seed: int, clients: int = 4, routers: int = 2,
     schedule = [faults[i % len(faults)] for i in range(cycles)]
     rng.shuffle(schedule)
     report = Report(seed, cycles)
-    cluster = LocalCluster(base_dir or tempfile.mkdtemp(prefix="chaos-"), module="cache_plane",
-                           api_token=TOKEN, settings={"log_level": log_level},
+    base_dir = base_dir or tempfile.mkdtemp(prefix="chaos-")
+    tls_files = _make_tls(base_dir) if tls_on else {}
+    tls: dict[str, Any] = ({"ca_file": tls_files["ca_file"],
+                            "cert_file": tls_files["client_cert_file"]} if tls_on else {})
+    cluster = LocalCluster(base_dir, module="cache_plane", api_token=TOKEN,
+                           ca_file=tls_files.get("ca_file"),
+                           client_cert_file=tls_files.get("client_cert_file"),
+                           settings={"log_level": log_level, **tls_files.get("settings", {})},
                            proxy_links=True,
                            # the routers' inference nodes send no heartbeats
                            env={"CACHE_PLANE_NODE_LEASE_MS": str(24 * 3600 * 1000),
@@ -262,14 +297,14 @@ async def run(cycles: int, seed: int, clients: int = 4, routers: int = 2,
         disks.mount()
         cluster.start()
         await asyncio.to_thread(cluster.wait_for_leader, 30.0)
-        await _setup_fleet(cluster.urls)
+        await _setup_fleet(cluster.urls, tls)
         tasks += [asyncio.create_task(_client(p, cluster.urls, history, stop, running,
-                                             random.Random(seed * 100 + p)))
+                                             random.Random(seed * 100 + p), tls))
                  for p in range(clients)]
         tasks += [asyncio.create_task(_router(50 + p, cluster.urls, history, stop, running,
-                                              random.Random(seed * 100 + 50 + p)))
+                                              random.Random(seed * 100 + 50 + p), tls))
                   for p in range(routers)]
-        tasks.append(asyncio.create_task(_probe(cluster.urls, history, stop, probe_ok)))
+        tasks.append(asyncio.create_task(_probe(cluster.urls, history, stop, probe_ok, tls)))
         for kind in schedule:
             await asyncio.sleep(rng.uniform(1.0, 2.0))  # healthy period
             report.faults[kind] = report.faults.get(kind, 0) + 1
@@ -300,7 +335,7 @@ async def run(cycles: int, seed: int, clients: int = 4, routers: int = 2,
         await asyncio.gather(*tasks, return_exceptions=True)
         if not report.stalls:
             await asyncio.to_thread(cluster.wait_for_leader, 30.0)
-            await _final_checks(cluster, history, report)
+            await _final_checks(cluster, history, report, tls)
         clean_end = report.passed
     finally:
         stop.set()
@@ -336,9 +371,10 @@ async def run(cycles: int, seed: int, clients: int = 4, routers: int = 2,
     return report
 
 
-async def _final_checks(cluster: LocalCluster, history: History, report: Report) -> None:
+async def _final_checks(cluster: LocalCluster, history: History, report: Report,
+                        tls: dict[str, Any]) -> None:
     final: dict[str, Any] = {}
-    async with VeristoreClient(cluster.urls, token=TOKEN, timeout=10.0) as client:
+    async with VeristoreClient(cluster.urls, token=TOKEN, timeout=10.0, **tls) as client:
         for key in sorted({op.key for op in history.ops if op.kind == "put"}):
             try:
                 got = await client.get(key)

@@ -6,10 +6,13 @@
 # Creates the cache-plane system user, /opt/cache-plane/venv (the package from this source
 # tree), /etc/cache-plane/{node1.toml,secrets/}, the systemd template unit, and enables
 # cache-plane@node1. Re-running upgrades the package and unit and keeps configs and secrets.
-# The Raft password and API token must be the same on every member: the first run generates
-# them in /etc/cache-plane/secrets/ (mode 0400, owned by cache-plane); copy that directory to
-# the other hosts before installing there. Then start: systemctl start cache-plane@node1
-# (see docs/operations.md for bootstrap order and checks).
+# The Raft password and the tokens must be the same on every member: the first run generates
+# them in /etc/cache-plane/secrets/ (raft-password; api-token = admin; route-token,
+# read-token and the role file `tokens` listing them; mode 0400, owned by cache-plane); copy
+# that directory to the other hosts before installing there. TLS certificates are yours to
+# bring: /etc/cache-plane/tls/{ca.crt,member.crt,member.key} (docs/security.md shows openssl
+# commands); a member beyond loopback refuses to start without them. Then start:
+# systemctl start cache-plane@node1 (see docs/operations.md for bootstrap order and checks).
 set -euo pipefail
 
 MEMBER=${1:?usage: deploy/install.sh MEMBER   (e.g. node1; uses deploy/config/MEMBER.toml)}
@@ -41,7 +44,7 @@ getent passwd cache-plane >/dev/null || useradd --system --gid cache-plane \
 
 install -d -m 0755 -o root -g root "$ETC"
 install -d -m 0750 -o root -g cache-plane "$ETC/secrets"
-for secret in raft-password api-token; do
+for secret in raft-password api-token route-token read-token; do
     if [ ! -s "$ETC/secrets/$secret" ]; then
         (umask 077; "$PREFIX/venv/bin/python" -c 'import secrets; print(secrets.token_urlsafe(32))' \
             > "$ETC/secrets/$secret")
@@ -49,6 +52,16 @@ for secret in raft-password api-token; do
     fi
     chown cache-plane:cache-plane "$ETC/secrets/$secret"
     chmod 0400 "$ETC/secrets/$secret"
+done
+if [ ! -s "$ETC/secrets/tokens" ]; then  # the role file members read (tokens_file)
+    (umask 077; printf 'route %s\nread %s\n' "$(cat "$ETC/secrets/route-token")" \
+        "$(cat "$ETC/secrets/read-token")" > "$ETC/secrets/tokens")
+fi
+chown cache-plane:cache-plane "$ETC/secrets/tokens"
+chmod 0400 "$ETC/secrets/tokens"
+install -d -m 0750 -o root -g cache-plane "$ETC/tls"
+for file in ca.crt member.crt member.key; do
+    [ -s "$ETC/tls/$file" ] || echo "missing $ETC/tls/$file: put the member's TLS files there (docs/security.md)"
 done
 if [ ! -f "$ETC/$MEMBER.toml" ]; then
     install -m 0644 "$SRC/deploy/config/$MEMBER.toml" "$ETC/$MEMBER.toml"

@@ -18,7 +18,7 @@ PACKAGES = ("veristore_py", "cache_plane")
 
 # Decision logic and replicated state: no I/O, clocks, randomness, Raft, HTTP or LMDB.
 PURE = (
-    "veristore_py.state", "veristore_py.codec", "veristore_py.errors",
+    "veristore_py.state", "veristore_py.codec", "veristore_py.errors", "veristore_py.auth",
     "cache_plane.machine", "cache_plane.policy", "cache_plane.calibration",
     "cache_plane.index", "cache_plane.blocklog", "cache_plane.hashing", "cache_plane.model",
     "cache_plane.views", "cache_plane.commands", "cache_plane.limits",

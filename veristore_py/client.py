@@ -27,6 +27,7 @@ from .errors import (
     NoLeaderError,
     VeristoreError,
 )
+from .tls import client_context
 
 
 class KeyNotFoundError(VeristoreError):
@@ -47,14 +48,28 @@ class ClientRequestError(VeristoreError):
         self.code = code
 
 
+class TLSVerificationError(VeristoreError):
+    """A member's certificate did not verify (a configuration problem: not retried)."""
+
+    code = "tls_verification_failed"
+    definite = True
+
+
 class VeristoreClient:
     """Talk to any member; requests land on the leader. Use as an async context manager."""
 
     def __init__(self, endpoints: list[str], *, token: str | None = None, timeout: float = 10.0,
-                 attempt_timeout: float = 6.0) -> None:
+                 attempt_timeout: float = 6.0, ca_file: str | None = None,
+                 cert_file: str | None = None, key_file: str | None = None) -> None:
+        """`endpoints` are URLs (``https://host:port``) or ``host:port`` (https when a CA or
+        client certificate is given, else http). HTTPS is always verified: against `ca_file`
+        when given, else the system's CAs; `cert_file`/`key_file` present a client
+        certificate (mTLS)."""
         if not endpoints:
             raise InvalidCommandError("at least one endpoint is required")
-        self.endpoints = [e.rstrip("/") if "://" in e else f"http://{e}" for e in endpoints]
+        scheme = "https" if (ca_file or cert_file) else "http"
+        self.endpoints = [e.rstrip("/") if "://" in e else f"{scheme}://{e}" for e in endpoints]
+        self._ssl = client_context(ca_file, cert_file, key_file)
         self.timeout = timeout
         self._attempt_timeout = attempt_timeout
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -62,7 +77,8 @@ class VeristoreClient:
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Self:
-        self._session = aiohttp.ClientSession(headers=self._headers)
+        self._session = aiohttp.ClientSession(headers=self._headers,
+                                              connector=aiohttp.TCPConnector(ssl=self._ssl))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -178,6 +194,10 @@ class VeristoreClient:
                     payload = {"error": "bad_response", "detail": await resp.text()}
         except TimeoutError as exc:
             raise _Retry(CommitTimeoutError(f"{method} {url} timed out"), True) from exc
+        except aiohttp.ClientConnectorCertificateError as exc:  # nothing was sent: definite
+            raise TLSVerificationError(
+                f"{url}: the member's certificate is not trusted ({exc.certificate_error}); "
+                "give the CA that signed it (ca_file, --ca-file or $CACHE_PLANE_CA_FILE)") from exc
         except aiohttp.ClientError as exc:
             # The request may have reached the leader; writes are idempotent, so retry.
             raise _Retry(CommitTimeoutError(f"{method} {url}: {exc}"), True) from exc

@@ -10,7 +10,12 @@ TOML layout (all keys optional except the addresses and data dir)::
     raft_bind_address = "0.0.0.0:7000"   # optional; default: bind raft_address only
     http_address = "10.0.0.1:8000"       # this node's HTTP API address
     data_dir = "/var/lib/veristore"
-    password_file = "/etc/veristore/raft-password"   # or password = "..."
+    password_file = "/etc/veristore/raft-password"   # or password = "..." (always required)
+    tokens_file = "/etc/veristore/tokens"   # lines "<role> <token>", roles read|route|admin
+    tls_cert_file = "/etc/veristore/tls/member.crt"  # HTTPS (with tls_key_file)
+    tls_key_file = "/etc/veristore/tls/member.key"
+    tls_client_ca_file = "/etc/veristore/tls/ca.crt" # optional: require client certs (mTLS)
+    insecure = false  # true: allow plain HTTP / no tokens beyond loopback (logged at start)
     [[peers]]
     raft = "10.0.0.2:7000"
     http = "10.0.0.2:8000"
@@ -21,12 +26,15 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import ssl
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .auth import Tokens, parse_tokens
 from .errors import ConfigError
+from .tls import server_context
 
 ENV_PREFIX = "VERISTORE_"
 
@@ -52,8 +60,16 @@ class NodeSettings:
     peers: tuple[Peer, ...] = ()
     password: str | None = None
     password_file: str | None = None
-    api_token: str | None = None
+    api_token: str | None = None  # one admin token (kept for older configs; see tokens_file)
     api_token_file: str | None = None
+    tokens_file: str | None = None  # "<role> <token>" per line (veristore_py/auth.py)
+    # HTTPS for the HTTP API: certificate chain and key (PEM); with a client CA, clients must
+    # present a certificate it signed (mTLS).
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None
+    # Serve plain HTTP or without tokens on a non-loopback address (refused unless set).
+    insecure: bool = False
     # Raft timing (seconds). A leader that hears from no majority for `leader_lease_s` stops
     # deciding; after `leader_fallback_s` PySyncObj demotes it.
     heartbeat_s: float = 0.1
@@ -106,6 +122,33 @@ class NodeSettings:
                 return f.read().strip() or None
         return self.api_token
 
+    def resolved_tokens(self) -> Tokens:
+        """Every bearer token and its role: `tokens_file`, plus `api_token(_file)` as admin."""
+        pairs: list[tuple[str, str]] = []
+        if self.tokens_file:
+            try:
+                with open(self.tokens_file, encoding="utf-8") as f:
+                    pairs.extend(parse_tokens(f.read()))
+            except OSError as exc:
+                raise ConfigError([f"tokens_file {self.tokens_file!r}: {exc.strerror}"]) from None
+            except ValueError as exc:
+                raise ConfigError([f"tokens_file {self.tokens_file!r}: {exc}"]) from None
+        admin = self.resolved_api_token()
+        if admin:
+            pairs.append(("admin", admin))
+        try:
+            return Tokens(pairs)
+        except ValueError as exc:
+            raise ConfigError([f"api token: {exc}"]) from None
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert_file)
+
+    @property
+    def http_scheme(self) -> str:
+        return "https" if self.tls else "http"
+
     def validate(self) -> NodeSettings:
         """Return self, or raise ConfigError listing every problem."""
         problems: list[str] = []
@@ -127,20 +170,43 @@ class NodeSettings:
             if peer.raft in seen:
                 problems.append(f"peer {peer.raft} is listed twice (or is this node)")
             seen.add(peer.raft)
-        for file_field in ("password_file", "api_token_file"):
+        missing_files = False
+        for file_field in ("password_file", "api_token_file", "tokens_file", "tls_cert_file",
+                           "tls_key_file", "tls_client_ca_file"):
             path = getattr(self, file_field)
             if path and not os.path.isfile(path):
                 problems.append(f"{file_field} {path!r} does not exist")
+                missing_files = True
         if self.password and self.password_file:
             problems.append("give password or password_file, not both")
         if not (self.password or self.password_file):
-            public = [a for a in [self.raft_address, self.raft_bind_address,
-                                  *(p.raft for p in self.peers)]
-                      if _split_address(a) is not None and not _is_loopback(a)]
-            if public:
-                problems.append(
-                    f"a Raft password is required when binding or peering beyond loopback "
-                    f"({', '.join(public)}): set password_file")
+            # Without one PySyncObj unpickles whatever reaches the Raft port (docs/security.md).
+            problems.append("a Raft password is required (set password_file; "
+                            "'cache-plane cluster up' writes one)")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            problems.append("give tls_cert_file and tls_key_file together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            problems.append("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file")
+        tokens = None
+        if not missing_files:
+            try:
+                tokens = self.resolved_tokens()
+            except ConfigError as exc:
+                problems.extend(exc.problems)
+            if self.tls_cert_file and self.tls_key_file:
+                try:  # a certificate that does not load is a config error, not a traceback
+                    server_context(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file)
+                except (OSError, ssl.SSLError) as exc:
+                    problems.append(f"TLS files do not load ({self.tls_cert_file}, "
+                                    f"{self.tls_key_file}): {exc}")
+        if (_split_address(self.http_address) is not None and not _is_loopback(self.http_address)
+                and not self.insecure):
+            if not self.tls_cert_file:
+                problems.append(f"http_address {self.http_address} is beyond loopback: set "
+                                "tls_cert_file and tls_key_file (or insecure = true)")
+            if tokens is not None and not tokens:
+                problems.append(f"http_address {self.http_address} is beyond loopback: set "
+                                "tokens_file (or insecure = true)")
         if not 0 < self.heartbeat_s * 3 < self.election_min_s < self.election_max_s:
             problems.append("need 0 < 3 * heartbeat_s < election_min_s < election_max_s")
         if not self.heartbeat_s < self.leader_lease_s <= self.election_min_s:

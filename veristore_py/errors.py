@@ -5,7 +5,10 @@ Every error says whether the operation *definitely* did not happen or *may* have
     VeristoreError                      root; `definite` tells the caller whether a retry is safe
     ├── ConfigError                     bad settings (lists every problem at once)      definite
     ├── InvalidCommandError             malformed command or argument                   definite
-    │   └── CommandRejectedError        the state machine refused it: `reason`, detail   definite
+    │   ├── CommandRejectedError        the state machine refused it: `reason`, detail   definite
+    │   ├── IdempotencyConflictError    the key was used for another write (409)         definite
+    │   ├── UnknownMemberError          a membership change names no member (404)        definite
+    │   └── MembershipConflictError     the members' state refuses the change now (409)  definite
     ├── NotLeaderError                  this node does not lead; carries a leader hint   definite
     ├── NoLeaderError                   no leader is known (election under way)          definite
     ├── OverloadedError                 proposal queue full                              definite
@@ -74,6 +77,36 @@ class CommandRejectedError(InvalidCommandError):
         super().__init__(f"{reason}: {reason_detail}")
         self.reason = reason
         self.reason_detail = reason_detail
+
+
+class IdempotencyConflictError(InvalidCommandError):
+    """The idempotency key was already used for a write of another op or key; nothing
+    changed (the machine's `idempotency_key_reused` refusal)."""
+
+    code = "idempotency_key_reused"
+    status = 409
+
+
+class BodyTimeoutError(InvalidCommandError):
+    """The request body did not arrive within the server's body read timeout."""
+
+    code = "body_timeout"
+    status = 408
+
+
+class UnknownMemberError(InvalidCommandError):
+    """A membership change names a Raft address that is not a member; nothing changed."""
+
+    code = "unknown_member"
+    status = 404
+
+
+class MembershipConflictError(InvalidCommandError):
+    """The current membership refuses a well-formed change (already a member, the leader
+    itself, another change pending, no reachable majority after it); nothing changed."""
+
+    code = "membership_conflict"
+    status = 409
 
 
 class NotLeaderError(VeristoreError):

@@ -23,6 +23,7 @@ import os
 import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -30,6 +31,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
+
+from .tls import client_context
 
 
 def free_ports(count: int) -> list[int]:
@@ -65,10 +68,11 @@ class NodeSpec:
     log_path: str
     process: subprocess.Popen[bytes] | None = None
     paused: bool = False
+    scheme: str = "http"  # https when the members serve TLS
 
     @property
     def url(self) -> str:
-        return f"http://{self.http}"
+        return f"{self.scheme}://{self.http}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +95,10 @@ class LocalCluster:
     settings: dict[str, Any] = field(default_factory=dict)
     api_token: str | None = None
     password: str | None = None
+    # The CA that signed the members' certificates (`settings` names tls_cert_file and
+    # tls_key_file: members serve HTTPS and this harness verifies them with it).
+    ca_file: str | None = None
+    client_cert_file: str | None = None  # certificate + key (one PEM) when members want mTLS
     env: dict[str, str] = field(default_factory=dict)
     proxy_links: bool = False
     nodes: list[NodeSpec] = field(default_factory=list)
@@ -122,6 +130,7 @@ class LocalCluster:
                 data_dir=os.path.join(node_dir, "data"),
                 config_path=os.path.join(node_dir, "node.toml"),
                 log_path=os.path.join(node_dir, "node.log"),
+                scheme="https" if self.settings.get("tls_cert_file") else "http",
             ))
         for (i, j), port in zip(pairs, proxy_ports, strict=False):
             self.links.append(Link(i, j, f"127.0.0.1:{port}", self.nodes[j].raft))
@@ -224,6 +233,18 @@ class LocalCluster:
 
     # -- observation -----------------------------------------------------------------------
 
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """What clients of this cluster verify its members with (None: plain HTTP)."""
+        if self.nodes[0].scheme != "https":
+            return None
+        return client_context(self.ca_file, self.client_cert_file)
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        """The `Authorization` header of the cluster's (admin) token, if it has one."""
+        return {"Authorization": f"Bearer {self.api_token}"} if self.api_token else {}
+
     def running(self) -> list[int]:
         return [n.index for n in self.nodes
                 if n.process is not None and n.process.poll() is None and not n.paused]
@@ -231,7 +252,9 @@ class LocalCluster:
     def status(self, i: int, timeout: float = 1.0) -> dict[str, Any] | None:
         """Node `i`'s /v1/status, or None if it does not answer."""
         try:
-            with urllib.request.urlopen(self.nodes[i].url + "/v1/status", timeout=timeout) as r:
+            request = urllib.request.Request(self.nodes[i].url + "/v1/status",
+                                             headers=self.auth_headers)
+            with urllib.request.urlopen(request, timeout=timeout, context=self.ssl_context) as r:
                 return json.loads(r.read())
         except (OSError, urllib.error.URLError, ValueError):
             return None

@@ -42,14 +42,16 @@ from .errors import (
     CommitTimeoutError,
     InvalidCommandError,
     LeadershipLostError,
+    MembershipConflictError,
     NoLeaderError,
     NotLeaderError,
     StorageError,
+    UnknownMemberError,
 )
 from .group_commit import GroupCommitter, failure
 from .journal import LmdbJournal, install_journal_factory
 from .raft import FAIL_REASON, ROLES, Peer, RaftMember, SyncObjConf, set_peer_compression
-from .snapshot import SnapshotManager, prepare_journal
+from .snapshot import SnapshotManager, prepare_journal, read_header
 from .state import KVMachine, Machine, Result
 from .storage import StateStore
 
@@ -375,8 +377,9 @@ class VeristoreNode:
         refused if the new member set would have no reachable majority (remove dead members
         before adding); the leader cannot remove itself (stop it: another member takes over,
         then remove it there).
-        Raises InvalidCommandError for a change that makes no sense, NoLeaderError /
-        LeadershipLostError / CommitTimeoutError as for any write.
+        Raises UnknownMemberError to remove a non-member, MembershipConflictError for a change
+        the current members refuse, InvalidCommandError for one that makes no sense,
+        NoLeaderError / LeadershipLostError / CommitTimeoutError as for any write.
         """
         self.require_current_leader()
         peers = self._raft.peers()
@@ -387,13 +390,13 @@ class VeristoreNode:
         if len(reachable & after) <= len(after) // 2:
             # e.g. adding a fourth member while one of three is down: nothing could commit
             # until the new one caught up. Remove dead members first, then add.
-            raise InvalidCommandError(
+            raise MembershipConflictError(
                 f"after this change only {len(reachable & after)} of {len(after)} members "
                 f"would be reachable, not a majority: remove unreachable members first")
         with self._membership_lock:  # PySyncObj's own one-change-at-a-time guard is dead code
             pending = self._membership_pending
             if pending is not None and not pending.done():
-                raise InvalidCommandError("another membership change is not committed yet")
+                raise MembershipConflictError("another membership change is not committed yet")
             done: Future[int] = Future()
             self._membership_pending = done
         try:
@@ -416,7 +419,7 @@ class VeristoreNode:
         """Check `action` and return the PySyncObj method that makes it (see above)."""
         if action == "add":
             if raft_address in members:
-                raise InvalidCommandError(f"{raft_address} is already a member")
+                raise MembershipConflictError(f"{raft_address} is already a member")
             if not http_address:
                 raise InvalidCommandError("adding a member needs its http address")
             key = (MEMBER_HTTP_PREFIX + raft_address).encode()
@@ -425,11 +428,11 @@ class VeristoreNode:
             change = self._raft.add_member
         elif action == "remove":
             if raft_address == self.settings.raft_address:
-                raise InvalidCommandError(
+                raise MembershipConflictError(
                     "this member leads: stop it (another member takes over), then remove it "
                     "through the new leader")
             if raft_address not in members:
-                raise InvalidCommandError(f"{raft_address} is not a member")
+                raise UnknownMemberError(f"{raft_address} is not a member")
             change = self._raft.remove_member
         else:
             raise InvalidCommandError("action must be add or remove")
@@ -438,13 +441,17 @@ class VeristoreNode:
     # -- backups ---------------------------------------------------------------------------
 
     def fresh_snapshot(self, timeout_s: float = 60.0) -> str:
-        """Take a snapshot now (PySyncObj log compaction) and return the snapshot file's path.
+        """Take a snapshot now (PySyncObj log compaction) and return the snapshot file's path;
+        if nothing was applied since the last one, that one is current and no new one is made.
 
         The file (`snapshot.bin`: header with the last applied entry + an LMDB copy of the
         state) is fsynced and renamed into place before this returns; a later snapshot
         replaces it by rename, so a reader that opened it keeps a consistent copy.
         Raises CommitTimeoutError if no snapshot completes within `timeout_s`.
         """
+        path = os.path.join(self.settings.data_dir, "snapshot.bin")
+        if self._snapshot_is_current(path):  # PySyncObj would build none: nothing to add
+            return path
         built = self.snapshots.built
         self._raft.request_compaction()
         deadline = time.monotonic() + timeout_s
@@ -454,7 +461,15 @@ class VeristoreNode:
             if self._stopped:
                 raise NoLeaderError("node is stopping")
             time.sleep(0.02)
-        return os.path.join(self.settings.data_dir, "snapshot.bin")
+        return path
+
+    def _snapshot_is_current(self, path: str) -> bool:
+        """True if the snapshot at `path` holds the state as applied now."""
+        try:
+            with open(path, "rb") as f:
+                return bool(read_header(f)["applied"] == self.store.applied_index)
+        except (OSError, StorageError):  # none yet, or unreadable: build one
+            return False
 
     # -- lifecycle -------------------------------------------------------------------------
 

@@ -27,24 +27,38 @@ from .logs import configure_logging
 from .node import VeristoreNode
 from .state import Machine
 from .tick import run_on_tick
+from .tls import server_context
 
 log = structlog.get_logger(__name__)
 
 DRAIN_GRACE_S = 2.0
+# An idle kept-alive connection is closed after this long (aiohttp's own default is an hour);
+# a request may carry at most this many headers, each line at most 8 KiB (aiohttp's limit).
+KEEPALIVE_TIMEOUT_S = 75.0
+MAX_HEADERS = 64
 HANDOVER_TIMEOUT_S = 3.0
 
-AppFactory = Callable[[VeristoreNode, NodeSettings, "str | None"], web.Application]
+AppFactory = Callable[[VeristoreNode, NodeSettings], web.Application]
 
 
 async def run_node(settings: NodeSettings, node: VeristoreNode, app: web.Application) -> None:
     """Serve `app` on the settings' HTTP address until a stop signal, then stop cleanly."""
     host, _, port = settings.http_address.rpartition(":")
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                           shutdown_timeout=settings.commit_timeout_s + DRAIN_GRACE_S)
+                           shutdown_timeout=settings.commit_timeout_s + DRAIN_GRACE_S,
+                           keepalive_timeout=KEEPALIVE_TIMEOUT_S, max_headers=MAX_HEADERS)
     await runner.setup()
-    site = web.TCPSite(runner, host.strip("[]"), int(port), reuse_address=True)
+    ssl_context = None
+    if settings.tls_cert_file and settings.tls_key_file:
+        ssl_context = server_context(settings.tls_cert_file, settings.tls_key_file,
+                                     settings.tls_client_ca_file)
+    site = web.TCPSite(runner, host.strip("[]"), int(port), reuse_address=True,
+                       ssl_context=ssl_context)
     await site.start()
+    warn_if_insecure(settings)
     log.info("node_started", raft=settings.raft_address, http=settings.http_address,
+             scheme=settings.http_scheme, mtls=bool(settings.tls_client_ca_file),
+             token_roles=settings.resolved_tokens().roles(),
              peers=[p.raft for p in settings.peers])
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -56,6 +70,19 @@ async def run_node(settings: NodeSettings, node: VeristoreNode, app: web.Applica
     await hand_over_leadership(node, HANDOVER_TIMEOUT_S)
     await asyncio.to_thread(node.stop)
     log.info("node_stopped")
+
+
+def warn_if_insecure(settings: NodeSettings) -> None:
+    """Say loudly, at every start, what an `insecure` member leaves open."""
+    if not settings.insecure:
+        return
+    open_parts = [part for part, missing in (
+        ("plain HTTP (no TLS)", not settings.tls_cert_file),
+        ("no bearer tokens: anyone who reaches it may read and change everything",
+         not settings.resolved_tokens())) if missing]
+    if open_parts:
+        log.warning("INSECURE_MEMBER", http=settings.http_address, open=open_parts,
+                    hint="insecure = true in the config; see docs/security.md")
 
 
 async def hand_over_leadership(node: VeristoreNode, timeout: float) -> str | None:
@@ -95,7 +122,7 @@ def serve(settings: NodeSettings, app_factory: AppFactory = create_app,
     """Start a node with `settings` (and `machine`) and block until it is told to stop."""
     configure_logging(settings.log_format, settings.log_level, node=settings.raft_address)
     node = VeristoreNode(settings, machine)
-    app = app_factory(node, settings, settings.resolved_api_token())
+    app = app_factory(node, settings)
     try:
         asyncio.run(run_node(settings, node, app))
     finally:

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from veristore_py import api as kv_api
+from veristore_py.auth import PUBLIC
 from veristore_py.config import NodeSettings
 from veristore_py.group_commit import BATCH_BOUNDS
 from veristore_py.node import VeristoreNode
@@ -220,15 +221,37 @@ async def _housekeeping(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
-def create_app(node: VeristoreNode, settings: NodeSettings, api_token: str | None,
+# (method, path template) -> the role it needs (veristore_py/auth.py), with veristore's own.
+ACCESS_TABLE: dict[tuple[str, str], str] = {
+    **kv_api.ACCESS_TABLE,
+    ("POST", "/v1/nodes"): "admin",
+    ("GET", "/v1/nodes"): "read",
+    ("GET", "/v1/nodes/{node_id}"): "read",
+    ("DELETE", "/v1/nodes/{node_id}"): "admin",
+    ("POST", "/v1/nodes/{node_id}/heartbeat"): "route",
+    ("POST", "/v1/nodes/{node_id}/drain"): "admin",
+    ("POST", "/v1/models"): "admin",
+    ("GET", "/v1/models"): "read",
+    ("POST", "/v1/models/{model_id}/invalidate"): "admin",
+    ("POST", "/v1/route"): "route",
+    ("POST", "/v1/complete"): "route",
+    ("POST", "/v1/kv-events"): "route",
+    ("GET", "/v1/cluster"): "read",
+    ("GET", "/v1/stats"): "read",
+    ("GET", "/metrics"): "read",
+    ("GET", "/openapi.json"): PUBLIC,
+    ("GET", "/docs"): PUBLIC,
+}
+
+
+def create_app(node: VeristoreNode, settings: NodeSettings,
                service_settings: ServiceSettings | None = None) -> web.Application:
     """Build the aiohttp application of one cache_plane member."""
     service = CachePlaneService(node, service_settings or ServiceSettings())
     app = web.Application(client_max_size=kv_api.MAX_BODY_BYTES * 8)
     app[kv_api.NODE] = node
     app[kv_api.SETTINGS] = settings
-    if api_token:
-        app[kv_api.API_TOKEN] = api_token
+    kv_api.add_security(app, settings, ACCESS_TABLE)
     app[SERVICE] = service
     app[METRICS] = Metrics(service)
     app[OPENAPI] = document()

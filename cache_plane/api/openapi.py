@@ -1,24 +1,52 @@
-"""The OpenAPI 3.1 document of the cache_plane API; its schemas also validate request bodies."""
+"""The OpenAPI 3.1 document of a cache_plane member; its request schemas also validate bodies.
+
+The document describes every endpoint a member serves, the domain's and veristore's (generic
+KV, status, digest, health, backup, membership), as the handlers accept them. Each
+operation's `security` comes from the one endpoint -> role table (`app.ACCESS_TABLE`,
+looked up like the auth middleware does): ``[{"bearer": [role]}]`` (OpenAPI 3.1 lets a
+non-OAuth scheme list role names) or ``[]`` for public endpoints. `tests/api/test_openapi.py`
+checks that the document's operations are exactly the app's routes, and
+`tests/api/test_contract.py` fuzzes a live member against it.
+
+`SCHEMAS` are the request bodies `api/validation.py` compiles; `WIRE_SCHEMAS` are the
+veristore bodies (validated by hand in `veristore_py/api.py`) and the responses.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
+
+from veristore_py import api as kv_api
+from veristore_py.auth import PUBLIC, ROLES, required_role
+from veristore_py.state import MAX_IDEM_BYTES, MAX_KEY_BYTES, MAX_SCAN_LIMIT, MAX_VALUE_BYTES
 
 from .. import limits as L
 
 U64 = {"type": "integer", "minimum": 0, "maximum": L.MAX_BLOCK_HASH}
 TOKEN = {"type": "integer", "minimum": 0, "maximum": L.MAX_TOKEN_ID}
-# An id: at most MAX_ID_BYTES UTF-8 bytes (`x-max-bytes`, checked by api/validation.py);
-# maxLength states the same number as characters, which JSON Schema can express.
-ID = {"type": "string", "minLength": 1, "maxLength": L.MAX_ID_BYTES,
-      "x-max-bytes": L.MAX_ID_BYTES}
+# An id: at most MAX_ID_BYTES UTF-8 bytes, stated as JSON Schema can (see limits.py).
+ID = kv_api.text_schema(L.MAX_ID_BYTES, min_length=1)
 # Completion report fields that teach the load model (cache_plane/calibration.py).
 COUNT = {"type": "integer", "minimum": 0, "maximum": L.MAX_COUNT}
+# A member's host:port, exactly as `veristore_py.api._address` accepts it.
+ADDRESS = {"type": "string", "pattern": kv_api.ADDRESS_PATTERN,
+           "maxLength": kv_api.MAX_ADDRESS_CHARS}
+# Generic KV strings are stored as UTF-8 bytes, limited like ids.
+KV_TEXT = kv_api.text_schema(MAX_VALUE_BYTES)
+IDEM = {**kv_api.text_schema(MAX_IDEM_BYTES, min_length=1), "type": ["string", "null"],
+        "description": "a retry with the same key replays the first outcome"}
+REVISION = {"type": "integer", "minimum": 0}
 
 
 def _obj(required: list[str], **props: Any) -> dict[str, Any]:
     return {"type": "object", "required": required, "properties": props,
             "additionalProperties": False}
+
+
+def _open(required: list[str], **props: Any) -> dict[str, Any]:
+    """An object whose other fields the handler ignores (veristore's bodies) or may add."""
+    return {"type": "object", "required": required, "properties": props}
 
 
 SCHEMAS: dict[str, dict[str, Any]] = {
@@ -36,8 +64,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                                     "max_active (capped at it)"},
         labels={"type": "object", "additionalProperties": {"type": "string", "maxLength": 256},
                 "maxProperties": L.MAX_LABELS},
-        instance_id={"type": "string", "maxLength": L.MAX_ID_BYTES,
-                     "x-max-bytes": L.MAX_ID_BYTES},
+        instance_id=kv_api.text_schema(L.MAX_ID_BYTES),
     ),
     "Heartbeat": _obj(
         [], active_requests={"type": "integer", "minimum": 0, "maximum": L.MAX_REPORTED,
@@ -50,23 +77,23 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                                     "shows it as reported_used_blocks beside the index's "
                                     "used_blocks (a growing gap means lost KV events)"},
     ),
-    "AddMember": _obj(
-        ["raft", "http"], raft={"type": "string", "pattern": "^.+:[0-9]{1,5}$", "maxLength": 256},
-        http={"type": "string", "pattern": "^.+:[0-9]{1,5}$", "maxLength": 256},
-    ),
     "RegisterModel": _obj(
         ["model_id"], model_id=ID,
         block_size={"type": "integer", "minimum": 1, "maximum": L.MAX_BLOCK_SIZE},
         hash_seed={"type": "string", "maxLength": L.MAX_ID_BYTES},
     ),
-    "Route": _obj(
-        ["model"], model=ID, session_id=ID, request_id=ID,
-        token_ids={"type": "array", "items": TOKEN, "maxItems": L.MAX_PROMPT_TOKENS},
-        block_hashes={"type": "array", "items": U64, "maxItems": L.MAX_PROMPT_BLOCKS},
-        prompt={"type": "string", "maxLength": L.MAX_PROMPT_CHARS},
-        max_tokens={"type": "integer", "minimum": 0, "maximum": 2**24, "description": "accepted (vLLM/llm-d compatibility), not used yet"},
-        dry_run={"type": "boolean"},
-    ),
+    "Route": {
+        **_obj(["model"], model=ID, session_id=ID, request_id=ID,
+               token_ids={"type": "array", "items": TOKEN, "maxItems": L.MAX_PROMPT_TOKENS},
+               block_hashes={"type": "array", "items": U64, "maxItems": L.MAX_PROMPT_BLOCKS},
+               prompt={"type": "string", "maxLength": L.MAX_PROMPT_CHARS},
+               max_tokens={"type": "integer", "minimum": 0, "maximum": 2**24,
+                           "description": "accepted (vLLM/llm-d compatibility), not used yet"},
+               dry_run={"type": "boolean"}),
+        "description": "give the prompt as exactly one of token_ids, block_hashes or prompt",
+        "oneOf": [{"required": ["token_ids"]}, {"required": ["block_hashes"]},
+                  {"required": ["prompt"]}],
+    },
     "Complete": _obj(
         ["request_id", "node_id"], request_id=ID, node_id=ID,
         status={"enum": ["ok", "failed", "cancelled"]},
@@ -91,81 +118,272 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             tier={"enum": ["gpu", "cpu", "disk"]},
         )},
     ),
-    "Error": _obj(["error", "detail", "definite"], error={"type": "string"},
-                  detail={"type": "string"}, definite={"type": "boolean"}),
 }
 
+_ITEM = _obj(["key", "value", "revision"], key={"type": "string"}, value={"type": "string"},
+             revision=REVISION)
+WIRE_SCHEMAS: dict[str, dict[str, Any]] = {
+    # veristore's request bodies: fields not named here are ignored
+    "KVPut": _open(["value"], value=KV_TEXT, idempotency_key=IDEM),
+    "KVDelete": _open([], idempotency_key=IDEM),
+    "KVCas": _open(["expected", "value"],
+                   expected={**KV_TEXT, "type": ["string", "null"],
+                             "description": "null: the key must be absent"},
+                   value={**KV_TEXT, "type": ["string", "null"],
+                          "description": "null: delete the key"},
+                   idempotency_key=IDEM),
+    "AddMember": _open(["raft", "http"], raft=ADDRESS, http=ADDRESS),
+    # responses
+    "Error": _obj(
+        ["error", "detail", "definite"],
+        error={"type": "string", "description": "a stable code, e.g. unknown_model"},
+        detail={"type": "string", "description": "for people; never parse it"},
+        definite={"type": "boolean",
+                  "description": "true: the operation certainly did not take effect"},
+        leader={"type": "string", "description": "307: the same request's URL on the leader"},
+        candidates={"type": "array", "items": {"type": "object"},
+                    "description": "a rejected route: each node's breakdown"},
+        request_id={"type": "string", "description": "a rejected route's request id"}),
+    "Object": {"type": "object", "description": "see docs/api.md for the fields"},
+    "KVItem": _ITEM,
+    "KVWritten": _obj(["revision", "prev_revision", "replayed"], revision=REVISION,
+                      prev_revision=REVISION, replayed={"type": "boolean"}),
+    "KVDeleted": _obj(["deleted", "revision", "replayed"], deleted={"type": "boolean"},
+                      revision=REVISION, replayed={"type": "boolean"}),
+    "KVSwapped": _obj(["succeeded", "current", "revision", "replayed"],
+                      succeeded={"type": "boolean"}, current={"type": ["string", "null"]},
+                      revision=REVISION, replayed={"type": "boolean"}),
+    "KVPage": _obj(["items", "more"], items={"type": "array", "items": _ITEM},
+                   more={"type": "boolean"}),
+    "Status": _open(
+        ["raft_address", "http_address", "state", "leader", "term", "commit_index",
+         "applied_index", "members"],
+        raft_address={"type": "string"}, http_address={"type": "string"},
+        state={"type": "string"}, leader={"type": ["string", "null"]},
+        term={"type": "integer"}, commit_index={"type": "integer"},
+        applied_index={"type": "integer"},
+        members={"type": "array", "items": _open(
+            ["raft", "http", "self", "connected"], raft={"type": "string"},
+            http={"type": ["string", "null"]}, self={"type": "boolean"},
+            connected={"type": "boolean"})}),
+    "Digest": _obj(["applied_index", "digest"], applied_index={"type": "integer"},
+                   digest={"type": "string", "pattern": "^[0-9a-f]{64}$"}),
+    "Live": _obj(["status"], status={"const": "ok"}),
+    "Ready": _obj(["status", "leader"], status={"const": "ready"},
+                  leader={"type": ["string", "null"]}),
+    "MemberAdded": _obj(["added", "http"], added={"type": "string"}, http={"type": "string"}),
+    "MemberRemoved": _obj(["removed"], removed={"type": "string"}),
+    "Nodes": _open(["nodes"], nodes={"type": "array", "items": {"type": "object"}}),
+    "Models": _open(["models"], models={"type": "array", "items": {"type": "object"}}),
+}
 
-def _op(summary: str, body: str | None = None, *, mutating: bool = True,
-        codes: tuple[int, ...] = ()) -> dict[str, Any]:
-    op: dict[str, Any] = {"summary": summary, "responses": {
-        "200": {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}},
-    }}
-    for code in (400, 401, 404, 409, 413, 503, 504, *codes):
-        if code == 401 and not mutating:
-            continue
-        op["responses"][str(code)] = {"description": "error", "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-    if mutating:
-        op["responses"]["307"] = {"description": "not the leader: repeat at Location"}
-        op["security"] = [{"bearer": []}]
-    if body:
-        op["requestBody"] = {"required": True, "content": {"application/json": {
-            "schema": {"$ref": f"#/components/schemas/{body}"}}}}
+_JSON = "application/json"
+_ERRORS = {
+    400: "malformed request: bad JSON, a wrong type, an unknown field, a limit exceeded",
+    401: "missing or unknown bearer token",
+    403: "the token's role is weaker than the endpoint's",
+    404: "no such resource",
+    405: "this path does not serve the method; `Allow` lists those it does",
+    409: "the request conflicts with the replicated state",
+    413: "the body is too large, or the prompt can never fit",
+    503: "no leader is known, the leader is overloaded, or admission refused the request; "
+         "retry after `Retry-After`",
+    504: "not committed in time: the outcome is unknown (definite: false)",
+}
+_HEADERS: dict[int, dict[str, Any]] = {
+    401: {"WWW-Authenticate": {"required": True, "schema": {"const": "Bearer"}}},
+    405: {"Allow": {"required": True, "schema": {"type": "string"}}},
+    503: {"Retry-After": {"schema": {"type": "integer"}}},
+}
+# What a request that the leader must decide may answer besides its own errors.
+_LEADER = (307, 503, 504)
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _error(code: int) -> dict[str, Any]:
+    response: dict[str, Any] = {"description": _ERRORS[code],
+                                "content": {_JSON: {"schema": _ref("Error")}}}
+    if code in _HEADERS:
+        response["headers"] = _HEADERS[code]
+    return response
+
+
+def _op(summary: str, ok: str | None, *, body: str | None = None, optional_body: bool = False,
+        codes: tuple[int, ...] = (), media: str = _JSON,
+        query: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
+    """One operation: its 200 (JSON of schema `ok`, else text or bytes of type `media`),
+    its error codes (401/403 come from its role: see `document`), its request body."""
+    content = {"schema": _ref(ok) if ok is not None else {"type": "string"}}
+    responses: dict[str, Any] = {"200": {"description": "OK", "content": {media: content}}}
+    if body is not None:
+        codes = (400, 413, *codes)
+    for code in sorted({405, *codes}):
+        if code == 307:
+            responses["307"] = {
+                "description": "this member does not lead: repeat the request at `Location`",
+                "headers": {"Location": {"required": True,
+                                         "schema": {"type": "string", "format": "uri"}}},
+                "content": {_JSON: {"schema": _ref("Error")}}}
+        else:
+            responses[str(code)] = _error(code)
+    op: dict[str, Any] = {"summary": summary, "responses": responses}
+    if query:
+        op["parameters"] = list(query)
+    if body is not None:
+        op["requestBody"] = {"required": not optional_body,
+                             "content": {_JSON: {"schema": _ref(body)}}}
     return op
 
 
-def _backup_op() -> dict[str, Any]:
-    """Answered by the member asked (any member, no redirect): its state as a snapshot file."""
-    op = _op("Snapshot this member's state now and download it (for `cache-plane restore`)")
-    op["responses"].pop("307")
-    op["responses"]["200"] = {"description": "snapshot file", "content": {
-        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
-    return op
+def _path_param(name: str, schema: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"name": name, "in": "path", "required": True, "schema": schema}]
 
 
-def _id_param(name: str) -> list[dict[str, Any]]:
-    return [{"name": name, "in": "path", "required": True, "schema": ID}]
+_CONSISTENCY = {
+    "name": "consistency", "in": "query",
+    "schema": {"enum": ["linearizable", "lease", "stale"], "default": "linearizable"},
+    "description": "linearizable: through the Raft log (leader only); lease: on the leader "
+                   "under its lease; stale: this replica's state"}
+_KEY = kv_api.text_schema(MAX_KEY_BYTES, min_length=1)
+_SCAN = (
+    {"name": "prefix", "in": "query", "schema": kv_api.text_schema(MAX_KEY_BYTES),
+     "description": "keys starting with it (default: all)"},
+    {"name": "after", "in": "query", "schema": kv_api.text_schema(MAX_KEY_BYTES),
+     "description": "keys after this one (the last key of the previous page)"},
+    {"name": "limit", "in": "query",
+     "schema": {"type": "integer", "minimum": 1, "maximum": MAX_SCAN_LIMIT}},
+    _CONSISTENCY,
+)
+# 409: the idempotency key was used for a write of another op or key.
+_KV_WRITE = (409, *_LEADER)
+# A follower answers a leader-only request with 307; domain refusals map by code (errors.py:
+# a malformed id in the path is the machine's 400).
+_DOMAIN = (*_LEADER, 400, 404, 409)
 
 
-def document() -> dict[str, Any]:
-    """Build the OpenAPI document served at /openapi.json."""
-    paths: dict[str, Any] = {
-        "/v1/nodes": {"post": _op("Register or update an inference node", "RegisterNode"),
-                      "get": _op("List inference nodes", mutating=False)},
-        "/v1/nodes/{node_id}": {"get": _op("One inference node", mutating=False),
-                                "delete": _op("Remove a node and forget its blocks"),
-                                "parameters": _id_param("node_id")},
-        "/v1/nodes/{node_id}/heartbeat": {"post": _op("Report load, renew the lease", "Heartbeat"),
-                                          "parameters": _id_param("node_id")},
-        "/v1/nodes/{node_id}/drain": {"post": _op("Stop routing new requests to a node"),
-                                      "parameters": _id_param("node_id")},
-        "/v1/models": {"post": _op("Register a model (block size, hash seed)", "RegisterModel"),
-                       "get": _op("List models", mutating=False)},
-        "/v1/models/{model_id}/invalidate": {"post": _op("New model version: drop its blocks"),
-                                             "parameters": _id_param("model_id")},
+def _paths() -> dict[str, Any]:
+    """Every path the member serves and its operations (security is added by `document`)."""
+    node, model = _path_param("node_id", ID), _path_param("model_id", ID)
+    return {
+        "/v1/nodes": {
+            "post": _op("Register or update an inference node", "Object", body="RegisterNode",
+                        codes=_DOMAIN),
+            "get": _op("List inference nodes", "Nodes", codes=(503,))},
+        "/v1/nodes/{node_id}": {
+            "get": _op("One inference node", "Object", codes=(404, 503)),
+            "delete": _op("Remove a node and forget its blocks", "Object", codes=_DOMAIN),
+            "parameters": node},
+        "/v1/nodes/{node_id}/heartbeat": {
+            "post": _op("Report load, renew the lease (the body is optional)", "Object",
+                        body="Heartbeat", optional_body=True, codes=_DOMAIN),
+            "parameters": node},
+        "/v1/nodes/{node_id}/drain": {
+            "post": _op("Stop routing new requests to a node", "Object", codes=_DOMAIN),
+            "parameters": node},
+        "/v1/models": {
+            "post": _op("Register a model (block size, hash seed)", "Object",
+                        body="RegisterModel", codes=_DOMAIN),
+            "get": _op("List models", "Models", codes=(503,))},
+        "/v1/models/{model_id}/invalidate": {
+            "post": _op("New model version: drop its blocks", "Object", codes=_DOMAIN),
+            "parameters": model},
         "/v1/route": {"post": _op("Choose the node for a request (dry_run: no state change)",
-                                  "Route")},
-        "/v1/complete": {"post": _op("Report a request's completion (cache fill)", "Complete")},
+                                  "Object", body="Route", codes=_DOMAIN)},
+        "/v1/complete": {"post": _op("Report a request's completion (cache fill)", "Object",
+                                     body="Complete", codes=_DOMAIN)},
         "/v1/kv-events": {"post": _op("Engine KV events, idempotent per (node_id, seq)",
-                                      "KVEvents")},
-        "/v1/cluster": {"get": _op("Members, leader, term, indexes, health", mutating=False)},
-        "/v1/stats": {"get": _op("Hit rates, reuse, evictions, rejections", mutating=False)},
-        "/v1/backup": {"post": _backup_op()},
-        "/v1/cluster/members": {"post": _op("Add a Raft member (one change at a time)",
-                                            "AddMember")},
-        "/v1/cluster/members/{raft}": {"delete": _op("Remove a Raft member (not the leader)"),
-                                       "parameters": _id_param("raft")},
-        "/health/live": {"get": _op("Process is up", mutating=False)},
-        "/health/ready": {"get": _op("Member with a known leader, caught up", mutating=False)},
-        "/metrics": {"get": _op("Prometheus metrics", mutating=False)},
+                                      "Object", body="KVEvents", codes=_DOMAIN)},
+        "/v1/cluster": {"get": _op("Members, leader, term, indexes (as /v1/status)", "Status")},
+        "/v1/status": {"get": _op("Members, leader, term, commit and applied index", "Status")},
+        "/v1/digest": {"get": _op("SHA-256 of this replica's state (convergence checks)",
+                                  "Digest", codes=(503,))},
+        "/v1/stats": {"get": _op("Hit rates, reuse, evictions, rejections", "Object",
+                                 codes=(503,))},
+        "/v1/kv": {"get": _op("Keys by prefix, in order, a page at a time", "KVPage",
+                              codes=(400, *_LEADER), query=_SCAN)},
+        "/v1/kv/{key}": {
+            "get": _op("Read one key", "KVItem", codes=(400, 404, *_LEADER),
+                       query=(_CONSISTENCY,)),
+            "put": _op("Write one key", "KVWritten", body="KVPut", codes=_KV_WRITE),
+            "delete": _op("Delete one key (the body is optional)", "KVDeleted",
+                          body="KVDelete", optional_body=True, codes=_KV_WRITE),
+            "parameters": _path_param("key", _KEY)},
+        "/v1/kv/{key}/cas": {
+            "post": _op("Compare and set one key", "KVSwapped", body="KVCas",
+                        codes=_KV_WRITE),
+            "parameters": _path_param("key", _KEY)},
+        "/v1/backup": {"post": _op(
+            "Snapshot this member's state now and download it (for `cache-plane restore`); "
+            "any member answers, no redirect", None, media="application/octet-stream",
+            codes=(503, 504))},
+        "/v1/cluster/members": {"post": _op(
+            "Add a Raft member (one change at a time; refused while the members after it "
+            "would have no reachable majority)", "MemberAdded", body="AddMember",
+            codes=(409, *_LEADER))},
+        "/v1/cluster/members/{raft}": {
+            "delete": _op("Remove a Raft member (not the leader)", "MemberRemoved",
+                          codes=(400, 404, 409, *_LEADER)),
+            "parameters": _path_param("raft", ADDRESS)},
+        "/health/live": {"get": _op("Process is up", "Live")},
+        "/health/ready": {"get": _op("Member with a known leader, caught up", "Ready",
+                                     codes=(503,))},
+        "/metrics": {"get": _op("Prometheus metrics (text exposition format 0.0.4)", None,
+                                media="text/plain")},
+        "/openapi.json": {"get": _op("This document", "Object")},
+        "/docs": {"get": _op("A page listing the endpoints", None, media="text/html")},
     }
+
+
+def operations(doc: Mapping[str, Any]) -> set[tuple[str, str]]:
+    """The (METHOD, path template) of every operation in an OpenAPI document."""
+    return {(method.upper(), path) for path, item in doc["paths"].items()
+            for method in item if method != "parameters"}
+
+
+def document(access: Mapping[tuple[str, str], str] | None = None) -> dict[str, Any]:
+    """Build the OpenAPI document served at /openapi.json.
+
+    `access` is the endpoint -> role table (default: the app's `ACCESS_TABLE`); each
+    operation needs the role `veristore_py.auth.required_role` finds in it.
+    """
+    if access is None:
+        from .app import ACCESS_TABLE  # (here: app.py imports this module)
+
+        access = ACCESS_TABLE
+    paths = _paths()
+    for path, item in paths.items():
+        for method, op in item.items():
+            if method == "parameters":
+                continue
+            role = required_role(access, method.upper(), path)
+            if role == PUBLIC:
+                op["security"] = []
+                continue
+            op["security"] = [{"bearer": [role]}]
+            op["responses"]["401"] = _error(401)
+            if role != ROLES[0]:  # no token is weaker than read
+                op["responses"]["403"] = _error(403)
     return {
         "openapi": "3.1.0",
-        "info": {"title": "llm-serving-cache control plane", "version": "0.1.0",
-                 "description": "KV-cache aware routing for LLM inference fleets. Writes go to "
-                                "the Raft leader (followers answer 307)."},
+        "info": {
+            "title": "llm-serving-cache control plane", "version": "0.1.0",
+            "description": (
+                "KV-cache aware routing for LLM inference fleets, on a Raft-replicated store. "
+                "Writes and linearizable reads go to the Raft leader (followers answer 307). "
+                "Errors are JSON `{error, detail, definite}`. Each operation's bearer scope "
+                "is the role it needs (read < route < admin; a token of a stronger role "
+                "passes); operations with `security: []` need no token, and none does when a "
+                "member runs without tokens (insecure mode). Every GET also answers HEAD. "
+                "Walkthrough: docs/api.md.")},
         "paths": paths,
-        "components": {"schemas": SCHEMAS,
-                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "components": {
+            "schemas": {**SCHEMAS, **WIRE_SCHEMAS},
+            "securitySchemes": {"bearer": {
+                "type": "http", "scheme": "bearer",
+                "description": "a token from the member's tokens file; its role ("
+                               + " < ".join(ROLES) + ") must be at least the operation's "
+                               "scope"}}},
     }

@@ -53,6 +53,10 @@ class SimNodeSettings:
     cluster_urls: tuple[str, ...] = ()
     api_token: str | None = None
     lease_ms: int = 10_000
+    # How it verifies the cluster's members over HTTPS (a private CA; a client cert for mTLS).
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
 
 
 def tokenize(text: str) -> list[int]:
@@ -210,7 +214,10 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     tasks = [asyncio.create_task(node.run_engine())]
     if node.settings.cluster_urls:
         node.client = CachePlaneClient(list(node.settings.cluster_urls),
-                                       token=node.settings.api_token, timeout=10)
+                                       token=node.settings.api_token, timeout=10,
+                                       ca_file=node.settings.ca_file,
+                                       cert_file=node.settings.cert_file,
+                                       key_file=node.settings.key_file)
         await node.client.__aenter__()
         tasks.append(asyncio.create_task(node.run_reporter()))
     yield

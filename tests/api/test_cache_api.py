@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -11,31 +9,32 @@ from hypothesis import strategies as st
 from cache_plane.api import create_app
 from cache_plane.hashing import block_hashes
 from cache_plane.machine import CachePlaneMachine
+from tests.members import single_member
 from veristore_py.config import NodeSettings
 from veristore_py.localcluster import free_ports
-from veristore_py.node import VeristoreNode
 
-TOKEN = "t0ken"
+TOKEN = "admin-token-for-the-api-tests"
+READ_TOKEN = "read-token-for-the-api-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+READ = {"Authorization": f"Bearer {READ_TOKEN}"}  # the test client's default
 
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
     raft, http = free_ports(2)
+    directory = tmp_path_factory.mktemp("cp")
+    tokens = directory / "tokens"
+    tokens.write_text(f"read {READ_TOKEN}\n")
     settings = NodeSettings(raft_address=f"127.0.0.1:{raft}", http_address=f"127.0.0.1:{http}",
-                            data_dir=str(tmp_path_factory.mktemp("cp") / "data")).validate()
-    n = VeristoreNode(settings, CachePlaneMachine())
-    deadline = time.monotonic() + 10
-    while not (n.is_leader() and n.leader_caught_up()):
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    yield n
-    n.stop()
+                            data_dir=str(directory / "data"), password="test-password",
+                            api_token=TOKEN, tokens_file=str(tokens)).validate()
+    with single_member(settings, CachePlaneMachine()) as n:
+        yield n
 
 
 @pytest.fixture
 async def client(node, aiohttp_client):
-    c = await aiohttp_client(create_app(node, node.settings, TOKEN))
+    c = await aiohttp_client(create_app(node, node.settings), headers=READ)
     await c.post("/v1/models", json={"model_id": "llama", "block_size": 4}, headers=AUTH)
     for i, cap in enumerate((50, 50)):
         await c.post("/v1/nodes", json={"node_id": f"gpu{i}", "address": f"10.0.0.{i}:8000",
@@ -134,7 +133,9 @@ async def test_each_error_class_is_a_clear_4xx(client, path, body, status, code)
 
 async def test_auth_metrics_openapi_docs_health(client):
     """Token required on mutations; metrics, spec, docs and health are served."""
-    assert (await client.post("/v1/models", json={"model_id": "z"})).status == 401
+    assert (await client.post("/v1/models", json={"model_id": "z"})).status == 403  # read
+    assert (await client.post("/v1/models", json={"model_id": "z"},
+                              headers={"Authorization": "Bearer nope"})).status == 401
     metrics = await (await client.get("/metrics")).text()
     assert "cache_plane_http_request_duration_seconds_bucket" in metrics
     assert "cache_plane_raft_term" in metrics

@@ -2,36 +2,39 @@
 
 from __future__ import annotations
 
-import time
-
+import aiohttp
 import pytest
 
+from tests.members import single_member
 from veristore_py.api import create_app
 from veristore_py.config import NodeSettings
 from veristore_py.localcluster import free_ports
-from veristore_py.node import VeristoreNode
 
-TOKEN = "s3cret"
+TOKEN = "admin-token-for-the-api-tests"
+READ_TOKEN = "read-token-for-the-api-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+READ = {"Authorization": f"Bearer {READ_TOKEN}"}  # the test client's default
+
+
+def tokens_file(directory):
+    path = directory / "tokens"
+    path.write_text(f"read {READ_TOKEN}\n")
+    return str(path)
 
 
 @pytest.fixture
 def node(tmp_path):
     raft, http = free_ports(2)
     settings = NodeSettings(raft_address=f"127.0.0.1:{raft}", http_address=f"127.0.0.1:{http}",
-                            data_dir=str(tmp_path / "data")).validate()
-    n = VeristoreNode(settings)
-    deadline = time.monotonic() + 10
-    while not (n.is_leader() and n.leader_caught_up()):
-        assert time.monotonic() < deadline, "single node did not elect itself"
-        time.sleep(0.02)
-    yield n
-    n.stop()
+                            data_dir=str(tmp_path / "data"), password="test-password",
+                            api_token=TOKEN, tokens_file=tokens_file(tmp_path)).validate()
+    with single_member(settings) as n:
+        yield n
 
 
 @pytest.fixture
 async def client(node, aiohttp_client):
-    return await aiohttp_client(create_app(node, node.settings, TOKEN))
+    return await aiohttp_client(create_app(node, node.settings), headers=READ)
 
 
 async def test_put_get_cas_delete_scan(client):
@@ -86,13 +89,17 @@ async def test_bad_requests_get_clear_4xx(client, method, path, kwargs, status, 
     assert body["detail"]
 
 
-async def test_mutations_require_bearer_token(client):
-    """Writes without the configured token are refused; reads are open."""
-    r = await client.put("/v1/kv/a", json={"value": "1"})
-    assert r.status == 401
+async def test_endpoints_require_a_token_of_their_role(client):
+    """Writes need admin (a read token is 403, none or a wrong one 401); reads need read;
+    health needs nothing."""
+    r = await client.put("/v1/kv/a", json={"value": "1"})  # the client's default: read
+    assert r.status == 403 and (await r.json())["error"] == "forbidden"
     r = await client.put("/v1/kv/a", json={"value": "1"}, headers={"Authorization": "Bearer wrong"})
-    assert r.status == 401
-    assert (await client.get("/health/live")).status == 200
+    assert r.status == 401 and r.headers["WWW-Authenticate"] == "Bearer"
+    async with aiohttp.ClientSession() as bare:  # no Authorization header at all
+        assert (await bare.get(client.make_url("/v1/kv/a"))).status == 401
+        assert (await bare.get(client.make_url("/health/live"))).status == 200
+    assert (await client.get("/v1/kv/a")).status == 404  # read: allowed (key absent)
 
 
 async def test_status_and_readiness(client, node):
@@ -102,3 +109,22 @@ async def test_status_and_readiness(client, node):
     assert (await client.get("/health/ready")).status == 200
     digest = await (await client.get("/v1/digest")).json()
     assert len(digest["digest"]) == 64
+
+
+async def test_a_body_that_never_arrives_is_a_408(client, monkeypatch):
+    """A client that sends headers and then too little of its body gets 408, not a handler
+    held forever (the timeout is shortened for the test; docs/security.md)."""
+    import asyncio
+
+    from veristore_py import api
+
+    monkeypatch.setattr(api, "BODY_READ_TIMEOUT_S", 0.3)
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(b"PUT /v1/kv/slow HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer " + TOKEN.encode() + b"\r\nContent-Length: 100\r\n\r\n"
+                 b'{"value":')
+    await writer.drain()
+    status_line = await asyncio.wait_for(reader.readline(), 30)
+    writer.close()
+    assert status_line.split()[1] == b"408"
+    assert (await client.get("/v1/kv/slow")).status == 404  # nothing was written

@@ -15,12 +15,12 @@ async def scenario(cluster):
     leader = cluster.wait_for_leader()
     follower_a, follower_b = [i for i in range(3) if i != leader]
     # Register through one follower (client follows the 307 to the leader) ...
-    async with CachePlaneClient([cluster.nodes[follower_a].url], token="tok") as admin:
+    async with CachePlaneClient([cluster.nodes[follower_a].url], token="integration-test-token") as admin:
         await admin.register_model("m", block_size=4)
         for i in range(3):
             await admin.register_node(f"gpu{i}", f"10.0.0.{i}:8000", ["m"], 100, max_active=8)
     # ... route through the other one.
-    async with CachePlaneClient([cluster.nodes[follower_b].url] + cluster.urls, token="tok",
+    async with CachePlaneClient([cluster.nodes[follower_b].url] + cluster.urls, token="integration-test-token",
                                 timeout=20) as router:
         prompt = list(range(64))
         first = await router.route("m", token_ids=prompt)
@@ -36,5 +36,5 @@ async def scenario(cluster):
 
 def test_route_via_follower_and_survive_leader_kill(cluster_factory):
     """Register via one member, route via another, kill the leader: same client, same index."""
-    cluster = cluster_factory(module="cache_plane", api_token="tok").start()
+    cluster = cluster_factory(module="cache_plane", api_token="integration-test-token").start()
     asyncio.run(scenario(cluster))

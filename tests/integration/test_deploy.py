@@ -18,17 +18,20 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import trustme
 
 from cache_plane.client import CachePlaneClient
 from cache_plane.operations import BackupError, download_backup, restore_backup
 from veristore_py.localcluster import free_ports
+from veristore_py.tls import client_context
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "deploy" / "systemd" / "cache-plane@.service"
 CONFIGS = sorted((ROOT / "deploy" / "config").glob("node*.toml"))
-TOKEN = "deploy-test-token"
+TOKEN = "deploy-test-token"  # admin
+ROUTE_TOKEN = "deploy-test-route-token"
 
 
 def unit_directives() -> dict[str, list[str]]:
@@ -87,10 +90,21 @@ class UnitMembers:
         self.root = root
         self.etc, self.var = root / "etc", root / "var"
         (self.etc / "secrets").mkdir(parents=True)
-        for name, value in (("raft-password", "pw-" + os.urandom(8).hex()), ("api-token", TOKEN)):
+        for name, value in (("raft-password", "pw-" + os.urandom(8).hex()), ("api-token", TOKEN),
+                            ("tokens", f"route {ROUTE_TOKEN}")):
             path = self.etc / "secrets" / name
             path.write_text(value + "\n")
             path.chmod(0o400)
+        # The CA and certificates an operator puts in /etc/cache-plane/tls (docs/security.md).
+        (self.etc / "tls").mkdir()
+        ca = trustme.CA()
+        member = ca.issue_cert("127.0.0.1")
+        ca.cert_pem.write_to_path(str(self.etc / "tls" / "ca.crt"))
+        member.cert_chain_pems[0].write_to_path(str(self.etc / "tls" / "member.crt"))
+        member.private_key_pem.write_to_path(str(self.etc / "tls" / "member.key"))
+        ca.issue_cert("operator").private_key_and_cert_chain_pem.write_to_path(
+            str(root / "client.pem"))
+        self.tls = {"ca_file": str(self.etc / "tls" / "ca.crt"), "cert_file": str(root / "client.pem")}
         ports = free_ports(6)
         self.names = [p.stem for p in CONFIGS]
         self.http: dict[str, str] = {}
@@ -99,7 +113,7 @@ class UnitMembers:
             c = tomllib.loads(path.read_text())
             replacements[c["raft_address"]] = f"127.0.0.1:{ports[2 * i]}"
             replacements[c["http_address"]] = f"127.0.0.1:{ports[2 * i + 1]}"
-            self.http[path.stem] = f"http://127.0.0.1:{ports[2 * i + 1]}"
+            self.http[path.stem] = f"https://127.0.0.1:{ports[2 * i + 1]}"
         replacements.update({"/etc/cache-plane": str(self.etc), "/var/lib/cache-plane": str(self.var)})
         for path in CONFIGS:
             (self.etc / path.name).write_text(_replace(path.read_text(), replacements))
@@ -138,7 +152,7 @@ class UnitMembers:
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            views = [_get(url + "/health/ready") for url in self.http.values()]
+            views = [_get(url + "/health/ready", self.tls) for url in self.http.values()]
             if all(v is not None and v.get("status") == "ready" for v in views):
                 return
             time.sleep(0.1)
@@ -166,9 +180,11 @@ def _read_env_file(path: str) -> dict[str, str]:
     return env
 
 
-def _get(url: str) -> dict | None:
+def _get(url: str, tls: dict[str, str] | None = None) -> dict | None:
+    context = client_context(tls["ca_file"], tls["cert_file"]) if tls else None
     try:
-        with urllib.request.urlopen(url, timeout=1) as r:
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
+        with urllib.request.urlopen(request, timeout=1, context=context) as r:
             return json.loads(r.read())
     except (OSError, ValueError):
         return None
@@ -177,15 +193,16 @@ def _get(url: str) -> dict | None:
 class RouteLoad:
     """Routes every 20 ms from a thread through the public client until stopped."""
 
-    def __init__(self, urls: list[str]) -> None:
+    def __init__(self, urls: list[str], tls: dict[str, str]) -> None:
         self.urls = urls
+        self.tls = tls
         self.ok: list[str] = []
         self.errors: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
 
     async def _run(self) -> None:
-        async with CachePlaneClient(self.urls, token=TOKEN, timeout=20.0) as c:
+        async with CachePlaneClient(self.urls, token=ROUTE_TOKEN, timeout=20.0, **self.tls) as c:
             n = 0
             while not self._stop.is_set():
                 n += 1
@@ -207,15 +224,15 @@ class RouteLoad:
         self._thread.join(timeout=30)
 
 
-async def _setup(urls: list[str]) -> None:
-    async with CachePlaneClient(urls, token=TOKEN, timeout=20.0) as c:
+async def _setup(urls: list[str], **tls: str) -> None:
+    async with CachePlaneClient(urls, token=TOKEN, timeout=20.0, **tls) as c:
         await c.register_model("m", block_size=16)
         await c.register_node("gpu-a", "10.9.0.1:8000", ["m"], capacity_blocks=100_000,
                               max_active=10_000)
 
 
-async def _state(urls: list[str]) -> tuple[dict, list, list]:
-    async with CachePlaneClient(urls, token=TOKEN, timeout=20.0) as c:
+async def _state(urls: list[str], **tls: str) -> tuple[dict, list, list]:
+    async with CachePlaneClient(urls, token=TOKEN, timeout=20.0, **tls) as c:
         models = (await c.request("GET", "/v1/models"))["models"]
         return await c.stats(), await c.nodes(), models
 
@@ -227,8 +244,8 @@ def test_rolling_restart_under_load_as_the_units_run_the_members(tmp_path):
             members.start(name)
         members.wait_ready()
         urls = list(members.http.values())
-        asyncio.run(_setup(urls))
-        with RouteLoad(urls) as load:
+        asyncio.run(_setup(urls, **members.tls))
+        with RouteLoad(urls, members.tls) as load:
             time.sleep(1.0)
             for name in members.names:  # one at a time, as docs/operations.md says
                 assert members.stop(name) == 0, f"{name} did not exit cleanly on SIGTERM"
@@ -239,7 +256,7 @@ def test_rolling_restart_under_load_as_the_units_run_the_members(tmp_path):
         assert load.errors == [] and len(load.ok) > 20, (load.errors[:5], len(load.ok))
         logs = "".join((tmp_path / f"{name}.log").read_text() for name in members.names)
         assert "leadership_handed_over" in logs  # the stopped leader handed over on SIGTERM
-        stats, nodes, models = asyncio.run(_state(urls))
+        stats, nodes, models = asyncio.run(_state(urls, **members.tls))
         assert stats["routes_total"] == len(load.ok)  # every acknowledged route, once
         assert [n["node_id"] for n in nodes] == ["gpu-a"] and [m["model_id"] for m in models] == ["m"]
     finally:

@@ -17,7 +17,7 @@ from tests.integration.test_cluster import write_keys
 from veristore_py.localcluster import free_ports
 
 pytestmark = pytest.mark.integration
-TOKEN = "members-token"
+TOKEN = "members-token-for-tests"
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -26,7 +26,9 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def status(url: str) -> dict:
-    with urllib.request.urlopen(url + "/v1/status", timeout=2) as r:
+    request = urllib.request.Request(url + "/v1/status",
+                                     headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request, timeout=2) as r:
         return json.loads(r.read())
 
 

@@ -20,9 +20,9 @@ pytestmark = pytest.mark.integration
 
 async def node_reports(cluster):
     settings = SimNodeSettings(node_id="sim-a", time_scale=1000.0, capacity_blocks=1000,
-                               cluster_urls=tuple(cluster.urls), api_token="tok")
+                               cluster_urls=tuple(cluster.urls), api_token="integration-test-token")
     async with TestClient(TestServer(create_app(settings))) as node, \
-            CachePlaneClient(cluster.urls, token="tok", timeout=20) as router:
+            CachePlaneClient(cluster.urls, token="integration-test-token", timeout=20) as router:
         prompt = " ".join(f"word{i}" for i in range(40))  # 40 tokens: two full 16-token blocks
         for _ in range(100):  # the node registers itself in the background
             if any(n["node_id"] == "sim-a" for n in await router.nodes()):
@@ -39,18 +39,18 @@ async def node_reports(cluster):
 
 
 def test_sim_node_registers_and_its_kv_events_reach_the_index(cluster_factory):
-    cluster = cluster_factory(module="cache_plane", api_token="tok").start()
+    cluster = cluster_factory(module="cache_plane", api_token="integration-test-token").start()
     asyncio.run(node_reports(cluster))
 
 
 def test_cache_plane_beats_round_robin_on_a_sharing_workload(cluster_factory):
     """The ordering fact the quick benchmark must always show (no timing thresholds)."""
-    cluster = cluster_factory(module="cache_plane", api_token="tok",
+    cluster = cluster_factory(module="cache_plane", api_token="integration-test-token",
                               env={"CACHE_PLANE_NODE_LEASE_MS": "600000"}).start()
     cluster.wait_for_leader()
     requests = shared_prompts(200, 10.0, systems=24, system_tokens=4096)
     config = EngineConfig(capacity_blocks=6000, block_size=16, max_num_seqs=64)
     rr = asyncio.run(run(Fleet.build(4, config), fresh(requests), RoundRobin())).summary()
-    ours = asyncio.run(run_cache_plane(cluster, "tok", "t", 16, fresh(requests), config, 4))
+    ours = asyncio.run(run_cache_plane(cluster, "integration-test-token", "t", 16, fresh(requests), config, 4))
     assert ours["completed"] == rr["completed"] == len(requests)
     assert ours["hit_rate"] > rr["hit_rate"]

@@ -20,7 +20,8 @@ from veristore_py.snapshot import _LEN, MAGIC, SnapshotManager, prepare_journal
 def settings_for(path):
     raft, http = free_ports(2)
     return NodeSettings(raft_address=f"127.0.0.1:{raft}", http_address=f"127.0.0.1:{http}",
-                        data_dir=str(path), compaction_min_entries=100_000).validate()
+                        data_dir=str(path), compaction_min_entries=100_000,
+                        password="snapshot-crash-test").validate()
 
 
 def start(settings):

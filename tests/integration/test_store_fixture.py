@@ -72,7 +72,8 @@ def test_a_member_restarts_on_the_fixture_and_keeps_its_state(tmp_path):
     (http,) = free_ports(1)
     # (its Raft address is recorded in its own state: the fixture's, not a fresh port)
     settings = NodeSettings(raft_address=RAFT_ADDRESS, http_address=f"127.0.0.1:{http}",
-                            data_dir=_copy(tmp_path), map_size_bytes=1 << 22).validate()
+                            data_dir=_copy(tmp_path), map_size_bytes=1 << 22,
+                            password="fixture-password").validate()
     node = VeristoreNode(settings, CachePlaneMachine())
     try:
         deadline = time.monotonic() + 20

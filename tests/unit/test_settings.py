@@ -8,7 +8,7 @@ from cache_plane.settings import load
 from veristore_py.errors import ConfigError
 
 BASE = ('raft_address = "127.0.0.1:7000"\nhttp_address = "127.0.0.1:8000"\n'
-        'data_dir = "/tmp/cp"\n')
+        'data_dir = "/tmp/cp"\npassword = "pw"\n')
 
 
 def test_table_and_env_layering(tmp_path):
