@@ -207,7 +207,7 @@ def main() -> int:
     print(f"fleet: {NODES} simulated engines (Llama-3.1-8B on H100 latency model, "
           f"{DEFAULT_KV_TOKENS:,}-token KV cache, {MAX_NUM_SEQS} concurrent sequences); "
           f"cache_plane: 3-member cluster on loopback")
-    token = "quality-bench"
+    token = "routing-quality-benchmark-token"
     results: dict[str, dict[str, dict[str, Any]]] = {}
     verdicts: dict[str, list[tuple[str, bool, str]]] = {}
     for name in chosen:

@@ -42,6 +42,7 @@ from .errors import (
     BodyTimeoutError,
     CommandRejectedError,
     CommitTimeoutError,
+    ConfigError,
     IdempotencyConflictError,
     InvalidCommandError,
     LeadershipLostError,
@@ -454,8 +455,15 @@ def add_status_routes(app: web.Application) -> None:
 
 def add_security(app: web.Application, settings: NodeSettings,
                  access: dict[tuple[str, str], str]) -> None:
-    """Install the settings' tokens and the endpoint -> role table `access` on `app`."""
-    app[TOKENS] = settings.resolved_tokens()
+    """Install the settings' tokens and the endpoint -> role table `access` on `app`.
+
+    Fails closed: tokens are read again here (after `validate`), and a member that must have
+    them (beyond loopback, not `insecure`) refuses to build its app without any."""
+    tokens = settings.resolved_tokens()
+    if not tokens and settings.tokens_required:
+        raise ConfigError([f"http_address {settings.http_address} is beyond loopback and no "
+                           "token is configured (the tokens file is empty)"])
+    app[TOKENS] = tokens
     app[ACCESS] = access
 
 

@@ -37,10 +37,13 @@ def required_role(access: Mapping[tuple[str, str], str], method: str, path: str)
 
 
 def parse_tokens(text: str) -> list[tuple[str, str]]:
-    """A tokens file's (role, token) pairs; errors name the line, never the token."""
+    """A tokens file's (role, token) pairs; errors name the line, never the token. A field
+    starting with `#` starts a comment (a `#` inside a token is part of it)."""
     pairs = []
     for number, line in enumerate(text.splitlines(), 1):
-        fields = line.split("#", 1)[0].split()
+        fields = line.split()
+        comment = next((i for i, field in enumerate(fields) if field.startswith("#")), None)
+        fields = fields[:comment]
         if not fields:
             continue
         if len(fields) != 2:
@@ -59,8 +62,8 @@ class Tokens:
     def __init__(self, pairs: Iterable[tuple[str, str]]) -> None:
         entries: list[tuple[bytes, str]] = []
         for role, token in pairs:
-            if role not in ROLES:
-                raise ValueError(f"unknown role {role!r} (roles: {', '.join(ROLES)})")
+            if role not in ROLES:  # (not echoed: a line written backwards holds a token here)
+                raise ValueError(f"unknown role (roles: {', '.join(ROLES)})")
             if len(token) < MIN_TOKEN_CHARS:
                 raise ValueError(f"a {role} token is shorter than {MIN_TOKEN_CHARS} characters")
             # Compare digests: equal lengths, so compare_digest leaks nothing about length.
@@ -70,7 +73,8 @@ class Tokens:
     def role_of(self, authorization: str | None) -> str | None:
         """The highest role of the bearer token in an `Authorization` header, or None."""
         scheme, _, token = (authorization or "").partition(" ")
-        digest = hashlib.sha256(token.strip().encode()).digest()
+        # (headers are decoded with surrogateescape: undecodable bytes must not raise here)
+        digest = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).digest()
         found = -1
         for known, role in self._entries:  # every entry, always: no early exit
             if hmac.compare_digest(known, digest) & (scheme.lower() == "bearer"):

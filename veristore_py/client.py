@@ -13,6 +13,7 @@ Retry rules (a timed-out write has an unknown outcome, so retries must be safe):
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import random
 import uuid
 from typing import Any, Self
@@ -60,15 +61,20 @@ class VeristoreClient:
 
     def __init__(self, endpoints: list[str], *, token: str | None = None, timeout: float = 10.0,
                  attempt_timeout: float = 6.0, ca_file: str | None = None,
-                 cert_file: str | None = None, key_file: str | None = None) -> None:
+                 cert_file: str | None = None, key_file: str | None = None,
+                 allow_plain_http: bool = False) -> None:
         """`endpoints` are URLs (``https://host:port``) or ``host:port`` (https when a CA or
         client certificate is given, else http). HTTPS is always verified: against `ca_file`
         when given, else the system's CAs; `cert_file`/`key_file` present a client
-        certificate (mTLS)."""
+        certificate (mTLS). A token is never sent over plain HTTP beyond loopback (nor after
+        a redirect from https to http) unless `allow_plain_http`."""
         if not endpoints:
             raise InvalidCommandError("at least one endpoint is required")
         scheme = "https" if (ca_file or cert_file) else "http"
         self.endpoints = [e.rstrip("/") if "://" in e else f"{scheme}://{e}" for e in endpoints]
+        self._allow_plain_http = allow_plain_http or not token
+        for url in self.endpoints:
+            self._check_plain_http(url)
         self._ssl = client_context(ca_file, cert_file, key_file)
         self.timeout = timeout
         self._attempt_timeout = attempt_timeout
@@ -127,6 +133,15 @@ class VeristoreClient:
 
     # -- transport -------------------------------------------------------------------------
 
+    def _check_plain_http(self, url: str) -> None:
+        """Refuse to send the token in clear text to a host beyond loopback."""
+        parsed = URL(url)
+        if (parsed.scheme == "http" and not self._allow_plain_http
+                and not _is_loopback_host(parsed.host or "")):
+            raise InvalidCommandError(
+                f"refusing to send a bearer token over plain HTTP to {url}: use https:// "
+                "(or allow_plain_http=True)")
+
     def _order(self) -> list[str]:
         others = [e for e in self.endpoints if e != self._leader]
         random.shuffle(others)
@@ -152,6 +167,11 @@ class VeristoreClient:
                     result = await self._send(method, url, json, params,
                                               min(remaining, self._attempt_timeout))
                 except _Redirect as redirect:
+                    if base.startswith("https://") and not redirect.base.startswith("https://"):
+                        raise InvalidCommandError(
+                            f"{base} redirected to {redirect.base}: refusing to leave HTTPS"
+                        ) from None
+                    self._check_plain_http(redirect.base)
                     self._leader = redirect.base
                     if endpoint:
                         endpoint = redirect.base
@@ -215,6 +235,13 @@ class VeristoreClient:
             exc_type = NoLeaderError if error.get("definite") else CommitTimeoutError
             raise _Retry(exc_type(f"{code}: {detail}"), resp.status == 503)
         raise ClientRequestError(resp.status, code, detail)
+
+
+def _is_loopback_host(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class _Redirect(Exception):

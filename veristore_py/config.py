@@ -58,9 +58,9 @@ class NodeSettings:
     http_address: str = ""
     data_dir: str = ""
     peers: tuple[Peer, ...] = ()
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     password_file: str | None = None
-    api_token: str | None = None  # one admin token (kept for older configs; see tokens_file)
+    api_token: str | None = field(default=None, repr=False)  # one admin token (kept for older configs; see tokens_file)
     api_token_file: str | None = None
     tokens_file: str | None = None  # "<role> <token>" per line (veristore_py/auth.py)
     # HTTPS for the HTTP API: certificate chain and key (PEM); with a client CA, clients must
@@ -108,6 +108,12 @@ class NodeSettings:
                 return peer.http
         return None
 
+    def _password_or_none(self) -> str | None:
+        try:
+            return self.resolved_password()
+        except OSError:
+            return None
+
     def resolved_password(self) -> str | None:
         """The Raft password, read from `password_file` when one is given."""
         if self.password_file:
@@ -140,6 +146,12 @@ class NodeSettings:
             return Tokens(pairs)
         except ValueError as exc:
             raise ConfigError([f"api token: {exc}"]) from None
+
+    @property
+    def tokens_required(self) -> bool:
+        """Beyond loopback and not `insecure`: the member must have TLS and tokens."""
+        return (_split_address(self.http_address) is not None
+                and not _is_loopback(self.http_address) and not self.insecure)
 
     @property
     def tls(self) -> bool:
@@ -183,6 +195,9 @@ class NodeSettings:
             # Without one PySyncObj unpickles whatever reaches the Raft port (docs/security.md).
             problems.append("a Raft password is required (set password_file; "
                             "'cache-plane cluster up' writes one)")
+        elif not missing_files and not self._password_or_none():
+            problems.append("the Raft password is empty (an empty password_file would turn "
+                            "Raft encryption off)")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             problems.append("give tls_cert_file and tls_key_file together")
         if self.tls_client_ca_file and not self.tls_cert_file:
@@ -199,8 +214,7 @@ class NodeSettings:
                 except (OSError, ssl.SSLError) as exc:
                     problems.append(f"TLS files do not load ({self.tls_cert_file}, "
                                     f"{self.tls_key_file}): {exc}")
-        if (_split_address(self.http_address) is not None and not _is_loopback(self.http_address)
-                and not self.insecure):
+        if self.tokens_required:
             if not self.tls_cert_file:
                 problems.append(f"http_address {self.http_address} is beyond loopback: set "
                                 "tls_cert_file and tls_key_file (or insecure = true)")

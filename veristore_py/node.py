@@ -40,6 +40,7 @@ from .codec import decode_batch
 from .config import NodeSettings
 from .errors import (
     CommitTimeoutError,
+    ConfigError,
     InvalidCommandError,
     LeadershipLostError,
     MembershipConflictError,
@@ -119,8 +120,11 @@ class VeristoreNode:
         self._stopped = False
         self._membership_lock = threading.Lock()
         self._membership_pending: Future[int] | None = None
+        password = settings.resolved_password()
+        if not password:  # (validate() refuses this; never run Raft unencrypted)
+            raise ConfigError(["the Raft password is empty"])
         conf = SyncObjConf(
-            password=settings.resolved_password(),
+            password=password,
             bindAddress=settings.raft_bind_address or settings.raft_address,
             journalFile=self._journal,
             fullDumpFile=dump_path,

@@ -122,8 +122,8 @@ def serve(settings: NodeSettings, app_factory: AppFactory = create_app,
     """Start a node with `settings` (and `machine`) and block until it is told to stop."""
     configure_logging(settings.log_format, settings.log_level, node=settings.raft_address)
     node = VeristoreNode(settings, machine)
-    app = app_factory(node, settings)
     try:
+        app = app_factory(node, settings)
         asyncio.run(run_node(settings, node, app))
     finally:
         node.stop()

@@ -128,3 +128,17 @@ async def test_a_body_that_never_arrives_is_a_408(client, monkeypatch):
     writer.close()
     assert status_line.split()[1] == b"408"
     assert (await client.get("/v1/kv/slow")).status == 404  # nothing was written
+
+
+async def test_an_undecodable_authorization_header_is_a_401(client):
+    """Bytes that are not UTF-8 in the token are an unknown token, not a 500 (whose log line
+    would carry the presented token)."""
+    import asyncio
+
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(b"GET /v1/kv/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe"
+                 + b"a" * 20 + b"\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    status_line = await asyncio.wait_for(reader.readline(), 30)
+    writer.close()
+    assert status_line.split()[1] == b"401"

@@ -77,7 +77,7 @@ def test_bad_tokens_files_name_the_line_not_the_token(tmp_path):
     """A malformed tokens file is a config error that never shows a token."""
     base = {"raft_address": "127.0.0.1:7000", "http_address": "127.0.0.1:8000",
             "data_dir": "/d", "password": "pw"}
-    for text, expected in (("superuser " + "s" * 32, "line 1: unknown role 'superuser'"),
+    for text, expected in (("s" * 32 + " admin", "line 1: unknown role"),
                            ("\nadmin short-secret", "line 2: a admin token is shorter"),
                            ("admin " + "a" * 20 + " extra", "line 1: expected")):
         path = tmp_path / "tokens"
@@ -86,6 +86,29 @@ def test_bad_tokens_files_name_the_line_not_the_token(tmp_path):
             load_settings(None, env={}, overrides={**base, "tokens_file": str(path)})
         problems = " | ".join(err.value.problems)
         assert expected in problems and "short-secret" not in problems and "s" * 32 not in problems
+    # a `#` inside a token is part of it; a field starting with `#` starts a comment
+    path.write_text("admin abcdefghijklmnop#qrstuvwxyz  # the on-call token\n")
+    s = load_settings(None, env={}, overrides={**base, "tokens_file": str(path)})
+    assert s.resolved_tokens().role_of("Bearer abcdefghijklmnop#qrstuvwxyz") == "admin"
+    assert s.resolved_tokens().role_of("Bearer abcdefghijklmnop") is None
+
+
+def test_an_empty_password_file_is_refused(tmp_path):
+    """An empty password would run Raft unencrypted: refused, never silently accepted."""
+    empty = tmp_path / "pw"
+    empty.write_text("  \n")
+    with pytest.raises(ConfigError, match="the Raft password is empty"):
+        load_settings(None, env={}, overrides={"raft_address": "127.0.0.1:7000",
+                                               "http_address": "127.0.0.1:8000",
+                                               "data_dir": "/d", "password_file": str(empty)})
+
+
+def test_settings_reprs_hide_secrets():
+    s = load_settings(None, env={}, overrides={"raft_address": "127.0.0.1:7000",
+                                               "http_address": "127.0.0.1:8000", "data_dir": "/d",
+                                               "password": "raft-secret-value",
+                                               "api_token": "admin-secret-value-123"})
+    assert "raft-secret-value" not in repr(s) and "admin-secret-value-123" not in repr(s)
 
 
 def test_raft_listener_binds_only_its_address(tmp_path):
