@@ -27,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-format", choices=["auto", "json", "console"])
     status = sub.add_parser("status", help="print a node's view of the cluster as JSON")
     status.add_argument("--endpoint", default="http://127.0.0.1:8000", help="node HTTP URL")
+    status.add_argument("--token-file", help="file holding a bearer token (read role or above)")
+    status.add_argument("--ca-file", help="CA certificate that signed the node's (HTTPS)")
+    status.add_argument("--cert-file", help="client certificate for mTLS")
+    status.add_argument("--key-file", help="its key")
     return parser
 
 
@@ -59,8 +63,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .client import VeristoreClient
 
+    token = None
+    if args.token_file:
+        with open(args.token_file, encoding="utf-8") as f:
+            token = f.read().strip() or None
+
     async def show() -> dict[str, Any]:
-        async with VeristoreClient([args.endpoint]) as client:
+        async with VeristoreClient([args.endpoint], token=token, ca_file=args.ca_file,
+                                   cert_file=args.cert_file, key_file=args.key_file) as client:
             return await client.status(args.endpoint)
 
     try:

@@ -385,7 +385,7 @@ async def live(request: web.Request) -> web.Response:
 async def ready(request: web.Request) -> web.Response:
     node = request.app[NODE]
     if node.is_ready():
-        return json_response({"status": "ready", "leader": node.leader_address()})
+        return json_response({"status": "ready"})  # (public: no addresses; /v1/status has them)
     return error_response(503, "not_ready", "no known leader or not caught up", True,
                           {"Retry-After": "1"})
 

@@ -14,6 +14,7 @@ All of it stays inside the systemd unit's `TimeoutStopSec` (30 s).
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import Callable
 
@@ -56,6 +57,7 @@ async def run_node(settings: NodeSettings, node: VeristoreNode, app: web.Applica
                        ssl_context=ssl_context)
     await site.start()
     warn_if_insecure(settings)
+    warn_about_secret_files(settings)
     log.info("node_started", raft=settings.raft_address, http=settings.http_address,
              scheme=settings.http_scheme, mtls=bool(settings.tls_client_ca_file),
              token_roles=settings.resolved_tokens().roles(),
@@ -70,6 +72,20 @@ async def run_node(settings: NodeSettings, node: VeristoreNode, app: web.Applica
     await hand_over_leadership(node, HANDOVER_TIMEOUT_S)
     await asyncio.to_thread(node.stop)
     log.info("node_stopped")
+
+
+def warn_about_secret_files(settings: NodeSettings) -> None:
+    """Say so when a file holding a secret can be read by other users (install.sh makes them
+    0400; this is a warning, not a refusal, so a development setup still starts)."""
+    for name in ("password_file", "api_token_file", "tokens_file", "tls_key_file"):
+        path = getattr(settings, name)
+        try:
+            mode = os.stat(path).st_mode if path else 0
+        except OSError:
+            continue
+        if mode & 0o077:
+            log.warning("secret_file_readable_by_others", setting=name, path=path,
+                        mode=oct(mode & 0o777), hint="chmod 0400 (docs/security.md)")
 
 
 def warn_if_insecure(settings: NodeSettings) -> None:

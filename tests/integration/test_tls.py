@@ -93,6 +93,16 @@ def test_https_mtls_and_roles_end_to_end(cluster_factory, pki):
                             env=env)
     assert denied.returncode == 1 and "error" in denied.stderr
 
+    # ... and so does the bare engine's CLI (a token file of the read role).
+    read_token = os.path.join(os.path.dirname(pki["ca"]), "read-token")
+    with open(read_token, "w", encoding="utf-8") as f:
+        f.write(READ)
+    out = subprocess.run([sys.executable, "-m", "veristore_py", "status", "--endpoint",
+                          cluster.urls[0], "--token-file", read_token, "--ca-file", pki["ca"],
+                          "--cert-file", pki["client"]],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and '"leader"' in out.stdout, out.stderr
+
     # Tokens and the Raft password never reach the members' logs.
     for node in cluster.nodes:
         with open(node.log_path, encoding="utf-8") as f:

@@ -166,3 +166,25 @@ def test_an_insecure_member_says_so_at_every_start(tmp_path):
             **base, "http_address": "127.0.0.1:8000"}))
     assert [entry["event"] for entry in logs] == ["INSECURE_MEMBER"]
     assert logs[0]["log_level"] == "warning" and len(logs[0]["open"]) == 2
+
+
+def test_secret_files_readable_by_others_are_flagged(tmp_path):
+    """A password or tokens file other users can read is logged at start (install.sh makes
+    them 0400); one only its owner can read is not."""
+    from structlog.testing import capture_logs
+
+    from veristore_py.server import warn_about_secret_files
+
+    loose, tight = tmp_path / "loose", tmp_path / "tight"
+    for path, mode in ((loose, 0o644), (tight, 0o400)):
+        path.write_text("a-raft-password")
+        path.chmod(mode)
+    base = {"raft_address": "127.0.0.1:7000", "http_address": "127.0.0.1:8000", "data_dir": "/d"}
+    with capture_logs() as logs:
+        warn_about_secret_files(load_settings(None, env={}, overrides={
+            **base, "password_file": str(loose)}))
+        warn_about_secret_files(load_settings(None, env={}, overrides={
+            **base, "password_file": str(tight)}))
+    assert [(e["event"], e["path"]) for e in logs] == [
+        ("secret_file_readable_by_others", str(loose))]
+    assert "a-raft-password" not in str(logs)
