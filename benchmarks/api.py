@@ -57,7 +57,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.replication import machine as machine_info  # noqa: E402
 from cache_plane.client import CachePlaneClient  # noqa: E402
-from veristore_py.localcluster import LocalCluster, free_ports  # noqa: E402
+from veristore_py.localcluster import LocalCluster, free_ports, throwaway_pki  # noqa: E402
 
 
 def _trivial_server(port: int) -> None:
@@ -316,21 +316,6 @@ def _start_raw(mode: str, directory: str) -> tuple[list[Any], str]:
     return raw, f"http://127.0.0.1:{_raw_raft_leader(http_ports)}/commit"
 
 
-def _tls_files(directory: str) -> dict[str, str]:
-    """A throwaway CA and a certificate for 127.0.0.1 (trustme, a test dependency)."""
-    import trustme
-
-    os.makedirs(directory)
-    ca = trustme.CA()
-    member = ca.issue_cert("127.0.0.1")
-    files = {"ca": os.path.join(directory, "ca.pem"), "cert": os.path.join(directory, "cert.pem"),
-             "key": os.path.join(directory, "key.pem")}
-    ca.cert_pem.write_to_path(files["ca"])
-    member.cert_chain_pems[0].write_to_path(files["cert"])
-    member.private_key_pem.write_to_path(files["key"])
-    return files
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10.0, help="per target, all rounds")
@@ -361,7 +346,7 @@ def main() -> int:
                                 **{k: v for k, v in os.environ.items()
                                    if k.startswith("CACHE_PLANE_")}})
     # The same cluster serving HTTPS (a throwaway CA; no client certificates): TLS's cost.
-    tls_files = _tls_files(os.path.join(workdir, "tls"))
+    tls_files = throwaway_pki(os.path.join(workdir, "tls"))
     tls_cluster = LocalCluster(os.path.join(workdir, "tls-cluster"), module="cache_plane",
                                api_token=token, ca_file=tls_files["ca"],
                                settings={"log_level": "warning", "tls_cert_file": tls_files["cert"],

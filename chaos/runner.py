@@ -32,7 +32,7 @@ from typing import Any
 from cache_plane.client import CachePlaneClient
 from veristore_py.client import KeyNotFoundError, VeristoreClient
 from veristore_py.errors import VeristoreError
-from veristore_py.localcluster import LocalCluster
+from veristore_py.localcluster import LocalCluster, throwaway_pki
 
 from .checker import (
     INF,
@@ -208,23 +208,13 @@ async def _probe(urls: list[str], history: History, stop: asyncio.Event,
 def _make_tls(base_dir: str) -> dict[str, Any]:
     """A throwaway CA, the members' certificate and a client certificate (mTLS), and the
     role file: the suite runs the members as production does (docs/security.md)."""
-    import trustme  # a test dependency, like the suite itself
-
-    directory = os.path.join(base_dir, "tls")
-    os.makedirs(directory, exist_ok=True)
-    ca = trustme.CA()
-    member = ca.issue_cert("127.0.0.1")
-    paths = {name: os.path.join(directory, name)
-             for name in ("ca.crt", "member.crt", "member.key", "client.pem", "tokens")}
-    ca.cert_pem.write_to_path(paths["ca.crt"])
-    member.cert_chain_pems[0].write_to_path(paths["member.crt"])
-    member.private_key_pem.write_to_path(paths["member.key"])
-    ca.issue_cert("chaos-client").private_key_and_cert_chain_pem.write_to_path(paths["client.pem"])
-    with open(paths["tokens"], "w", encoding="utf-8") as f:
+    pki = throwaway_pki(os.path.join(base_dir, "tls"))
+    tokens = os.path.join(base_dir, "tls", "tokens")
+    with open(tokens, "w", encoding="utf-8") as f:
         f.write(f"route {ROUTE_TOKEN}\n")
-    return {"ca_file": paths["ca.crt"], "client_cert_file": paths["client.pem"],
-            "settings": {"tls_cert_file": paths["member.crt"], "tls_key_file": paths["member.key"],
-                         "tls_client_ca_file": paths["ca.crt"], "tokens_file": paths["tokens"]}}
+    return {"ca_file": pki["ca"], "client_cert_file": pki["client"],
+            "settings": {"tls_cert_file": pki["cert"], "tls_key_file": pki["key"],
+                         "tls_client_ca_file": pki["ca"], "tokens_file": tokens}}
 
 
 async def _converge(cluster: LocalCluster, timeout: float = 5.0) -> tuple[bool, float]:

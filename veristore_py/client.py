@@ -13,7 +13,6 @@ Retry rules (a timed-out write has an unknown outcome, so retries must be safe):
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import random
 import uuid
 from typing import Any, Self
@@ -22,6 +21,7 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
+from .config import is_loopback_host
 from .errors import (
     CommitTimeoutError,
     InvalidCommandError,
@@ -137,7 +137,7 @@ class VeristoreClient:
         """Refuse to send the token in clear text to a host beyond loopback."""
         parsed = URL(url)
         if (parsed.scheme == "http" and not self._allow_plain_http
-                and not _is_loopback_host(parsed.host or "")):
+                and not is_loopback_host(parsed.host or "")):
             raise InvalidCommandError(
                 f"refusing to send a bearer token over plain HTTP to {url}: use https:// "
                 "(or allow_plain_http=True)")
@@ -235,13 +235,6 @@ class VeristoreClient:
             exc_type = NoLeaderError if error.get("definite") else CommitTimeoutError
             raise _Retry(exc_type(f"{code}: {detail}"), resp.status == 503)
         raise ClientRequestError(resp.status, code, detail)
-
-
-def _is_loopback_host(host: str) -> bool:
-    try:
-        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 class _Redirect(Exception):

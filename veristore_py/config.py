@@ -261,13 +261,15 @@ def _split_address(address: str) -> tuple[str, int] | None:
 
 def _is_loopback(address: str) -> bool:
     split = _split_address(address)
-    if split is None:
-        return False
-    host = split[0]
+    return split is not None and is_loopback_host(split[0])
+
+
+def is_loopback_host(host: str) -> bool:
+    """`localhost` or a loopback IP literal (brackets allowed); names are not resolved."""
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
 

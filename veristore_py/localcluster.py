@@ -294,3 +294,22 @@ def _write_private(path: str, content: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(content + "\n")
+
+
+def throwaway_pki(directory: str, host: str = "127.0.0.1") -> dict[str, str]:
+    """A fresh CA and, signed by it, a certificate for `host` and a client certificate, as
+    PEM files in `directory`: paths under ``ca`` (ca.crt), ``cert`` (member.crt), ``key``
+    (member.key) and ``client`` (client.pem: certificate and key). For tests, benchmarks and
+    the chaos suite; needs trustme (a test dependency)."""
+    import trustme
+
+    os.makedirs(directory, exist_ok=True)
+    ca = trustme.CA()
+    member = ca.issue_cert(host)
+    paths = {name: os.path.join(directory, file) for name, file in (
+        ("ca", "ca.crt"), ("cert", "member.crt"), ("key", "member.key"), ("client", "client.pem"))}
+    ca.cert_pem.write_to_path(paths["ca"])
+    member.cert_chain_pems[0].write_to_path(paths["cert"])
+    member.private_key_pem.write_to_path(paths["key"])
+    ca.issue_cert("client").private_key_and_cert_chain_pem.write_to_path(paths["client"])
+    return paths

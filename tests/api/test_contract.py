@@ -20,14 +20,13 @@ from collections.abc import Iterator
 import pytest
 import requests
 import schemathesis
-import trustme
 from aiohttp import web
 
 from cache_plane.api import create_app
 from cache_plane.machine import CachePlaneMachine
 from tests.members import single_member
 from veristore_py.config import NodeSettings
-from veristore_py.localcluster import free_ports
+from veristore_py.localcluster import free_ports, throwaway_pki
 from veristore_py.tls import server_context
 
 TOKEN = "admin-token-for-the-contract-tests"
@@ -72,13 +71,9 @@ def member(tmp_path_factory) -> Iterator[str]:
     """A single-member cluster serving the cache_plane app; yields its base URL."""
     raft, http = free_ports(2)
     directory = tmp_path_factory.mktemp("contract")
-    ca = trustme.CA()
-    issued = ca.issue_cert("127.0.0.1")
-    cert, key = str(directory / "member.pem"), str(directory / "member.key")
-    issued.cert_chain_pems[0].write_to_path(cert)
-    issued.private_key_pem.write_to_path(key)
-    TLS["ca"] = str(directory / "ca.pem")
-    ca.cert_pem.write_to_path(TLS["ca"])
+    pki = throwaway_pki(str(directory))
+    cert, key = pki["cert"], pki["key"]
+    TLS["ca"] = pki["ca"]
     tokens = directory / "tokens"
     tokens.write_text("route route-token-for-the-contract-tests\n"
                       "read read-token-for-the-contract-tests\n")

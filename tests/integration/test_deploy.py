@@ -18,11 +18,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import trustme
 
 from cache_plane.client import CachePlaneClient
 from cache_plane.operations import BackupError, download_backup, restore_backup
-from veristore_py.localcluster import free_ports
+from veristore_py.localcluster import free_ports, throwaway_pki
 from veristore_py.tls import client_context
 
 pytestmark = pytest.mark.integration
@@ -96,15 +95,9 @@ class UnitMembers:
             path.write_text(value + "\n")
             path.chmod(0o400)
         # The CA and certificates an operator puts in /etc/cache-plane/tls (docs/security.md).
-        (self.etc / "tls").mkdir()
-        ca = trustme.CA()
-        member = ca.issue_cert("127.0.0.1")
-        ca.cert_pem.write_to_path(str(self.etc / "tls" / "ca.crt"))
-        member.cert_chain_pems[0].write_to_path(str(self.etc / "tls" / "member.crt"))
-        member.private_key_pem.write_to_path(str(self.etc / "tls" / "member.key"))
-        ca.issue_cert("operator").private_key_and_cert_chain_pem.write_to_path(
-            str(root / "client.pem"))
-        self.tls = {"ca_file": str(self.etc / "tls" / "ca.crt"), "cert_file": str(root / "client.pem")}
+        # (ca.crt, member.crt, member.key: the names the example configs use)
+        pki = throwaway_pki(str(self.etc / "tls"))
+        self.tls = {"ca_file": pki["ca"], "cert_file": pki["client"]}
         ports = free_ports(6)
         self.names = [p.stem for p in CONFIGS]
         self.http: dict[str, str] = {}

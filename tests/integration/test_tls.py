@@ -11,11 +11,11 @@ import sys
 
 import aiohttp
 import pytest
-import trustme
 
 from cache_plane.client import CachePlaneClient
 from veristore_py.client import ClientRequestError, TLSVerificationError
 from veristore_py.errors import NoLeaderError
+from veristore_py.localcluster import throwaway_pki
 
 pytestmark = pytest.mark.integration
 
@@ -24,21 +24,10 @@ ADMIN, ROUTE, READ = ("admin-" + "a" * 24, "route-" + "r" * 24, "read-" + "e" * 
 
 @pytest.fixture
 def pki(tmp_path):
-    """A CA, the members' certificate (127.0.0.1) and a client certificate, as PEM files."""
-    ca = trustme.CA()
-    server = ca.issue_cert("127.0.0.1", "localhost")
-    client = ca.issue_cert("gateway-1.example")
-    files = {"ca": tmp_path / "ca.pem", "cert": tmp_path / "member.pem",
-             "key": tmp_path / "member.key", "client": tmp_path / "client.pem"}
-    ca.cert_pem.write_to_path(str(files["ca"]))
-    server.cert_chain_pems[0].write_to_path(str(files["cert"]))
-    for pem in server.cert_chain_pems[1:]:
-        pem.write_to_path(str(files["cert"]), append=True)
-    server.private_key_pem.write_to_path(str(files["key"]))
-    client.private_key_and_cert_chain_pem.write_to_path(str(files["client"]))
+    """A CA, the members' certificate (127.0.0.1), a client certificate and a role file."""
     tokens = tmp_path / "tokens"
     tokens.write_text(f"# role token\nroute {ROUTE}\nread {READ}\n")
-    return {**{k: str(v) for k, v in files.items()}, "tokens": str(tokens)}
+    return {**throwaway_pki(str(tmp_path)), "tokens": str(tokens)}
 
 
 def test_https_mtls_and_roles_end_to_end(cluster_factory, pki):

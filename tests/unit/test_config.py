@@ -5,10 +5,10 @@ from __future__ import annotations
 import socket
 
 import pytest
-import trustme
 
 from tests.members import wait_listening
 from veristore_py.config import ConfigError, load_settings
+from veristore_py.localcluster import throwaway_pki
 
 
 def write(tmp_path, text):
@@ -66,10 +66,9 @@ def test_beyond_loopback_needs_tls_and_tokens_unless_insecure(tmp_path):
     tls = {"tls_cert_file": str(cert), "tls_key_file": str(key), "tokens_file": str(tokens)}
     with pytest.raises(ConfigError, match="TLS files do not load"):
         load_settings(None, env={}, overrides={**base, **tls})
-    issued = trustme.CA().issue_cert("10.1.2.3")
-    issued.cert_chain_pems[0].write_to_path(str(cert))
-    issued.private_key_pem.write_to_path(str(key))
-    s = load_settings(None, env={}, overrides={**base, **tls})
+    pki = throwaway_pki(str(tmp_path / "pki"), host="10.1.2.3")
+    s = load_settings(None, env={}, overrides={**base, **tls, "tls_cert_file": pki["cert"],
+                                               "tls_key_file": pki["key"]})
     assert s.http_scheme == "https" and s.resolved_tokens().roles() == ["read", "admin"]
 
 
