@@ -34,6 +34,7 @@ from veristore_py.localcluster import LocalCluster
 
 from .client import CachePlaneClient
 from .sim.engine import DEFAULT_LATENCY
+from .tokenization import TokenizerError
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:8000"
 STATE_FILE = "cluster.json"
@@ -278,6 +279,10 @@ def cmd_sim_node(args: argparse.Namespace) -> int:
     if args.api_token_file:
         with open(args.api_token_file, encoding="utf-8") as f:
             token = f.read().strip()
+    api_key = os.environ.get("CACHE_PLANE_SIM_API_KEY")
+    if args.api_key_file:
+        with open(args.api_key_file, encoding="utf-8") as f:
+            api_key = f.read().strip()
     settings = SimNodeSettings(
         node_id=args.node_id, model=args.model, address=args.address or f"{args.host}:{args.port}",
         block_size=args.block_size, capacity_blocks=args.capacity_blocks,
@@ -285,14 +290,61 @@ def cmd_sim_node(args: argparse.Namespace) -> int:
         latency=LatencyModel(args.prefill_ms_per_token, args.prefill_base_ms,
                              args.decode_base_ms, args.decode_ms_per_seq),
         cluster_urls=tuple(args.cluster or ()), api_token=token, ca_file=args.ca_file,
-        cert_file=args.cert_file, key_file=args.key_file)
+        cert_file=args.cert_file, key_file=args.key_file, tokenizer=args.tokenizer,
+        lora_modules=tuple(args.lora_module), api_key=api_key)
     ssl_context = None
     if args.tls_cert_file:
         from veristore_py.tls import server_context
 
         ssl_context = server_context(args.tls_cert_file, args.tls_key_file)
-    web.run_app(create_app(settings), host=args.host, port=args.port, print=None,
+    try:
+        app = create_app(settings)
+    except TokenizerError as exc:
+        print(f"cannot load the tokenizer: {exc.detail}", file=sys.stderr)
+        return 2
+    web.run_app(app, host=args.host, port=args.port, print=None,
                 access_log=None, ssl_context=ssl_context)
+    return 0
+
+
+# -- gateway --------------------------------------------------------------------------------
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from veristore_py.logs import configure_logging
+
+    from .gateway.app import create_app as create_gateway
+    from .gateway.settings import load_gateway_settings
+
+    overrides = {name: getattr(args, name) for name in (
+        "listen", "cluster", "cluster_token_file", "cluster_ca_file", "cluster_cert_file",
+        "cluster_key_file", "api_keys_file", "backend_api_key_file", "tls_cert_file",
+        "tls_key_file", "route_ack", "default_tokenizer", "max_retries",
+        "connect_timeout_s", "first_byte_timeout_s")}
+    if args.tokenizer:
+        overrides["tokenizers"] = dict(t.split("=", 1) for t in args.tokenizer)
+    if args.lora:
+        overrides["lora"] = dict(t.split("=", 1) for t in args.lora)
+    try:
+        settings = load_gateway_settings(args.config, overrides=overrides)
+    except ConfigError as exc:
+        print("invalid gateway settings:\n  " + "\n  ".join(exc.problems), file=sys.stderr)
+        return 2
+    configure_logging()
+    ssl_context = None
+    if settings.tls_cert_file and settings.tls_key_file:
+        from veristore_py.tls import server_context
+
+        ssl_context = server_context(settings.tls_cert_file, settings.tls_key_file)
+    host, _, port = settings.listen.rpartition(":")
+    try:
+        app = create_gateway(settings)
+    except (ConfigError, TokenizerError) as exc:
+        print(f"cannot start the gateway: {exc}", file=sys.stderr)
+        return 2
+    web.run_app(app, host=host.strip("[]"), port=int(port), print=None, access_log=None,
+                ssl_context=ssl_context, handler_cancellation=True)
     return 0
 
 
@@ -431,8 +483,50 @@ def build_parser() -> argparse.ArgumentParser:
                                              "registering needs admin)")
     p.add_argument("--tls-cert-file", help="serve HTTPS with this certificate chain (PEM)")
     p.add_argument("--tls-key-file", help="... and this key")
+    p.add_argument("--tokenizer", default=os.environ.get("CACHE_PLANE_SIM_TOKENIZER"),
+                   help="local HF tokenizer dir, or a packaged name such as 'tiny-chat' "
+                        "(default: $CACHE_PLANE_SIM_TOKENIZER, else one token per word)")
+    p.add_argument("--lora-module", action="append", default=[], metavar="NAME",
+                   help="a LoRA adapter name served besides --model (repeatable)")
+    p.add_argument("--api-key-file", help="file holding the key clients must send as "
+                                          "'Authorization: Bearer <key>' (default: "
+                                          "$CACHE_PLANE_SIM_API_KEY; like vllm --api-key)")
     _add_tls_client_args(p)
     p.set_defaults(func=cmd_sim_node)
+
+    p = sub.add_parser("gateway", help="OpenAI-compatible gateway: tokenize, route through "
+                                       "the cluster, proxy to the engines (docs/gateway.md)")
+    p.add_argument("--config", help="TOML file (flags override it, and "
+                                    "$CACHE_PLANE_GATEWAY_* in between)")
+    p.add_argument("--listen", help="host:port to serve on (default 127.0.0.1:8080)")
+    p.add_argument("--cluster", action="append", metavar="URL",
+                   help="a cluster member's URL (repeatable)")
+    p.add_argument("--cluster-token-file", help="file holding a 'route' token for the cluster")
+    p.add_argument("--cluster-ca-file", help="CA that signed the members' certificates")
+    p.add_argument("--cluster-cert-file", help="client certificate for the cluster (mTLS)")
+    p.add_argument("--cluster-key-file", help="... and its key")
+    p.add_argument("--api-keys-file", help="TOML file of client API keys -> tenants "
+                                           "(required)")
+    p.add_argument("--backend-api-key-file", help="key forwarded to the engines")
+    p.add_argument("--tls-cert-file", help="serve HTTPS with this certificate chain (PEM)")
+    p.add_argument("--tls-key-file", help="... and this key")
+    p.add_argument("--tokenizer", action="append", metavar="MODEL=DIR",
+                   help="tokenizer of a model: a local HF dir, a packaged name "
+                        "('tiny-chat'), 'engine' or 'text' (repeatable)")
+    p.add_argument("--default-tokenizer", help="for models not named by --tokenizer "
+                                               "(default 'text')")
+    p.add_argument("--lora", action="append", metavar="ADAPTER=BASE",
+                   help="a LoRA adapter and its base model (repeatable)")
+    p.add_argument("--route-ack", choices=["committed", "decided"],
+                   help="committed (default): route once the decision is replicated; "
+                        "decided: once the leader decided (faster; docs/gateway.md)")
+    p.add_argument("--max-retries", type=int, help="re-routes after a backend failure "
+                                                   "before the first byte (default 2)")
+    p.add_argument("--connect-timeout-s", type=_positive_float,
+                   help="backend connect timeout (default 2)")
+    p.add_argument("--first-byte-timeout-s", type=_positive_float,
+                   help="backend time to first byte before a retry (default 60)")
+    p.set_defaults(func=cmd_gateway)
     return parser
 
 

@@ -15,9 +15,14 @@ from urllib.parse import quote
 
 from veristore_py.client import VeristoreClient
 
+from .errors import STATUS
+
 
 class CachePlaneClient(VeristoreClient):
     """`async with CachePlaneClient(["http://127.0.0.1:8000", ...], token=...) as c: ...`"""
+
+    # A route's admission refusals (errors.py): no node can take it now; the caller decides.
+    final_codes = frozenset(code for code, status in STATUS.items() if status == 503)
 
     async def register_model(self, model_id: str, block_size: int = 16,
                              hash_seed: str | None = None) -> dict[str, Any]:
@@ -51,7 +56,7 @@ class CachePlaneClient(VeristoreClient):
     async def route(self, model: str, *, token_ids: list[int] | None = None,
                     block_hashes: list[int] | None = None, prompt: str | None = None,
                     session_id: str | None = None, request_id: str | None = None,
-                    dry_run: bool = False) -> dict[str, Any]:
+                    dry_run: bool = False, ack: str | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"model": model, "request_id": request_id or uuid.uuid4().hex}
         for name, value in (("token_ids", token_ids), ("block_hashes", block_hashes),
                             ("prompt", prompt), ("session_id", session_id)):
@@ -59,7 +64,12 @@ class CachePlaneClient(VeristoreClient):
                 body[name] = value
         if dry_run:
             body["dry_run"] = True
+        if ack is not None:
+            body["ack"] = ack
         return await self.request("POST", "/v1/route", json=body)
+
+    async def node_unreachable(self, node_id: str) -> dict[str, Any]:
+        return await self.request("POST", f"/v1/nodes/{quote(node_id, safe='')}/unreachable")
 
     async def complete(self, request_id: str, node_id: str, status: str = "ok",
                        block_hashes: list[int] | None = None,

@@ -84,10 +84,22 @@ def route(model: str, blocks: list[int], request_id: str, now_ms: int, request_t
 
 
 def with_decision(command: Command, node: str, route_type: str | None, matched: int,
-                  victims: list[list[int]]) -> Command:
-    """Stamp the leader's decision into a route command (in place; returns it)."""
+                  victims: list[list[int]], binding: bool = False) -> Command:
+    """Stamp the leader's decision into a route command (in place; returns it).
+
+    `binding`: the decision was already answered (``ack: decided``), so the request went to
+    `node` whatever the state says at apply; if the decision no longer fits there, apply
+    records nothing instead of choosing another node.
+    """
     command.update(node=node, route_type=route_type, matched=matched, evict=victims)
+    if binding:
+        command["binding"] = True
     return command
+
+
+def node_unreachable(node: str) -> Command:
+    """A gateway could not reach `node`: stop routing to it until its next heartbeat."""
+    return {"op": "cp.node_unreachable", "node": node}
 
 
 def complete(request_id: str, node: str, status: str, output_blocks: list[int],

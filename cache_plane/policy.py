@@ -215,7 +215,7 @@ def decide(model: ModelSpec, keys: Sequence[int], nodes: Sequence[Node], index: 
         load = loads[node.id] = requests / slots
         reason = ""
         if node.state != "up":
-            reason = "draining"
+            reason = node.state if node.state == "unreachable" else "draining"
         elif requests >= node.max_active:
             reason = "busy"
         elif total > node.capacity_blocks:
@@ -240,10 +240,11 @@ def decide(model: ModelSpec, keys: Sequence[int], nodes: Sequence[Node], index: 
     by_id = {n.id: n for n in serving}
     if not eligible:
         reasons = {c.reason for c in candidates}
-        if reasons <= {"draining"}:
-            return _reject(total, "no_node_up", "every node serving the model is draining",
+        if reasons <= {"draining", "unreachable"}:
+            return _reject(total, "no_node_up",
+                           "every node serving the model is draining or unreachable",
                            candidates)
-        if "too_small" in reasons and reasons <= {"too_small", "draining"}:
+        if "too_small" in reasons and reasons <= {"too_small", "draining", "unreachable"}:
             return _reject(total, "prompt_too_large",
                            f"{total} blocks exceed every node's KV capacity", candidates)
         if "no_room" not in reasons:

@@ -57,6 +57,9 @@ class CachePlaneService:
         self._inflight: dict[str, tuple[int, int]] = {}
         # Rejections decided here before proposing (not replicated; reset on restart).
         self._rejections: dict[str, int] = {}
+        # `ack: decided` routes answered before their commit, by request id (see `route`).
+        self._deciding: dict[str, asyncio.Task[None]] = {}
+        self._decided = {"answered": 0, "committed": 0, "dropped": 0, "lost": 0}
 
     # -- proposing -------------------------------------------------------------------------
 
@@ -87,6 +90,9 @@ class CachePlaneService:
         return await self.submit(commands.heartbeat(
             node_id, body.get("active_requests", 0), body.get("queue_depth", 0),
             self.settings.node_lease_ms, body.get("used_blocks")))
+
+    async def node_unreachable(self, node_id: str) -> dict[str, Any]:
+        return await self.submit(commands.node_unreachable(node_id))
 
     async def drain(self, node_id: str) -> dict[str, Any]:
         return await self.submit(commands.drain(node_id))
@@ -169,6 +175,8 @@ class CachePlaneService:
             self._rejections[code] = self._rejections.get(code, 0) + 1
             return self._route_result({**result, "index": plan.applied_index}, dry_run,
                                       request_id)
+        if body.get("ack") == "decided":
+            return self._answer_decided(command, decision, result, plan.applied_index)
         applied = await self._commit_route(command, decision)
         if (not applied.pop("replanned", False) and not applied.get("duplicate")
                 and applied.get("node_id") == decision.node_id):
@@ -185,22 +193,61 @@ class CachePlaneService:
             now_ms(), s.request_ttl_ms, s.session_ttl_ms, self.priors(), s.load_weight,
             s.session_max_load, body.get("session_id"))
 
-    async def _commit_route(self, command: dict[str, Any],
-                            decision: RouteDecision) -> dict[str, Any]:
-        """Stamp `decision` into `command` and propose it, counting it in flight meanwhile."""
+    def _hold(self, command: dict[str, Any], decision: RouteDecision,
+              binding: bool = False) -> tuple[str, int]:
+        """Stamp `decision` into `command` and count it in flight until `_release`."""
         node_id = decision.node_id
         assert node_id is not None
         commands.with_decision(command, node_id, decision.route_type, decision.matched_blocks,
-                               victim_pairs(decision.evict))
+                               victim_pairs(decision.evict), binding=binding)
         new_blocks = decision.total_blocks - decision.matched_blocks
         sent, sent_blocks = self._inflight.get(node_id, (0, 0))
         self._inflight[node_id] = (sent + 1, sent_blocks + new_blocks)
+        return node_id, new_blocks
+
+    def _release(self, node_id: str, new_blocks: int) -> None:
+        sent, sent_blocks = self._inflight.pop(node_id)
+        if sent > 1:
+            self._inflight[node_id] = (sent - 1, sent_blocks - new_blocks)
+
+    async def _commit_route(self, command: dict[str, Any],
+                            decision: RouteDecision) -> dict[str, Any]:
+        """Stamp `decision` into `command` and propose it, counting it in flight meanwhile."""
+        held = self._hold(command, decision)
         try:
             return await self.submit(command)
         finally:
-            sent, sent_blocks = self._inflight.pop(node_id)
-            if sent > 1:
-                self._inflight[node_id] = (sent - 1, sent_blocks - new_blocks)
+            self._release(*held)
+
+    def _answer_decided(self, command: dict[str, Any], decision: RouteDecision,
+                        result: dict[str, Any], applied_index: int) -> dict[str, Any]:
+        """Answer a route before its commit (``ack: decided``) and commit it in the background.
+
+        The decision is binding (see `commands.with_decision`). Until it applies it counts in
+        flight like any proposed route, and a completion report for it waits for it (so the
+        report never overtakes its route). If this leader is lost first, the decision is
+        forgotten: the report is then a no-op and KV events correct the index.
+        """
+        held = self._hold(command, decision, binding=True)
+        request_id = str(command["request_id"])
+        self._decided["answered"] += 1
+
+        async def commit() -> None:
+            try:
+                applied = await self.submit(command)
+                self._decided["dropped" if applied.get("dropped") else "committed"] += 1
+            except (VeristoreError, CachePlaneError) as exc:
+                self._decided["lost"] += 1
+                log.info("decided_route_not_committed", request_id=request_id,
+                         error=getattr(exc, "detail", str(exc)))
+            finally:
+                self._release(*held)
+                self._deciding.pop(request_id, None)
+
+        self._deciding[request_id] = asyncio.create_task(commit())
+        answer = self._route_result({**result, "index": applied_index}, False, request_id)
+        answer["ack"] = "decided"
+        return answer
 
     def _route_result(self, result: dict[str, Any], dry_run: bool,
                       request_id: str) -> dict[str, Any]:
@@ -210,6 +257,7 @@ class CachePlaneService:
                   "dry_run": dry_run}
         result.pop("ok", None)
         result.pop("replanned", None)
+        result.setdefault("ack", "committed")
         if not result["routed"]:
             code = result["rejected"]
             raise CachePlaneError(code, result["detail"],
@@ -217,6 +265,9 @@ class CachePlaneService:
         return result
 
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        pending = self._deciding.get(body["request_id"])
+        if pending is not None:  # its route was answered before commit: let it land first
+            await asyncio.shield(pending)
         return await self.submit(commands.complete(
             body["request_id"], body["node_id"], body.get("status", "ok"),
             body.get("block_hashes", []), body, self.priors()))
@@ -230,6 +281,7 @@ class CachePlaneService:
     def stats(self) -> dict[str, Any]:
         stats = self.node.store.view(views.stats_view)
         stats["rejections"] = _merged(stats["rejections"], self._rejections)
+        stats["decided_routes"] = dict(self._decided)
         return stats
 
     def block_log_records(self) -> int:

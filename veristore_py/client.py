@@ -59,6 +59,10 @@ class TLSVerificationError(VeristoreError):
 class VeristoreClient:
     """Talk to any member; requests land on the leader. Use as an async context manager."""
 
+    # Error codes answered with 503 that are the server's final word on this request (an
+    # application's admission refusals), not a missing leader: raised at once, not retried.
+    final_codes: frozenset[str] = frozenset()
+
     def __init__(self, endpoints: list[str], *, token: str | None = None, timeout: float = 10.0,
                  attempt_timeout: float = 6.0, ca_file: str | None = None,
                  cert_file: str | None = None, key_file: str | None = None,
@@ -231,7 +235,7 @@ class VeristoreClient:
         code, detail = str(error.get("error", resp.status)), str(error.get("detail", ""))
         if resp.status == 404 and code == "key_not_found":
             raise KeyNotFoundError(detail)
-        if resp.status in (503, 504):
+        if resp.status in (503, 504) and code not in self.final_codes:
             exc_type = NoLeaderError if error.get("definite") else CommitTimeoutError
             raise _Retry(exc_type(f"{code}: {detail}"), resp.status == 503)
         raise ClientRequestError(resp.status, code, detail)

@@ -140,6 +140,11 @@ async def heartbeat(request: web.Request) -> web.Response:
     return kv_api.json_response(await _svc(request).heartbeat(request.match_info["node_id"], body))
 
 
+async def node_unreachable(request: web.Request) -> web.Response:
+    node_id = request.match_info["node_id"]
+    return kv_api.json_response(await _svc(request).node_unreachable(node_id))
+
+
 async def drain(request: web.Request) -> web.Response:
     return kv_api.json_response(await _svc(request).drain(request.match_info["node_id"]))
 
@@ -230,6 +235,7 @@ ACCESS_TABLE: dict[tuple[str, str], str] = {
     ("DELETE", "/v1/nodes/{node_id}"): "admin",
     ("POST", "/v1/nodes/{node_id}/heartbeat"): "route",
     ("POST", "/v1/nodes/{node_id}/drain"): "admin",
+    ("POST", "/v1/nodes/{node_id}/unreachable"): "route",
     ("POST", "/v1/models"): "admin",
     ("GET", "/v1/models"): "read",
     ("POST", "/v1/models/{model_id}/invalidate"): "admin",
@@ -264,6 +270,7 @@ def create_app(node: VeristoreNode, settings: NodeSettings,
     r.add_delete("/v1/nodes/{node_id}", remove_node)
     r.add_post("/v1/nodes/{node_id}/heartbeat", heartbeat)
     r.add_post("/v1/nodes/{node_id}/drain", drain)
+    r.add_post("/v1/nodes/{node_id}/unreachable", node_unreachable)
     r.add_post("/v1/models", register_model)
     r.add_get("/v1/models", list_models)
     r.add_post("/v1/models/{model_id}/invalidate", invalidate_model)

@@ -89,7 +89,11 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                prompt={"type": "string", "maxLength": L.MAX_PROMPT_CHARS},
                max_tokens={"type": "integer", "minimum": 0, "maximum": 2**24,
                            "description": "accepted (vLLM/llm-d compatibility), not used yet"},
-               dry_run={"type": "boolean"}),
+               dry_run={"type": "boolean"},
+               ack={"enum": ["committed", "decided"],
+                    "description": "committed (default): answer once the decision is "
+                                   "replicated; decided: answer as soon as the leader has "
+                                   "decided, commit in the background (docs/gateway.md)"}),
         "description": "give the prompt as exactly one of token_ids, block_hashes or prompt",
         "oneOf": [{"required": ["token_ids"]}, {"required": ["block_hashes"]},
                   {"required": ["prompt"]}],
@@ -281,6 +285,10 @@ def _paths() -> dict[str, Any]:
             "parameters": node},
         "/v1/nodes/{node_id}/drain": {
             "post": _op("Stop routing new requests to a node", "Object", codes=_DOMAIN),
+            "parameters": node},
+        "/v1/nodes/{node_id}/unreachable": {
+            "post": _op("A gateway could not reach the node: stop routing to it until its "
+                        "next heartbeat", "Object", codes=_DOMAIN),
             "parameters": node},
         "/v1/models": {
             "post": _op("Register a model (block size, hash seed)", "Object",

@@ -62,6 +62,7 @@ HANDLERS: dict[str, Handler] = {
     "cp.register_node": fleet.register_node,
     "cp.heartbeat": fleet.heartbeat,
     "cp.drain": fleet.drain,
+    "cp.node_unreachable": fleet.node_unreachable,
     "cp.remove_node": fleet.remove_node,
     "cp.expire": fleet.expire,
     "cp.route": routing.route,

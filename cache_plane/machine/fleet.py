@@ -126,8 +126,22 @@ def heartbeat(st: State, cmd: Mapping[str, Any], ctx: ApplyContext) -> Result:
     rec.active, rec.queue, rec.lease_until_ms = active, queue, now + lease
     if used is not None:
         rec.reported_used = used
-    if rec.state == "down":
+    if rec.state in ("down", "unreachable"):
         rec.state = "up"
+    st.save_node(rec)
+    return {"ok": True, "node": rec.id, "state": rec.state}
+
+
+def node_unreachable(st: State, cmd: Mapping[str, Any], ctx: ApplyContext) -> Result:
+    """A gateway failed to reach the node: out of routing until its next heartbeat.
+
+    Its blocks stay indexed (a node that only dropped a connection still holds them; one
+    that restarted re-registers with a new instance id, which clears them), and its lease
+    runs on: if no heartbeat comes, expiry declares it down as usual.
+    """
+    rec = st.known_node(cmd)
+    if rec.state == "up":
+        rec.state = "unreachable"
     st.save_node(rec)
     return {"ok": True, "node": rec.id, "state": rec.state}
 

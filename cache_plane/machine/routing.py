@@ -61,6 +61,12 @@ def route(st: State, cmd: Mapping[str, Any], ctx: ApplyContext) -> Result:
                                     victim_keys(victims), cmd.get("route_type"),
                                     cmd.get("matched"))
         replanned = decision is None
+        if replanned and cmd.get("binding") is True:
+            # Already answered (ack: decided): the request went to `planned`. Record nothing
+            # rather than a different node; its completion report is then a no-op and the
+            # engine's KV events bring the index up to date.
+            return {"ok": True, "request_id": request_id, "routed": False, "dropped": True,
+                    "node_id": planned, "index": ctx.index}
         st.stats.replanned += replanned
     if decision is None:
         decision = st.route_decision(model, keys, session, now, prior, policy=policy)

@@ -1,12 +1,42 @@
 """A simulated inference node behind a vLLM-compatible HTTP API (aiohttp).
 
 `/v1/completions` and `/v1/chat/completions` (streamed as server-sent events, or not),
-`/v1/models`, `/health`, `/metrics` (Prometheus text with vLLM's metric names). Requests run
-on an `Engine` (see `engine.py`: KV pool, continuous batching, latency model) driven in scaled
-real time: `time_scale` virtual milliseconds pass per real millisecond, so a long workload
-replays in minutes. Prompts are tokenized by a stand-in tokenizer (one token per
-whitespace-separated word, id from a hash of the word) and cut into blocks hashed with vLLM's
-`sha256_cbor` chain, so a router that tokenizes the same way sees the same block hashes.
+`/v1/models`, `/tokenize`, `/health`, `/metrics` (Prometheus text with vLLM's metric names).
+Requests run on an `Engine` (see `engine.py`: KV pool, continuous batching, latency model)
+driven in scaled real time: `time_scale` virtual milliseconds pass per real millisecond, so a
+long workload replays in minutes.
+
+Prompts are tokenized as vLLM tokenizes them (see `cache_plane.tokenization`): with
+`tokenizer` (a local Hugging Face model directory, e.g. the packaged ``tiny-chat``) chat is
+rendered with its chat template and encoded without special tokens, completions with them;
+without one, a stand-in splits on whitespace (one token per word, id a hash of the word). The
+token ids are cut into blocks hashed with vLLM's `sha256_cbor` chain, extra keys included: a
+request naming one of `lora_modules` as its model hashes under that adapter's name, and a
+``cache_salt`` salts the first block. A router that tokenizes the same way sees the same hashes.
+
+What a client sees, as from vLLM:
+
+- ``usage``: ``prompt_tokens``, ``completion_tokens``, ``total_tokens`` and
+  ``prompt_tokens_details.cached_tokens`` (the prompt tokens the engine found in its prefix
+  cache; vLLM sends this only with ``--enable-prompt-tokens-details``, the simulator always).
+- Streams: a chat stream opens with ``delta: {"role": "assistant", "content": ""}``; the last
+  content chunk carries ``finish_reason`` (``length``, or ``stop`` if the engine ended early);
+  with ``stream_options: {"include_usage": true}`` a chunk with ``choices: []`` and the usage
+  comes before ``data: [DONE]``.
+- ``POST /tokenize``: ``{model?, prompt, add_special_tokens?}`` or ``{model?, messages,
+  add_generation_prompt?, continue_final_message?, add_special_tokens?, chat_template_kwargs?,
+  tools?}``, plus ``return_token_strs?``; answers ``{count, max_model_len, tokens,
+  token_strs}`` (``token_strs`` null unless asked for, and always null for the stand-in).
+- With `api_key`, ``/v1/*``, ``/tokenize`` and ``/sim/*`` need ``Authorization: Bearer <key>``
+  (401 otherwise), like ``vllm serve --api-key`` (which guards ``/v1`` only).
+- Errors are vLLM's shape: ``{"object": "error", "message", "type", "param", "code"}``.
+
+Failure injection (for gateway tests; see `faults.py`): ``POST /sim/faults`` with
+``{"mode": "none" | "refuse_5xx" | "hang" | "break_midstream", "status"?, "hang_s"?,
+"after_chunks"?, "count"?}`` sets what the next generation requests suffer: a 5xx before the
+first byte, no byte for `hang_s` seconds (then normal service; changing the plan releases
+them), or a stream cut after `after_chunks` events with the connection closed. ``GET
+/sim/faults`` shows the plan; `SimNodeSettings.faults` is the initial one.
 
 With `cluster_urls`, the node registers with a cache_plane cluster, heartbeats its load every
 `lease_ms / 3`, and reports every batch of stored and removed blocks to `/v1/kv-events` with
@@ -19,12 +49,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
+import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -32,180 +61,42 @@ import structlog
 from aiohttp import web
 
 from ..client import CachePlaneClient
-from ..hashing import DEFAULT_SEED, block_hashes
-from .engine import DEFAULT_KV_TOKENS, DEFAULT_LATENCY, Engine, EngineConfig, LatencyModel, Request
+from ..tokenization import (
+    HFTokenizer,
+    TokenizerError,
+    chat_request_token_ids,
+    completion_request_token_ids,
+    request_flag,
+)
+from .engine import Request
+from .faults import FaultPlan, parse_fault_plan
+from .node import ADMISSION_FACTOR, Prompt, SimNode, SimNodeSettings, tokenize
+
+__all__ = ["ADMISSION_FACTOR", "SIM_NODE", "SimNode", "SimNodeSettings", "create_app", "tokenize"]
 
 log = structlog.get_logger(__name__)
-VOCAB = 32_000
-
-
-@dataclass(frozen=True)
-class SimNodeSettings:
-    node_id: str = "sim-0"
-    model: str = "sim-llm"
-    address: str = "127.0.0.1:9000"       # what the cluster tells routers
-    block_size: int = 16
-    capacity_blocks: int = DEFAULT_KV_TOKENS // 16
-    max_num_seqs: int = 128
-    time_scale: float = 1.0
-    latency: LatencyModel = DEFAULT_LATENCY
-    hash_seed: str = DEFAULT_SEED
-    cluster_urls: tuple[str, ...] = ()
-    api_token: str | None = None
-    lease_ms: int = 10_000
-    # How it verifies the cluster's members over HTTPS (a private CA; a client cert for mTLS).
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-
-
-def tokenize(text: str) -> list[int]:
-    """The stand-in tokenizer: one token per word, its id a stable hash of the word."""
-    return [int.from_bytes(hashlib.blake2b(w.encode(), digest_size=4).digest(), "big") % VOCAB
-            for w in text.split()]
-
-
-class SimNode:
-    """The engine loop, in-flight requests, counters and the cluster reporter."""
-
-    def __init__(self, settings: SimNodeSettings) -> None:
-        self.settings = settings
-        self.engine = Engine(settings.node_id, EngineConfig(
-            settings.capacity_blocks, settings.block_size, settings.max_num_seqs,
-            settings.latency))
-        self.tokens: dict[str, asyncio.Queue[int | None]] = {}
-        self.wake = asyncio.Event()
-        self.epoch = time.monotonic()
-        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "prefix_hit_tokens": 0,
-                         "requests_finished": 0}
-        self.reports: asyncio.Queue[tuple[list[int], list[int]]] = asyncio.Queue()
-        self.client: CachePlaneClient | None = None
-        self.seq = 0
-        self.instance = uuid.uuid4().hex  # this process: a restart is a new instance
-        self._unsent: tuple[int, list[int], list[int]] | None = None
-
-    def now_ms(self) -> float:
-        return (time.monotonic() - self.epoch) * 1000 * self.settings.time_scale
-
-    async def run_engine(self) -> None:
-        """Step the engine while it has work, sleeping each step's (scaled) duration."""
-        while True:
-            if self.engine.idle():
-                self.wake.clear()
-                await self.wake.wait()
-            result = self.engine.step(self.now_ms())
-            if result is None:
-                continue
-            delay = (result.ends_ms - self.now_ms()) / self.settings.time_scale / 1000
-            if delay > 0:
-                await asyncio.sleep(delay)
-            for request in result.started:
-                self.counters["prompt_tokens"] += request.prompt_tokens
-                self.counters["prefix_hit_tokens"] += request.reused_tokens
-            finished = {r.request_id for r in result.finished}
-            for request_id in list(self.engine.running) + list(finished):
-                queue = self.tokens.get(request_id)
-                if queue is not None:
-                    queue.put_nowait(0)  # one token per running request per step
-                    self.counters["generation_tokens"] += 1
-            for request in result.finished:
-                self.counters["requests_finished"] += 1
-                queue = self.tokens.get(request.request_id)
-                if queue is not None:
-                    queue.put_nowait(None)
-            if result.stored or result.removed:
-                self.reports.put_nowait((result.stored, result.removed))
-
-    async def generate(self, prompt: str, max_tokens: int) -> AsyncIterator[int]:
-        """Yield one (synthetic) token id per decode step until `max_tokens` or the end."""
-        token_ids = tokenize(prompt)
-        request_id = uuid.uuid4().hex
-        queue: asyncio.Queue[int | None] = asyncio.Queue()
-        self.tokens[request_id] = queue
-        blocks = block_hashes(token_ids, self.settings.block_size, self.settings.hash_seed)
-        self.engine.submit(Request(request_id, blocks, len(token_ids), max(max_tokens, 1),
-                                   self.now_ms()))
-        self.wake.set()
-        try:
-            sent = 0
-            while sent < max_tokens:
-                token = await queue.get()
-                if token is None:
-                    break
-                sent += 1
-                yield (sent * 7919) % VOCAB
-        finally:
-            self.tokens.pop(request_id, None)
-
-    # -- cluster ---------------------------------------------------------------------------
-
-    async def run_reporter(self) -> None:
-        """Keep reporting to the cluster; on any failure, log, wait a second, start over."""
-        # KV-event sequence numbers start from the wall clock (microseconds), so a restarted
-        # node's events are never taken for replays of the previous run's.
-        self.seq = time.time_ns() // 1000
-        while True:
-            try:
-                await self._report()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # cluster unreachable, no leader, ...: retry
-                log.warning("sim_node_report_failed", error=repr(exc))
-                await asyncio.sleep(1.0)
-
-    async def _report(self) -> None:
-        """Register, then heartbeat and publish KV events to the cluster (ordered seqs)."""
-        s = self.settings
-        assert self.client is not None
-        await self.client.register_model(s.model, block_size=s.block_size, hash_seed=s.hash_seed)
-        # It runs max_num_seqs requests at once and queues the rest (as vLLM does); the
-        # router may send it up to ADMISSION_FACTOR times that many.
-        await self.client.register_node(s.node_id, s.address, [s.model], s.capacity_blocks,
-                                        max_active=s.max_num_seqs * ADMISSION_FACTOR,
-                                        max_running=s.max_num_seqs, instance_id=self.instance)
-        beat = asyncio.get_running_loop().time()
-        while True:
-            if self._unsent is not None:  # a batch whose send failed: the same batch, same seq
-                seq, stored, removed = self._unsent
-            else:
-                try:
-                    stored, removed = await asyncio.wait_for(self.reports.get(), timeout=0.2)
-                except TimeoutError:
-                    stored, removed = [], []
-                if stored or removed:
-                    self.seq += 1
-                seq = self.seq
-                self._unsent = (seq, stored, removed)
-            events = []
-            if removed:
-                events.append({"type": "removed", "block_hashes": removed})
-            if stored:
-                events.append({"type": "stored", "block_hashes": stored})
-            if events:  # a retry of an applied batch is a duplicate (same node, same seq)
-                await self.client.kv_events(s.node_id, seq, events, model=s.model)
-            self._unsent = None
-            now = asyncio.get_running_loop().time()
-            if now - beat >= s.lease_ms / 3000:
-                beat = now
-                await self.client.heartbeat(s.node_id, active_requests=len(self.engine.running),
-                                            queue_depth=len(self.engine.waiting),
-                                            used_blocks=self.engine.held_blocks)
-
-
-ADMISSION_FACTOR = 8
 
 SIM_NODE: web.AppKey[SimNode] = web.AppKey("sim_node", SimNode)
+ERROR_TYPES = {400: "BadRequestError", 401: "Unauthorized", 404: "NotFoundError",
+               500: "InternalServerError", 503: "ServiceUnavailableError"}
+PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/sim/")
 
 
 def create_app(settings: SimNodeSettings) -> web.Application:
-    app = web.Application(client_max_size=64 << 20)
+    """Build the node's app; raise `TokenizerError` if `settings.tokenizer` cannot load."""
+    app = web.Application(client_max_size=64 << 20,
+                          middlewares=[_authenticate] if settings.api_key else [])
     app[SIM_NODE] = SimNode(settings)
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/tokenize", tokenize_prompt)
+    app.router.add_get("/sim/faults", get_faults)
+    app.router.add_post("/sim/faults", set_faults)
     app.cleanup_ctx.append(_background)
+    app.on_shutdown.append(_release_hung)
     return app
 
 
@@ -229,9 +120,31 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         await node.client.__aexit__(None, None, None)
 
 
-def _error(status: int, message: str) -> web.Response:
-    body = {"object": "error", "message": message, "type": "BadRequestError", "code": status}
-    return web.json_response(body, status=status)
+async def _release_hung(app: web.Application) -> None:
+    """On shutdown, let hung requests finish, so the server need not wait them out."""
+    app[SIM_NODE].faults.release()
+
+
+@web.middleware
+async def _authenticate(request: web.Request,
+                        handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                        ) -> web.StreamResponse:
+    key = request.app[SIM_NODE].settings.api_key
+    if key and request.path.startswith(PROTECTED_PREFIXES):
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            return _error(401, "Unauthorized: this node needs 'Authorization: Bearer <api "
+                               "key>'", headers={"WWW-Authenticate": "Bearer"})
+    return await handler(request)
+
+
+def _error(status: int, message: str, param: str | None = None,
+           headers: dict[str, str] | None = None) -> web.Response:
+    body = {"object": "error", "message": message,
+            "type": ERROR_TYPES.get(status, "BadRequestError" if status < 500
+                                    else "InternalServerError"),
+            "param": param, "code": status}
+    return web.json_response(body, status=status, headers=headers)
 
 
 async def _json(request: web.Request) -> dict[str, Any] | web.Response:
@@ -241,11 +154,43 @@ async def _json(request: web.Request) -> dict[str, Any] | web.Response:
         return _error(400, "body is not valid JSON")
     if not isinstance(body, dict):
         return _error(400, "body must be a JSON object")
-    max_tokens = body.get("max_tokens", 16)
+    return body
+
+
+def _model(node: SimNode, body: dict[str, Any]) -> str | web.Response:
+    model = body.get("model") or node.settings.model
+    if not isinstance(model, str) or not node.served(model):
+        return _error(404, f"The model `{model}` does not exist.", param="model")
+    return model
+
+
+def _parse(node: SimNode, body: dict[str, Any], chat: bool) -> Prompt | web.Response:
+    """The generation request `body` asks for, or the vLLM-shaped error that refuses it."""
+    max_tokens = body.get("max_tokens", body.get("max_completion_tokens", 16) if chat else 16)
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or \
             not 1 <= max_tokens <= 1 << 16:
-        return _error(400, "max_tokens must be an integer in [1, 65536]")
-    return body
+        return _error(400, "max_tokens must be an integer in [1, 65536]", param="max_tokens")
+    if chat and not (isinstance(body.get("messages"), list) and body["messages"]):
+        return _error(400, "'messages' must be a non-empty list of {role, content}",
+                      param="messages")
+    model = _model(node, body)
+    if isinstance(model, web.Response):
+        return model
+    cache_salt = body.get("cache_salt")
+    if cache_salt is not None and not (isinstance(cache_salt, str) and cache_salt):
+        return _error(400, "Parameter 'cache_salt' must be a non-empty string if provided.",
+                      param="cache_salt")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        return _error(400, "'stream_options' must be an object", param="stream_options")
+    try:
+        token_ids = (chat_request_token_ids(node.tokenizer, body) if chat
+                     else completion_request_token_ids(node.tokenizer, body))
+    except TokenizerError as exc:
+        return _error(400, str(exc))
+    lora = model if model != node.settings.model else None
+    return Prompt(model, token_ids, lora, cache_salt, max_tokens, bool(body.get("stream")),
+                  bool(body.get("stream") and options and options.get("include_usage")))
 
 
 async def health(request: web.Request) -> web.Response:
@@ -253,10 +198,14 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def models(request: web.Request) -> web.Response:
-    s = request.app[SIM_NODE].settings
-    return web.json_response({"object": "list", "data": [
-        {"id": s.model, "object": "model", "owned_by": "cache-plane-sim",
-         "max_model_len": s.capacity_blocks * s.block_size}]})
+    node = request.app[SIM_NODE]
+    s = node.settings
+    data = [{"id": s.model, "object": "model", "owned_by": "cache-plane-sim", "root": s.model,
+             "parent": None, "max_model_len": node.max_model_len}]
+    data += [{"id": name, "object": "model", "owned_by": "cache-plane-sim", "root": name,
+              "parent": s.model, "max_model_len": node.max_model_len}
+             for name in s.lora_modules]
+    return web.json_response({"object": "list", "data": data})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -276,17 +225,48 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
 
-def _prompt_text(body: dict[str, Any], chat: bool) -> str | None:
-    if not chat:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
-            return " ".join(prompt)
-        return prompt if isinstance(prompt, str) else None
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
-        return None
-    return " ".join(f"<{m.get('role', 'user')}> {m['content']}" for m in messages)
+async def tokenize_prompt(request: web.Request) -> web.Response:
+    """vLLM's ``POST /tokenize``: the token ids the node would run for a prompt or a chat."""
+    node = request.app[SIM_NODE]
+    body = await _json(request)
+    if isinstance(body, web.Response):
+        return body
+    model = _model(node, body)
+    if isinstance(model, web.Response):
+        return model
+    try:
+        if "messages" in body:
+            token_ids = chat_request_token_ids(node.tokenizer, body)
+        elif "prompt" in body:
+            token_ids = completion_request_token_ids(node.tokenizer, body, lists=False)
+        else:
+            raise TokenizerError("either 'prompt' or 'messages' is required")
+        strs = (node.tokenizer.token_strs(token_ids)
+                if request_flag(body, "return_token_strs", False)
+                and isinstance(node.tokenizer, HFTokenizer) else None)
+    except TokenizerError as exc:
+        return _error(400, str(exc))
+    return web.json_response({"count": len(token_ids), "max_model_len": node.max_model_len,
+                              "tokens": token_ids, "token_strs": strs})
+
+
+async def get_faults(request: web.Request) -> web.Response:
+    return web.json_response(request.app[SIM_NODE].faults.view())
+
+
+async def set_faults(request: web.Request) -> web.Response:
+    """Install the fault plan in the body (see the module docstring); releases hung requests."""
+    node = request.app[SIM_NODE]
+    body = await _json(request)
+    if isinstance(body, web.Response):
+        return body
+    try:
+        plan = parse_fault_plan(body)
+    except ValueError as exc:
+        return _error(400, str(exc))
+    node.faults.set(plan)
+    log.info("sim_node_faults_set", node_id=node.settings.node_id, **plan.as_json())
+    return web.json_response(node.faults.view())
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -297,44 +277,99 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _serve(request, chat=True)
 
 
+def _usage(prompt: Prompt, engine_request: Request, completion_tokens: int) -> dict[str, Any]:
+    prompt_tokens = len(prompt.token_ids)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": engine_request.reused_tokens}}
+
+
+def _drop_connection(request: web.Request) -> None:
+    """Close the client's connection at once: no more bytes, no end of the chunked body."""
+    if request.transport is not None:
+        request.transport.close()
+
+
 async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
     node = request.app[SIM_NODE]
     body = await _json(request)
     if isinstance(body, web.Response):
         return body
-    text = _prompt_text(body, chat)
-    if text is None:
-        return _error(400, "'messages' must be a non-empty list of {role, content}" if chat
-                      else "'prompt' must be a string or a list of strings")
-    if body.get("model", node.settings.model) != node.settings.model:
-        return _error(404, f"model {body.get('model')!r} is not served here")
-    max_tokens = int(body.get("max_tokens", 16))
+    prompt = _parse(node, body, chat)
+    if isinstance(prompt, web.Response):
+        return prompt
+    fault = node.faults.take()
+    if fault.mode == "refuse_5xx":
+        return _error(fault.status, "injected fault: the engine refused the request")
+    if fault.mode == "hang":
+        await node.faults.hang(fault)
+    elif fault.mode == "break_midstream" and not prompt.stream:
+        _drop_connection(request)
+        return web.Response(status=500)  # never sent: the connection is gone
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
-    kind = "chat.completion" if chat else "text_completion"
-    if not body.get("stream"):
-        tokens = [t async for t in node.generate(text, max_tokens)]
+    engine_request = node.new_request(prompt)
+    if not prompt.stream:
+        async with contextlib.aclosing(node.generate(engine_request, prompt.max_tokens)) as gen:
+            tokens = [t async for t in gen]
         out = " ".join(f"t{t}" for t in tokens)
+        reason = "length" if len(tokens) == prompt.max_tokens else "stop"
         choice: dict[str, Any] = ({"index": 0, "message": {"role": "assistant", "content": out},
-                                   "finish_reason": "length"} if chat else
-                                  {"index": 0, "text": out, "finish_reason": "length"})
-        prompt_tokens = len(tokenize(text))
+                                   "logprobs": None, "finish_reason": reason} if chat else
+                                  {"index": 0, "text": out, "logprobs": None,
+                                   "finish_reason": reason})
         return web.json_response({
-            "id": rid, "object": kind, "created": created, "model": node.settings.model,
-            "choices": [choice], "usage": {"prompt_tokens": prompt_tokens,
-                                           "completion_tokens": len(tokens),
-                                           "total_tokens": prompt_tokens + len(tokens)}})
+            "id": rid, "object": "chat.completion" if chat else "text_completion",
+            "created": created, "model": prompt.model, "choices": [choice],
+            "usage": _usage(prompt, engine_request, len(tokens))})
+    return await _stream(request, node, prompt, engine_request, rid, created, chat, fault)
+
+
+async def _stream(request: web.Request, node: SimNode, prompt: Prompt, engine_request: Request,
+                  rid: str, created: int, chat: bool, fault: FaultPlan) -> web.StreamResponse:
+    """Send the completion as server-sent events, as vLLM streams it."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
     await response.prepare(request)
-    chunk_kind = "chat.completion.chunk" if chat else "text_completion"
-    async for token in node.generate(text, max_tokens):
-        delta: dict[str, Any] = ({"index": 0, "delta": {"content": f"t{token} "},
-                                  "finish_reason": None} if chat else
-                                 {"index": 0, "text": f"t{token} ", "finish_reason": None})
-        chunk = {"id": rid, "object": chunk_kind, "created": created,
-                 "model": node.settings.model, "choices": [delta]}
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    sent_events = 0
+    breaks_after = fault.after_chunks if fault.mode == "break_midstream" else None
+
+    async def send(choices: list[dict[str, Any]], **extra: Any) -> bool:
+        """Send one event; False once the injected break has cut the connection."""
+        nonlocal sent_events
+        if breaks_after is not None and sent_events >= breaks_after:
+            _drop_connection(request)
+            return False
+        chunk = {"id": rid, "object": kind, "created": created, "model": prompt.model,
+                 "choices": choices, **extra}
         await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        sent_events += 1
+        return True
+
+    def choice(text: str, reason: str | None) -> dict[str, Any]:
+        if chat:
+            return {"index": 0, "delta": {"content": text}, "logprobs": None,
+                    "finish_reason": reason}
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+
+    if chat and not await send([{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                 "logprobs": None, "finish_reason": None}]):
+        return response
+    count = 0
+    async with contextlib.aclosing(node.generate(engine_request, prompt.max_tokens)) as gen:
+        async for token in gen:
+            count += 1
+            last = count == prompt.max_tokens
+            if not await send([choice(f"t{token} ", "length" if last else None)]):
+                return response
+    if count < prompt.max_tokens and not await send([choice("", "stop")]):
+        return response
+    if prompt.include_usage and not await send([], usage=_usage(prompt, engine_request, count)):
+        return response
+    if breaks_after is not None and sent_events >= breaks_after:
+        _drop_connection(request)
+        return response
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response

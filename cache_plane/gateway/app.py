@@ -1,0 +1,591 @@
+"""The gateway's aiohttp application: authenticate, tokenize, route, proxy, report (the shell).
+
+For each `POST /v1/chat/completions` or `/v1/completions`:
+
+1. the API key names the tenant (401 otherwise; 429 + Retry-After past the key's rate);
+2. the body is checked (`core.check_request`), the model looked up in the cluster's models
+   (404), and the prompt tokenized as the engine will and hashed into its block hashes, with
+   the LoRA name and ``cache_salt`` as extra keys (`cache_plane.tokenization`);
+3. the cluster routes it (`route_ack`: ``committed`` waits for the decision's commit,
+   ``decided`` only for the leader's decision) with the session from ``x-session-id`` or the
+   body's ``user``; a refusal is a 429/503 with Retry-After;
+4. the body goes as sent to the chosen node. A failure before the first byte (refused, reset,
+   5xx, timeout) is reported (`failed`, and the node `unreachable`) and the request re-routed,
+   at most `max_retries` times; after the first byte, a broken backend ends the stream with an
+   SSE error event. Streams pass through event by event; the usage chunk is always asked
+   for (and dropped again if the client did not ask);
+5. the outcome is reported to the cluster (`/v1/complete`) in the background, and the
+   engine's ``cached_tokens`` compared with the cluster's ``matched_tokens``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+import structlog
+from aiohttp import web
+from prometheus_client import generate_latest
+
+from veristore_py.errors import VeristoreError
+from veristore_py.tls import client_context
+
+from ..client import CachePlaneClient
+from ..tokenization import (
+    Tokenizer,
+    TokenizerError,
+    chat_request_token_ids,
+    completion_request_token_ids,
+    load_tokenizer,
+    request_block_hashes,
+)
+from . import core
+from .core import GatewayError
+from .metrics import GatewayMetrics
+from .settings import ApiKey, GatewaySettings, load_api_keys
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One backend call's outcome before its answer is passed on."""
+
+    node_id: str
+    request_id: str
+    route: dict[str, Any]
+    response: aiohttp.ClientResponse | None = None
+    error: GatewayError | None = None
+
+
+class Gateway:
+    """Shared state of one gateway process: cluster client, backend session, caches."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        assert settings.api_keys_file
+        self.keys: dict[str, ApiKey] = load_api_keys(settings.api_keys_file)
+        self.buckets: dict[str, core.TokenBucket] = {}
+        self.metrics = GatewayMetrics()
+        self.models: dict[str, dict[str, Any]] = {}
+        self.models_at = 0.0
+        self.tokenizers: dict[str, Tokenizer | str] = {}
+        self.cluster: CachePlaneClient | None = None
+        self.backend: aiohttp.ClientSession | None = None
+        self.background: set[asyncio.Task[Any]] = set()
+        self.reports: dict[str, int] = {"sent": 0, "failed": 0}
+
+    async def start(self) -> None:
+        s = self.settings
+        self.cluster = CachePlaneClient(list(s.cluster), token=s.cluster_token(),
+                                        timeout=s.cluster_timeout_s, ca_file=s.cluster_ca_file,
+                                        cert_file=s.cluster_cert_file,
+                                        key_file=s.cluster_key_file)
+        await self.cluster.__aenter__()
+        ssl_context = (client_context(s.backend_ca_file) if s.backend_scheme == "https"
+                       else None)
+        self.backend = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ssl=ssl_context if ssl_context else True),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout_s),
+            auto_decompress=False)
+        for model, spec in s.tokenizers.items():  # load now: a bad dir fails the start
+            self.tokenizers[model] = spec if spec in ("engine", "text") else load_tokenizer(spec)
+
+    async def stop(self) -> None:
+        if self.background:
+            await asyncio.wait(self.background, timeout=5)
+        if self.backend is not None:
+            await self.backend.close()
+        if self.cluster is not None:
+            await self.cluster.__aexit__(None, None, None)
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    # -- models and tokenizers -------------------------------------------------------------
+
+    async def model(self, model_id: str) -> dict[str, Any]:
+        """The cluster's spec of `model_id` (cached `models_refresh_s`); 404 if unknown."""
+        assert self.cluster is not None
+        now = time.monotonic()
+        if model_id not in self.models or now - self.models_at > self.settings.models_refresh_s:
+            try:
+                listed = (await self.cluster.request("GET", "/v1/models"))["models"]
+            except VeristoreError as exc:
+                if model_id in self.models:  # stale beats unavailable
+                    return self.models[model_id]
+                raise GatewayError(503, f"the cluster is unavailable: {exc}",
+                                   code="cluster_unavailable", retry_after=1) from exc
+            self.models = {m["model_id"]: m for m in listed}
+            self.models_at = now
+        spec = self.models.get(self.settings.lora.get(model_id, model_id))
+        if spec is None:
+            raise GatewayError(404, f"The model '{model_id}' does not exist", param="model",
+                               code="model_not_found")
+        return spec
+
+    def tokenizer(self, model_id: str) -> Tokenizer | str:
+        found = self.tokenizers.get(model_id)
+        if found is None:
+            spec = self.settings.default_tokenizer
+            found = spec if spec in ("engine", "text") else load_tokenizer(spec)
+            self.tokenizers[model_id] = found
+        return found
+
+    async def block_hashes(self, request: core.ChatRequest, body: dict[str, Any],
+                           spec: dict[str, Any]) -> tuple[dict[str, Any], int]:
+        """The route's prompt form (block hashes, or text for the fallback) and token count."""
+        tokenizer = self.tokenizer(spec["model_id"])
+        if tokenizer == "text":
+            text = (request.prompt if request.prompt is not None else "\n".join(
+                f"{m.get('role')}: {m.get('content')}" for m in request.messages))
+            return {"prompt": text}, 0
+        if tokenizer == "engine":
+            token_ids = await self.engine_tokenize(request, body)
+        else:
+            assert not isinstance(tokenizer, str)
+            try:
+                token_ids = (chat_request_token_ids(tokenizer, body) if request.chat
+                             else completion_request_token_ids(tokenizer, body))
+            except TokenizerError as exc:
+                raise GatewayError(400, str(exc), param="messages" if request.chat
+                                   else "prompt", code="invalid_request") from exc
+        lora = request.model if request.model in self.settings.lora else None
+        hashes = request_block_hashes(token_ids, spec["block_size"], spec["hash_seed"],
+                                      lora, request.cache_salt)
+        return {"block_hashes": hashes}, len(token_ids)
+
+    async def engine_tokenize(self, request: core.ChatRequest,
+                              body: dict[str, Any]) -> list[int]:
+        """Ask a node serving the model for the token ids (vLLM's `POST /tokenize`)."""
+        assert self.cluster is not None and self.backend is not None
+        base = self.settings.lora.get(request.model, request.model)
+        nodes = [n for n in await self.cluster.nodes()
+                 if base in n.get("models", ()) and n.get("state") == "up"]
+        if not nodes:
+            raise GatewayError(503, f"no node serving {request.model!r} is up to tokenize",
+                               code="no_node_up", retry_after=2)
+        node = nodes[0]
+        keys = ("model", "messages", "add_generation_prompt", "continue_final_message",
+                "add_special_tokens", "chat_template_kwargs", "tools") if request.chat \
+            else ("model", "prompt", "add_special_tokens")
+        ask = {k: body[k] for k in keys if k in body}
+        try:
+            async with self.backend.post(
+                    self.url(node["address"], "/tokenize"), json=ask,
+                    headers=self.backend_headers(node["node_id"], "tok"),
+                    timeout=aiohttp.ClientTimeout(total=self.settings.first_byte_timeout_s)) \
+                    as resp:
+                payload = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise GatewayError(502, f"tokenizing on {node['node_id']} failed: {exc!r}",
+                               code="backend_error") from exc
+        if resp.status >= 400 or not isinstance(payload, dict) \
+                or not isinstance(payload.get("tokens"), list):
+            raise GatewayError(400 if resp.status < 500 else 502,
+                               f"the engine refused to tokenize: {str(payload)[:500]}",
+                               code="invalid_request")
+        return list(payload["tokens"])
+
+    # -- backends --------------------------------------------------------------------------
+
+    def url(self, address: str, path: str) -> str:
+        return f"{self.settings.backend_scheme}://{address}{path}"
+
+    def backend_headers(self, node_id: str, request_id: str) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
+        key = self.settings.backend_key(node_id)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    async def route(self, request: core.ChatRequest, form: dict[str, Any],
+                    session: str | None, request_id: str) -> dict[str, Any]:
+        assert self.cluster is not None
+        started = time.perf_counter()
+        try:
+            return await self.cluster.route(self.settings.lora.get(request.model,
+                                                                   request.model),
+                                            session_id=session,
+                                            request_id=request_id, ack=self.settings.route_ack,
+                                            **form)
+        except VeristoreError as exc:
+            code = getattr(exc, "code", "")
+            if code in core.ROUTE_ERRORS:
+                raise core.route_error(code, exc.detail, request.model) from exc
+            raise GatewayError(503, f"the cluster could not route the request: {exc.detail}",
+                               code="cluster_unavailable", retry_after=1) from exc
+        finally:
+            self.metrics.route.labels(self.settings.route_ack).observe(
+                time.perf_counter() - started)
+
+    async def report(self, route: dict[str, Any], status: str, **usage: int | None) -> None:
+        """Tell the cluster how the routed request ended (in the background)."""
+        assert self.cluster is not None
+        try:
+            await self.cluster.complete(route["request_id"], route["node_id"], status, None,
+                                       **usage)
+            self.reports["sent"] += 1
+        except VeristoreError as exc:
+            self.reports["failed"] += 1
+            self.metrics.reports_failed.inc()
+            log.warning("completion_report_failed", request_id=route["request_id"],
+                        error=exc.detail)
+
+    async def mark_unreachable(self, node_id: str) -> None:
+        assert self.cluster is not None
+        try:
+            await self.cluster.node_unreachable(node_id)
+        except VeristoreError as exc:
+            log.warning("node_unreachable_not_reported", node=node_id, error=exc.detail)
+
+    async def call(self, path: str, body: bytes, route: dict[str, Any],
+                   request_id: str) -> Attempt:
+        """Send the request to the routed node; the answer's status and headers, or why not."""
+        assert self.backend is not None
+        attempt = Attempt(route["node_id"], request_id, route)
+        try:
+            attempt.response = await asyncio.wait_for(self.backend.post(
+                self.url(route["address"], path), data=body,
+                headers=self.backend_headers(route["node_id"], request_id),
+                timeout=aiohttp.ClientTimeout(total=None,
+                                              sock_connect=self.settings.connect_timeout_s,
+                                              sock_read=self.settings.read_timeout_s)),
+                timeout=self.settings.first_byte_timeout_s)
+        except TimeoutError:
+            attempt.error = GatewayError(504, f"node {route['node_id']} sent nothing within "
+                                         f"{self.settings.first_byte_timeout_s}s",
+                                         code="backend_timeout")
+        except aiohttp.ClientError as exc:
+            attempt.error = GatewayError(502, f"node {route['node_id']} failed: {exc!r}",
+                                         code="backend_unreachable")
+        else:
+            if core.retryable_status(attempt.response.status):
+                text = (await attempt.response.read())[:300].decode(errors="replace")
+                attempt.response.release()
+                attempt.error = GatewayError(
+                    502, f"node {route['node_id']} answered {attempt.response.status}: {text}",
+                    code="backend_error")
+                attempt.response = None
+        return attempt
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+
+
+def _error_response(error: GatewayError) -> web.Response:
+    return web.json_response(error.body(), status=error.status, headers=error.headers(),
+                             dumps=lambda o: orjson.dumps(o).decode())
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        return _error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _error_response(GatewayError(exc.status, exc.reason,
+                                            code=exc.reason.lower().replace(" ", "_")))
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    if not request.path.startswith("/v1/"):
+        return await handler(request)
+    gateway = request.app[GATEWAY]
+    header = request.headers.get("Authorization", "")
+    key = header[7:].strip() if header[:7].lower() == "bearer " else ""
+    entry = gateway.keys.get(key) if key else None
+    if entry is None:
+        raise GatewayError(401, "Incorrect API key provided" if key else
+                           "Missing API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+    if entry.requests_per_s is not None:
+        bucket = gateway.buckets.get(key)
+        if bucket is None:
+            bucket = gateway.buckets[key] = core.TokenBucket(entry.requests_per_s)
+        wait = bucket.take(time.monotonic())
+        if wait > 0:
+            raise GatewayError(429, f"rate limit of {entry.requests_per_s:g} requests/s "
+                               f"reached for this key", code="rate_limit_exceeded",
+                               retry_after=max(1, round(wait + 0.5)))
+    request["tenant"] = entry.tenant
+    return await handler(request)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, "/v1/chat/completions", chat=True)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, "/v1/completions", chat=False)
+
+
+async def _read_body(request: web.Request) -> Any:
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise GatewayError(413, "the request body is too large", code="request_too_large") \
+            from exc
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise core.invalid("body", f"the request body is not valid JSON: {exc}") from exc
+
+
+async def _serve(request: web.Request, path: str, chat: bool) -> web.StreamResponse:
+    gateway = request.app[GATEWAY]
+    s = gateway.settings
+    arrived = time.perf_counter()
+    endpoint = "chat" if chat else "completions"
+    model = "?"
+    status = 500
+    try:
+        body = await _read_body(request)
+        parsed = core.check_request(body, chat, s.max_prompt_chars)
+        model = parsed.model
+        spec = await gateway.model(parsed.model)
+        form, prompt_tokens = await gateway.block_hashes(parsed, body, spec)
+        session = core.session_of(parsed, request.headers.get(s.session_header),
+                                  s.session_from_user)
+        upstream = body
+        if parsed.stream and not parsed.include_usage:
+            upstream = {**body, "stream_options": {**body.get("stream_options", {}),
+                                                   "include_usage": True}}
+        payload = orjson.dumps(upstream)
+        client_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        attempt = None
+        for n in range(s.max_retries + 1):
+            request_id = f"{client_id}-{n}" if n else client_id
+            route = await gateway.route(parsed, form, session, request_id)
+            gateway.metrics.route_types.labels(route["route_type"] or "miss").inc()
+            if n == 0:
+                gateway.metrics.overhead.labels(model).observe(time.perf_counter() - arrived)
+            attempt = await gateway.call(path, payload, route, request_id)
+            if attempt.error is None:
+                break
+            gateway.metrics.backend_errors.labels(route["node_id"], attempt.error.code
+                                                  or "error").inc()
+            log.warning("backend_failed", node=route["node_id"], request_id=request_id,
+                        error=attempt.error.message, attempt=n)
+            gateway.spawn(gateway.report(route, "failed"))
+            await gateway.mark_unreachable(route["node_id"])
+            if n < s.max_retries:
+                gateway.metrics.retries.labels(attempt.error.code or "error").inc()
+        assert attempt is not None
+        if attempt.error is not None:
+            raise attempt.error
+        assert attempt.response is not None
+        result = await (_stream if parsed.stream else _whole)(
+            request, gateway, parsed, attempt, spec, arrived)
+        status = result.status
+        if prompt_tokens:
+            gateway.metrics.tokens.labels(model, "in").inc(prompt_tokens)
+        return result
+    except GatewayError as exc:
+        status = exc.status
+        raise
+    except asyncio.CancelledError:
+        status = 499  # the client went away
+        raise
+    finally:
+        gateway.metrics.requests.labels(endpoint, model, str(status)).inc()
+        gateway.metrics.e2e.labels(model).observe(time.perf_counter() - arrived)
+
+
+def _headers(attempt: Attempt) -> dict[str, str]:
+    route = attempt.route
+    return {"X-Request-Id": attempt.request_id, "X-Cache-Plane-Node": attempt.node_id,
+            "X-Cache-Plane-Route": str(route.get("route_type") or "miss"),
+            "X-Cache-Plane-Matched-Tokens": str(route.get("matched_tokens", 0))}
+
+
+def _account(gateway: Gateway, parsed: core.ChatRequest, attempt: Attempt,
+             usage: core.Usage | None, spec: dict[str, Any], ttft: float | None,
+             elapsed: float, status: str) -> None:
+    """Record usage and prediction accuracy, and report the outcome to the cluster."""
+    m = gateway.metrics
+    if usage is not None and usage.completion_tokens is not None:
+        m.tokens.labels(parsed.model, "out").inc(usage.completion_tokens)
+    if usage is not None and usage.cached_tokens is not None and status == "ok":
+        predicted = int(attempt.route.get("matched_tokens", 0))
+        m.predicted_tokens.inc(predicted)
+        m.engine_cached_tokens.inc(usage.cached_tokens)
+        m.prediction.labels(core.prediction(predicted, usage.cached_tokens,
+                                            spec["block_size"])).inc()
+    gateway.spawn(gateway.report(
+        attempt.route, status,
+        prompt_tokens=usage.prompt_tokens if usage else None,
+        output_tokens=usage.completion_tokens if usage else None,
+        cached_tokens=usage.cached_tokens if usage else None,
+        ttft_ms=round(ttft * 1000) if ttft is not None else None,
+        latency_ms=round(elapsed * 1000)))
+
+
+async def _whole(request: web.Request, gateway: Gateway, parsed: core.ChatRequest,
+                 attempt: Attempt, spec: dict[str, Any], arrived: float) -> web.StreamResponse:
+    response = attempt.response
+    assert response is not None
+    status = "failed"
+    usage = None
+    try:
+        try:
+            data = await response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise GatewayError(502, f"node {attempt.node_id} broke off its answer: {exc!r}",
+                               code="backend_error") from exc
+        if response.status < 400:
+            status = "ok"
+            with contextlib.suppress(orjson.JSONDecodeError):
+                usage = core.usage_from(orjson.loads(data))
+        elapsed = time.perf_counter() - arrived
+        gateway.metrics.ttft.labels(parsed.model).observe(elapsed)
+        _account(gateway, parsed, attempt, usage, spec, elapsed, elapsed, status)
+        status = "reported"
+        if response.status >= 400:
+            return _error_response(_engine_error(response.status, data))
+        return web.Response(body=data, status=response.status,
+                            content_type="application/json", headers=_headers(attempt))
+    finally:
+        response.release()
+        if status != "reported":
+            gateway.spawn(gateway.report(attempt.route, "cancelled" if status == "ok"
+                                         else status))
+
+
+def _engine_error(status: int, data: bytes) -> GatewayError:
+    """An engine's 4xx, in OpenAI's shape whatever shape the engine used."""
+    try:
+        payload = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        payload = None
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if isinstance(error, dict):
+        return GatewayError(status, str(error.get("message", "")),
+                            param=error.get("param"), code=error.get("code") and
+                            str(error.get("code")))
+    message = (payload.get("message") if isinstance(payload, dict) else None) or \
+        data[:500].decode(errors="replace")
+    return GatewayError(status, str(message), code="engine_error")
+
+
+async def _stream(request: web.Request, gateway: Gateway, parsed: core.ChatRequest,
+                  attempt: Attempt, spec: dict[str, Any], arrived: float) -> web.StreamResponse:
+    backend = attempt.response
+    assert backend is not None
+    if backend.status >= 400:
+        try:
+            data = await backend.read()
+        finally:
+            backend.release()
+        gateway.spawn(gateway.report(attempt.route, "failed"))
+        return _error_response(_engine_error(backend.status, data))
+    out = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                      "Cache-Control": "no-cache", **_headers(attempt)})
+    m = gateway.metrics
+    splitter = core.SSESplitter()
+    usage: core.Usage | None = None
+    ttft: float | None = None
+    last = arrived
+    outcome = "cancelled"
+    try:
+        await out.prepare(request)
+        try:
+            async for data in backend.content.iter_any():
+                for event in splitter.feed(data):
+                    found, usage_only = core.scan_event(event)
+                    if found is not None:
+                        usage = found
+                        if usage_only and not parsed.include_usage:
+                            continue
+                    now = time.perf_counter()
+                    if ttft is None:
+                        ttft = now - arrived
+                        m.ttft.labels(parsed.model).observe(ttft)
+                    else:
+                        m.itl.labels(parsed.model).observe(now - last)
+                    last = now
+                    await out.write(event)
+            outcome = "ok"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            outcome = "failed"
+            m.backend_errors.labels(attempt.node_id, "midstream").inc()
+            log.warning("backend_broke_midstream", node=attempt.node_id,
+                        request_id=attempt.request_id, error=repr(exc))
+            await out.write(core.error_event(GatewayError(
+                502, f"node {attempt.node_id} broke off the stream: {exc!r}",
+                code="backend_error")))
+        await out.write_eof()
+        return out
+    except (ConnectionResetError, asyncio.CancelledError):
+        outcome = "cancelled"  # the client went away: stop the backend too
+        raise
+    finally:
+        backend.close() if outcome != "ok" else backend.release()
+        _account(gateway, parsed, attempt, usage, spec, ttft,
+                 time.perf_counter() - arrived, outcome)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """The cluster's models (and configured LoRA adapters), in OpenAI's list shape."""
+    gateway = request.app[GATEWAY]
+    with contextlib.suppress(GatewayError):
+        await gateway.model("")  # refresh (an empty id is never a model)
+    if not gateway.models_at:
+        raise GatewayError(503, "the cluster is unavailable", code="cluster_unavailable",
+                           retry_after=1)
+    data = [{"id": m, "object": "model", "created": 0, "owned_by": "cache-plane"}
+            for m in sorted(gateway.models)]
+    data += [{"id": a, "object": "model", "created": 0, "owned_by": "cache-plane",
+              "parent": base} for a, base in sorted(gateway.settings.lora.items())
+             if base in gateway.models]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def health(request: web.Request) -> web.Response:
+    """Ready once the cluster has answered (its models are known); 503 before."""
+    gateway = request.app[GATEWAY]
+    if not gateway.models_at:
+        with contextlib.suppress(GatewayError):
+            await gateway.model("")
+    if not gateway.models_at:
+        return web.json_response({"status": "no_cluster"}, status=503)
+    return web.json_response({"status": "ok"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[GATEWAY].metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    gateway = app[GATEWAY]
+    await gateway.start()
+    yield
+    await gateway.stop()
+
+
+def create_app(settings: GatewaySettings) -> web.Application:
+    """Build the gateway's aiohttp application (settings already validated)."""
+    app = web.Application(client_max_size=max(settings.max_prompt_chars * 4, 1 << 20),
+                          middlewares=[errors_middleware, auth_middleware])
+    app[GATEWAY] = Gateway(settings)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.cleanup_ctx.append(_lifecycle)
+    return app

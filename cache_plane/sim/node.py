@@ -1,0 +1,219 @@
+"""The simulated node's core: its settings, the engine loop and the cluster reporter.
+
+`SimNode` drives one `Engine` in scaled real time (`time_scale` virtual milliseconds per real
+millisecond), hands each request's tokens to whoever awaits them, and, with `cluster_urls`,
+registers with a cache_plane cluster, heartbeats its load and reports its KV events. The HTTP
+API in front of it is `server.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+
+import structlog
+
+from ..client import CachePlaneClient
+from ..hashing import DEFAULT_SEED
+from ..tokenization import (
+    WORD_VOCAB,
+    Tokenizer,
+    WordTokenizer,
+    load_tokenizer,
+    request_block_hashes,
+)
+from .engine import DEFAULT_KV_TOKENS, DEFAULT_LATENCY, Engine, EngineConfig, LatencyModel, Request
+from .faults import FaultPlan, Faults
+
+log = structlog.get_logger(__name__)
+VOCAB = WORD_VOCAB
+tokenize = WordTokenizer.tokenize  # the stand-in, for callers that route without a tokenizer
+
+
+@dataclass(frozen=True)
+class SimNodeSettings:
+    """A simulated node's configuration (the CLI's `sim-node` flags)."""
+
+    node_id: str = "sim-0"
+    model: str = "sim-llm"
+    address: str = "127.0.0.1:9000"       # what the cluster tells routers
+    block_size: int = 16
+    capacity_blocks: int = DEFAULT_KV_TOKENS // 16
+    max_num_seqs: int = 128
+    time_scale: float = 1.0
+    latency: LatencyModel = DEFAULT_LATENCY
+    hash_seed: str = DEFAULT_SEED
+    cluster_urls: tuple[str, ...] = ()
+    api_token: str | None = None           # for the cluster
+    lease_ms: int = 10_000
+    # How it verifies the cluster's members over HTTPS (a private CA; a client cert for mTLS).
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    tokenizer: str | None = None           # HF tokenizer dir (or "tiny-chat"); None: words
+    lora_modules: tuple[str, ...] = ()     # adapter names served besides `model`
+    api_key: str | None = None             # required of this node's clients, as vLLM's
+    faults: FaultPlan = FaultPlan()
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """A generation request, parsed: what the engine runs and how to answer."""
+
+    model: str
+    token_ids: list[int]
+    lora_name: str | None
+    cache_salt: str | None
+    max_tokens: int
+    stream: bool
+    include_usage: bool
+
+
+class SimNode:
+    """The engine loop, in-flight requests, counters and the cluster reporter."""
+
+    def __init__(self, settings: SimNodeSettings) -> None:
+        self.settings = settings
+        self.engine = Engine(settings.node_id, EngineConfig(
+            settings.capacity_blocks, settings.block_size, settings.max_num_seqs,
+            settings.latency))
+        self.tokenizer: Tokenizer = (load_tokenizer(settings.tokenizer) if settings.tokenizer
+                                     else WordTokenizer())
+        self.faults = Faults(settings.faults)
+        self.tokens: dict[str, asyncio.Queue[int | None]] = {}
+        self.wake = asyncio.Event()
+        self.epoch = time.monotonic()
+        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "prefix_hit_tokens": 0,
+                         "requests_finished": 0}
+        self.reports: asyncio.Queue[tuple[list[int], list[int]]] = asyncio.Queue()
+        self.client: CachePlaneClient | None = None
+        self.seq = 0
+        self.instance = uuid.uuid4().hex  # this process: a restart is a new instance
+        self._unsent: tuple[int, list[int], list[int]] | None = None
+
+    @property
+    def max_model_len(self) -> int:
+        return self.settings.capacity_blocks * self.settings.block_size
+
+    def served(self, model: str) -> bool:
+        return model == self.settings.model or model in self.settings.lora_modules
+
+    def now_ms(self) -> float:
+        return (time.monotonic() - self.epoch) * 1000 * self.settings.time_scale
+
+    async def run_engine(self) -> None:
+        """Step the engine while it has work, sleeping each step's (scaled) duration."""
+        while True:
+            if self.engine.idle():
+                self.wake.clear()
+                await self.wake.wait()
+            result = self.engine.step(self.now_ms())
+            if result is None:
+                continue
+            delay = (result.ends_ms - self.now_ms()) / self.settings.time_scale / 1000
+            if delay > 0:
+                await asyncio.sleep(delay)
+            for request in result.started:
+                self.counters["prompt_tokens"] += request.prompt_tokens
+                self.counters["prefix_hit_tokens"] += request.reused_tokens
+            finished = {r.request_id for r in result.finished}
+            for request_id in list(self.engine.running) + list(finished):
+                queue = self.tokens.get(request_id)
+                if queue is not None:
+                    queue.put_nowait(0)  # one token per running request per step
+                    self.counters["generation_tokens"] += 1
+            for request in result.finished:
+                self.counters["requests_finished"] += 1
+                queue = self.tokens.get(request.request_id)
+                if queue is not None:
+                    queue.put_nowait(None)
+            if result.stored or result.removed:
+                self.reports.put_nowait((result.stored, result.removed))
+
+    def new_request(self, prompt: Prompt) -> Request:
+        """The engine request for `prompt`: its blocks hashed as vLLM would hash them."""
+        s = self.settings
+        blocks = request_block_hashes(prompt.token_ids, s.block_size, s.hash_seed,
+                                      prompt.lora_name, prompt.cache_salt)
+        return Request(uuid.uuid4().hex, blocks, len(prompt.token_ids),
+                       max(prompt.max_tokens, 1), self.now_ms())
+
+    async def generate(self, request: Request, max_tokens: int) -> AsyncGenerator[int, None]:
+        """Run `request`; yield one (synthetic) token id per decode step, up to `max_tokens`.
+
+        Once the first token is out, ``request.reused_tokens`` holds the cached prefix.
+        """
+        queue: asyncio.Queue[int | None] = asyncio.Queue()
+        self.tokens[request.request_id] = queue
+        self.engine.submit(request)
+        self.wake.set()
+        try:
+            sent = 0
+            while sent < max_tokens:
+                token = await queue.get()
+                if token is None:
+                    break
+                sent += 1
+                yield (sent * 7919) % VOCAB
+        finally:
+            self.tokens.pop(request.request_id, None)
+
+    # -- cluster ---------------------------------------------------------------------------
+
+    async def run_reporter(self) -> None:
+        """Keep reporting to the cluster; on any failure, log, wait a second, start over."""
+        # KV-event sequence numbers start from the wall clock (microseconds), so a restarted
+        # node's events are never taken for replays of the previous run's.
+        self.seq = time.time_ns() // 1000
+        while True:
+            try:
+                await self._report()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # cluster unreachable, no leader, ...: retry
+                log.warning("sim_node_report_failed", error=repr(exc))
+                await asyncio.sleep(1.0)
+
+    async def _report(self) -> None:
+        """Register, then heartbeat and publish KV events to the cluster (ordered seqs)."""
+        s = self.settings
+        assert self.client is not None
+        await self.client.register_model(s.model, block_size=s.block_size, hash_seed=s.hash_seed)
+        # It runs max_num_seqs requests at once and queues the rest (as vLLM does); the
+        # router may send it up to ADMISSION_FACTOR times that many.
+        await self.client.register_node(s.node_id, s.address, [s.model], s.capacity_blocks,
+                                        max_active=s.max_num_seqs * ADMISSION_FACTOR,
+                                        max_running=s.max_num_seqs, instance_id=self.instance)
+        beat = asyncio.get_running_loop().time()
+        while True:
+            if self._unsent is not None:  # a batch whose send failed: the same batch, same seq
+                seq, stored, removed = self._unsent
+            else:
+                try:
+                    stored, removed = await asyncio.wait_for(self.reports.get(), timeout=0.2)
+                except TimeoutError:
+                    stored, removed = [], []
+                if stored or removed:
+                    self.seq += 1
+                seq = self.seq
+                self._unsent = (seq, stored, removed)
+            events = []
+            if removed:
+                events.append({"type": "removed", "block_hashes": removed})
+            if stored:
+                events.append({"type": "stored", "block_hashes": stored})
+            if events:  # a retry of an applied batch is a duplicate (same node, same seq)
+                await self.client.kv_events(s.node_id, seq, events, model=s.model)
+            self._unsent = None
+            now = asyncio.get_running_loop().time()
+            if now - beat >= s.lease_ms / 3000:
+                beat = now
+                await self.client.heartbeat(s.node_id, active_requests=len(self.engine.running),
+                                            queue_depth=len(self.engine.waiting),
+                                            used_blocks=self.engine.held_blocks)
+
+
+ADMISSION_FACTOR = 8
