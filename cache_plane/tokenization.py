@@ -257,6 +257,10 @@ def _load(path: str) -> HFTokenizer:
     if not os.path.isfile(os.path.join(path, "tokenizer.json")):
         raise TokenizerError(f"tokenizer directory {path!r} has no tokenizer.json",
                              code="tokenizer_unavailable")
+    # Offline by rule (never a download), and quiet: without torch, transformers announces at
+    # import that models are unavailable, which is expected here (tokenizers only).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         from transformers import AutoTokenizer
     except ImportError as exc:

@@ -1,5 +1,6 @@
 """`python -m chaos run --cycles N --seed S [--faults K,K] [--out FILE]`: attack a cluster,
-judge the history."""
+judge the history. `python -m chaos gateway --cycles N`: kill the leader under gateway load,
+check the index converges (chaos/gateway.py)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plain-http", action="store_true",
                    help="members serve plain HTTP (default: HTTPS with mTLS and role tokens, "
                         "as in production)")
+    g = sub.add_parser("gateway", help="leader kills under gateway load; index convergence")
+    g.add_argument("--cycles", type=int, default=6)
+    g.add_argument("--seed", type=int, default=1)
+    g.add_argument("--route-ack", choices=["committed", "decided"], default="decided")
+    g.add_argument("--cycle-s", type=float, default=3.0, help="seconds per kill cycle")
     args = parser.parse_args(argv)
+    if args.command == "gateway":
+        from .gateway import gateway_summary, run_gateway_chaos
+
+        result = asyncio.run(run_gateway_chaos(args.cycles, args.seed, args.route_ack,
+                                               args.cycle_s))
+        print(gateway_summary(result))
+        return 0 if result.passed else 1
     faults = tuple(f.strip() for f in args.faults.split(",") if f.strip())
     unknown = sorted(set(faults) - set(FAULTS))
     if unknown or not faults:

@@ -361,3 +361,36 @@ def test_an_out_of_range_leader_time_is_ignored_not_raised():
       events=[{"type": "stored", "block_hashes": [1]}])
     assert h(op="cp.compact_log", slot=0)["ok"]
     assert h.m.now < 2**62
+
+
+def test_an_unreachable_node_leaves_routing_until_its_next_heartbeat():
+    """A gateway's report takes a node out of routing; its blocks stay; a heartbeat restores."""
+    h = cluster()
+    first = h.route(range(10), "r1")
+    h(op="cp.complete", request_id="r1", node=first["node_id"], status="ok")
+    out = h(op="cp.node_unreachable", node=first["node_id"])
+    assert out["state"] == "unreachable"
+    other = h.route(range(10), "r2")
+    assert other["node_id"] != first["node_id"] and other["route_type"] == "miss"
+    h(op="cp.heartbeat", node=first["node_id"], active=0, queue=0, now_ms=1, lease_ms=LEASE)
+    back = h.route(range(10), "r3", now=1)
+    assert back["node_id"] == first["node_id"] and back["route_type"] == "exact"
+    h(op="cp.node_unreachable", node="b")
+    h(op="cp.node_unreachable", node="a")
+    none = h.route(range(3), "r4", now=1)
+    assert none["rejected"] == "no_node_up"
+    assert h(op="cp.node_unreachable", node="zz")["error"] == "unknown_node"
+
+
+def test_a_binding_decision_that_no_longer_fits_is_dropped_not_moved():
+    """An answered (ack: decided) route never lands on another node: it is recorded nowhere."""
+    h = cluster(max_active=1)
+    h.route(range(4), "r1")  # fills one node
+    busy = "a" if h.m.nodes["a"].active else "b"
+    out = h(op="cp.route", model="m", blocks=[7, 8], request_id="r2", now_ms=0, node=busy,
+            route_type="miss", matched=0, evict=[], binding=True)
+    assert out["dropped"] is True and out["routed"] is False
+    assert h(op="cp.complete", request_id="r2", node=busy, status="ok")["duplicate"] is True
+    moved = h(op="cp.route", model="m", blocks=[7, 8], request_id="r3", now_ms=0, node=busy,
+              route_type="miss", matched=0, evict=[])
+    assert moved["node_id"] != busy  # without binding, the replica re-decides
