@@ -352,6 +352,7 @@ async def _serve(request: web.Request, path: str, chat: bool) -> web.StreamRespo
     endpoint = "chat" if chat else "completions"
     model = "?"
     status = 500
+    unreported: dict[str, Any] | None = None  # a route whose outcome is not reported yet
     try:
         body = await _read_body(request)
         parsed = core.check_request(body, chat, s.max_prompt_chars)
@@ -369,7 +370,7 @@ async def _serve(request: web.Request, path: str, chat: bool) -> web.StreamRespo
         attempt = None
         for n in range(s.max_retries + 1):
             request_id = f"{client_id}-{n}" if n else client_id
-            route = await gateway.route(parsed, form, session, request_id)
+            route = unreported = await gateway.route(parsed, form, session, request_id)
             gateway.metrics.route_types.labels(route["route_type"] or "miss").inc()
             if n == 0:
                 gateway.metrics.overhead.labels(model).observe(time.perf_counter() - arrived)
@@ -381,6 +382,7 @@ async def _serve(request: web.Request, path: str, chat: bool) -> web.StreamRespo
             log.warning("backend_failed", node=route["node_id"], request_id=request_id,
                         error=attempt.error.message, attempt=n)
             gateway.spawn(gateway.report(route, "failed"))
+            unreported = None
             await gateway.mark_unreachable(route["node_id"])
             if n < s.max_retries:
                 gateway.metrics.retries.labels(attempt.error.code or "error").inc()
@@ -388,6 +390,7 @@ async def _serve(request: web.Request, path: str, chat: bool) -> web.StreamRespo
         if attempt.error is not None:
             raise attempt.error
         assert attempt.response is not None
+        unreported = None  # from here on, _stream and _whole report the outcome
         result = await (_stream if parsed.stream else _whole)(
             request, gateway, parsed, attempt, spec, arrived)
         status = result.status
@@ -398,7 +401,9 @@ async def _serve(request: web.Request, path: str, chat: bool) -> web.StreamRespo
         status = exc.status
         raise
     except asyncio.CancelledError:
-        status = 499  # the client went away
+        status = 499  # the client went away (the backend call, if any, is dropped with it)
+        if unreported is not None:
+            gateway.spawn(gateway.report(unreported, "cancelled"))
         raise
     finally:
         gateway.metrics.requests.labels(endpoint, model, str(status)).inc()
@@ -438,31 +443,31 @@ async def _whole(request: web.Request, gateway: Gateway, parsed: core.ChatReques
                  attempt: Attempt, spec: dict[str, Any], arrived: float) -> web.StreamResponse:
     response = attempt.response
     assert response is not None
-    status = "failed"
-    usage = None
+    outcome = "cancelled"
     try:
         try:
             data = await response.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
+            outcome = "failed"
             raise GatewayError(502, f"node {attempt.node_id} broke off its answer: {exc!r}",
                                code="backend_error") from exc
-        if response.status < 400:
-            status = "ok"
+        outcome = "ok" if response.status < 400 else "failed"
+        usage = None
+        if outcome == "ok":
             with contextlib.suppress(orjson.JSONDecodeError):
                 usage = core.usage_from(orjson.loads(data))
         elapsed = time.perf_counter() - arrived
         gateway.metrics.ttft.labels(parsed.model).observe(elapsed)
-        _account(gateway, parsed, attempt, usage, spec, elapsed, elapsed, status)
-        status = "reported"
+        _account(gateway, parsed, attempt, usage, spec, elapsed, elapsed, outcome)
+        outcome = "reported"
         if response.status >= 400:
             return _error_response(_engine_error(response.status, data))
         return web.Response(body=data, status=response.status,
                             content_type="application/json", headers=_headers(attempt))
     finally:
         response.release()
-        if status != "reported":
-            gateway.spawn(gateway.report(attempt.route, "cancelled" if status == "ok"
-                                         else status))
+        if outcome != "reported":
+            gateway.spawn(gateway.report(attempt.route, outcome))
 
 
 def _engine_error(status: int, data: bytes) -> GatewayError:

@@ -89,13 +89,21 @@ class GatewayStack:
             args += ["--cluster", url]
         self._spawn(f"gpu{i}", args)
 
-    def start_gateway(self, i: int) -> None:
+    def add_gateway(self, *extra_args: str) -> int:
+        """Start one more gateway (its flags after the stack's); its index."""
+        self.gateway_ports.append(free_ports(1)[0])
+        i = len(self.gateway_ports) - 1
+        self.start_gateway(i, extra_args)
+        _wait_http(f"http://127.0.0.1:{self.gateway_ports[i]}/health", 60)
+        return i
+
+    def start_gateway(self, i: int, extra_args: tuple[str, ...] = ()) -> None:
         assert self.cluster is not None and self.cluster.token_file is not None
         args = ["gateway", "--listen", f"127.0.0.1:{self.gateway_ports[i]}",
                 "--api-keys-file", self.keys_file,
                 "--cluster-token-file", self.cluster.token_file,
                 "--tokenizer", f"{MODEL}={MODEL}", "--route-ack", self.route_ack,
-                *self.gateway_args]
+                *self.gateway_args, *extra_args]
         for url in self.cluster.urls:
             args += ["--cluster", url]
         self._spawn(f"gateway{i}", args)

@@ -229,6 +229,44 @@ def test_break_after_first_byte_ends_with_an_error_event(stack: GatewayStack) ->
             faults(stack, i, {"mode": "none"})
 
 
+def test_client_disconnect_is_reported_cancelled(stack: GatewayStack) -> None:
+    """A client that gives up before the first byte cancels the backend call; the gateway
+    counts it (499) and reports the route cancelled."""
+    for i in (0, 1):
+        faults(stack, i, {"mode": "hang", "hang_s": 5, "count": 1})
+    before = metric(stack, 0, 'cache_plane_gateway_requests_total{endpoint="chat",model="'
+                               f'{MODEL}",status="499"}}')
+    try:
+        with pytest.raises(openai.APITimeoutError):
+            openai.OpenAI(base_url=stack.gateway_url(), api_key=stack.api_key, max_retries=0,
+                          timeout=0.5).chat.completions.create(
+                model=MODEL, messages=messages("hang?"), max_tokens=2)
+        deadline = time.monotonic() + 5
+        while metric(stack, 0, 'cache_plane_gateway_requests_total{endpoint="chat",model="'
+                               f'{MODEL}",status="499"}}') <= before:
+            assert time.monotonic() < deadline, "the disconnect was not counted"
+            time.sleep(0.1)
+    finally:
+        for i in (0, 1):
+            faults(stack, i, {"mode": "none"})
+
+
+def test_engine_tokenizer_mode(stack: GatewayStack) -> None:
+    """A gateway that asks the engine's /tokenize predicts the same reuse as a local one."""
+    i = stack.add_gateway("--tokenizer", f"{MODEL}=engine")
+    system = "Engine tokenizer mode shares this prefix with the local tokenizer. " * 30
+    client(stack, 0).chat.completions.create(model=MODEL, messages=messages("a", system),
+                                             max_tokens=2)
+    time.sleep(0.3)
+    raw = client(stack, i).chat.completions.with_raw_response.create(
+        model=MODEL, messages=messages("b", system), max_tokens=2)
+    assert int(raw.headers["x-cache-plane-matched-tokens"]) > 300
+    usage = raw.parse().usage
+    assert usage is not None and usage.prompt_tokens_details is not None
+    assert abs((usage.prompt_tokens_details.cached_tokens or 0)
+               - int(raw.headers["x-cache-plane-matched-tokens"])) <= 16
+
+
 def test_killed_engine_and_killed_leader(stack: GatewayStack) -> None:
     """Kill an engine: requests keep succeeding and it leaves routing within about a second.
     Kill the cluster leader under load: the gateways keep serving after failover."""
