@@ -323,9 +323,9 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         "tls_key_file", "route_ack", "default_tokenizer", "max_retries",
         "connect_timeout_s", "first_byte_timeout_s")}
     if args.tokenizer:
-        overrides["tokenizers"] = dict(t.split("=", 1) for t in args.tokenizer)
+        overrides["tokenizers"] = dict(args.tokenizer)
     if args.lora:
-        overrides["lora"] = dict(t.split("=", 1) for t in args.lora)
+        overrides["lora"] = dict(args.lora)
     try:
         settings = load_gateway_settings(args.config, overrides=overrides)
     except ConfigError as exc:
@@ -379,6 +379,14 @@ def _nonnegative_float(text: str) -> float:
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
+
+
+def _pair(text: str) -> tuple[str, str]:
+    """`NAME=VALUE` (for --tokenizer and --lora)."""
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, not {text!r}")
+    return name, value
 
 
 def _positive_float(text: str) -> float:
@@ -510,12 +518,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend-api-key-file", help="key forwarded to the engines")
     p.add_argument("--tls-cert-file", help="serve HTTPS with this certificate chain (PEM)")
     p.add_argument("--tls-key-file", help="... and this key")
-    p.add_argument("--tokenizer", action="append", metavar="MODEL=DIR",
+    p.add_argument("--tokenizer", action="append", metavar="MODEL=DIR", type=_pair,
                    help="tokenizer of a model: a local HF dir, a packaged name "
                         "('tiny-chat'), 'engine' or 'text' (repeatable)")
     p.add_argument("--default-tokenizer", help="for models not named by --tokenizer "
                                                "(default 'text')")
-    p.add_argument("--lora", action="append", metavar="ADAPTER=BASE",
+    p.add_argument("--lora", action="append", metavar="ADAPTER=BASE", type=_pair,
                    help="a LoRA adapter and its base model (repeatable)")
     p.add_argument("--route-ack", choices=["committed", "decided"],
                    help="committed (default): route once the decision is replicated; "

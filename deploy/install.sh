@@ -13,6 +13,11 @@
 # bring: /etc/cache-plane/tls/{ca.crt,member.crt,member.key} (docs/security.md shows openssl
 # commands); a member beyond loopback refuses to start without them. Then start:
 # systemctl start cache-plane@node1 (see docs/operations.md for bootstrap order and checks).
+#
+#   deploy/install.sh gateway          # this host runs an OpenAI-compatible gateway instead
+#
+# installs /etc/cache-plane/{gateway.toml,gateway-keys.toml} from the examples (keep the keys
+# file mode 0640, root:cache-plane) and enables cache-plane-gateway (docs/gateway.md).
 set -euo pipefail
 
 MEMBER=${1:?usage: deploy/install.sh MEMBER   (e.g. node1; uses deploy/config/MEMBER.toml)}
@@ -63,6 +68,19 @@ install -d -m 0750 -o root -g cache-plane "$ETC/tls"
 for file in ca.crt member.crt member.key; do
     [ -s "$ETC/tls/$file" ] || echo "missing $ETC/tls/$file: put the member's TLS files there (docs/security.md)"
 done
+if [ "$MEMBER" = gateway ]; then
+    [ -f "$ETC/gateway.toml" ] || install -m 0644 "$SRC/deploy/config/gateway.toml" "$ETC/gateway.toml"
+    [ -f "$ETC/gateway-keys.toml" ] || install -m 0640 -o root -g cache-plane \
+        "$SRC/deploy/config/gateway-keys.example.toml" "$ETC/gateway-keys.toml"
+    echo "installed $ETC/gateway.toml and gateway-keys.toml from the examples: edit both"
+    install -m 0644 "$SRC/deploy/systemd/cache-plane-gateway.service" "$UNIT_DIR/cache-plane-gateway.service"
+    if [ -d /run/systemd/system ]; then
+        systemctl daemon-reload
+        systemctl enable cache-plane-gateway.service
+        echo "enabled cache-plane-gateway; start it with: systemctl start cache-plane-gateway"
+    fi
+    exit 0
+fi
 if [ ! -f "$ETC/$MEMBER.toml" ]; then
     install -m 0644 "$SRC/deploy/config/$MEMBER.toml" "$ETC/$MEMBER.toml"
     echo "installed $ETC/$MEMBER.toml from the example: set this host's addresses in it"

@@ -81,6 +81,15 @@ class Gateway:
         self.backend: aiohttp.ClientSession | None = None
         self.background: set[asyncio.Task[Any]] = set()
         self.reports: dict[str, int] = {"sent": 0, "failed": 0}
+        # Tokenizers load now, so a bad directory stops the start with a clear message.
+        for model, spec in settings.tokenizers.items():
+            self.tokenizers[model] = spec if spec in ("engine", "text") else load_tokenizer(spec)
+        if settings.default_tokenizer not in ("engine", "text"):
+            load_tokenizer(settings.default_tokenizer)
+        # Secrets are read once (a restart picks up a rotated key).
+        self.backend_keys = {node: settings.backend_key(node)
+                             for node in settings.backend_api_key_files}
+        self.backend_default_key = settings.backend_key("")
 
     async def start(self) -> None:
         s = self.settings
@@ -95,8 +104,6 @@ class Gateway:
             connector=aiohttp.TCPConnector(limit=0, ssl=ssl_context if ssl_context else True),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout_s),
             auto_decompress=False)
-        for model, spec in s.tokenizers.items():  # load now: a bad dir fails the start
-            self.tokenizers[model] = spec if spec in ("engine", "text") else load_tokenizer(spec)
 
     async def stop(self) -> None:
         if self.background:
@@ -144,7 +151,11 @@ class Gateway:
     async def block_hashes(self, request: core.ChatRequest, body: dict[str, Any],
                            spec: dict[str, Any]) -> tuple[dict[str, Any], int]:
         """The route's prompt form (block hashes, or text for the fallback) and token count."""
-        tokenizer = self.tokenizer(spec["model_id"])
+        try:
+            tokenizer = self.tokenizer(spec["model_id"])
+        except TokenizerError as exc:
+            raise GatewayError(503, f"no tokenizer for {spec['model_id']!r}: {exc.detail}",
+                               code="tokenizer_unavailable") from exc
         if tokenizer == "text":
             text = (request.prompt if request.prompt is not None else "\n".join(
                 f"{m.get('role')}: {m.get('content')}" for m in request.messages))
@@ -193,7 +204,7 @@ class Gateway:
                 or not isinstance(payload.get("tokens"), list):
             raise GatewayError(400 if resp.status < 500 else 502,
                                f"the engine refused to tokenize: {str(payload)[:500]}",
-                               code="invalid_request")
+                               code="invalid_request" if resp.status < 500 else "backend_error")
         return list(payload["tokens"])
 
     # -- backends --------------------------------------------------------------------------
@@ -203,7 +214,7 @@ class Gateway:
 
     def backend_headers(self, node_id: str, request_id: str) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
-        key = self.settings.backend_key(node_id)
+        key = self.backend_keys.get(node_id, self.backend_default_key)
         if key:
             headers["Authorization"] = f"Bearer {key}"
         return headers
@@ -249,10 +260,15 @@ class Gateway:
             log.warning("node_unreachable_not_reported", node=node_id, error=exc.detail)
 
     async def call(self, path: str, body: bytes, route: dict[str, Any],
-                   request_id: str) -> Attempt:
-        """Send the request to the routed node; the answer's status and headers, or why not."""
+                   request_id: str, stream: bool) -> Attempt:
+        """Send the request to the routed node; the answer's status and headers, or why not.
+
+        A stream's headers come with its first token, so `first_byte_timeout_s` bounds them;
+        a whole answer's come when generation ends, so `read_timeout_s` does.
+        """
         assert self.backend is not None
         attempt = Attempt(route["node_id"], request_id, route)
+        limit = self.settings.first_byte_timeout_s if stream else self.settings.read_timeout_s
         try:
             attempt.response = await asyncio.wait_for(self.backend.post(
                 self.url(route["address"], path), data=body,
@@ -260,11 +276,10 @@ class Gateway:
                 timeout=aiohttp.ClientTimeout(total=None,
                                               sock_connect=self.settings.connect_timeout_s,
                                               sock_read=self.settings.read_timeout_s)),
-                timeout=self.settings.first_byte_timeout_s)
+                timeout=limit)
         except TimeoutError:
             attempt.error = GatewayError(504, f"node {route['node_id']} sent nothing within "
-                                         f"{self.settings.first_byte_timeout_s}s",
-                                         code="backend_timeout")
+                                         f"{limit}s", code="backend_timeout")
         except aiohttp.ClientError as exc:
             attempt.error = GatewayError(502, f"node {route['node_id']} failed: {exc!r}",
                                          code="backend_unreachable")
@@ -274,12 +289,17 @@ class Gateway:
                 attempt.response.release()
                 attempt.error = GatewayError(
                     502, f"node {route['node_id']} answered {attempt.response.status}: {text}",
-                    code="backend_error")
+                    code="backend_error" if attempt.response.status == 500
+                    else "backend_unavailable")
                 attempt.response = None
         return attempt
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
+
+
+class _ClientGone(ConnectionError):
+    """Writing to the client failed: it disconnected (not the backend's fault)."""
 
 
 def _error_response(error: GatewayError) -> web.Response:
@@ -374,7 +394,7 @@ async def _serve(request: web.Request, path: str, chat: bool) -> web.StreamRespo
             gateway.metrics.route_types.labels(route["route_type"] or "miss").inc()
             if n == 0:
                 gateway.metrics.overhead.labels(model).observe(time.perf_counter() - arrived)
-            attempt = await gateway.call(path, payload, route, request_id)
+            attempt = await gateway.call(path, payload, route, request_id, parsed.stream)
             if attempt.error is None:
                 break
             gateway.metrics.backend_errors.labels(route["node_id"], attempt.error.code
@@ -383,7 +403,8 @@ async def _serve(request: web.Request, path: str, chat: bool) -> web.StreamRespo
                         error=attempt.error.message, attempt=n)
             gateway.spawn(gateway.report(route, "failed"))
             unreported = None
-            await gateway.mark_unreachable(route["node_id"])
+            if attempt.error.code != "backend_error":  # a 500 may be this request's own doing
+                await gateway.mark_unreachable(route["node_id"])
             if n < s.max_retries:
                 gateway.metrics.retries.labels(attempt.error.code or "error").inc()
         assert attempt is not None
@@ -400,7 +421,7 @@ async def _serve(request: web.Request, path: str, chat: bool) -> web.StreamRespo
     except GatewayError as exc:
         status = exc.status
         raise
-    except asyncio.CancelledError:
+    except (asyncio.CancelledError, ConnectionError):
         status = 499  # the client went away (the backend call, if any, is dropped with it)
         if unreported is not None:
             gateway.spawn(gateway.report(unreported, "cancelled"))
@@ -522,7 +543,10 @@ async def _stream(request: web.Request, gateway: Gateway, parsed: core.ChatReque
                     else:
                         m.itl.labels(parsed.model).observe(now - last)
                     last = now
-                    await out.write(event)
+                    try:
+                        await out.write(event)
+                    except ConnectionError as exc:  # the client went away
+                        raise _ClientGone from exc
             outcome = "ok"
         except (aiohttp.ClientError, TimeoutError) as exc:
             outcome = "failed"
@@ -534,7 +558,7 @@ async def _stream(request: web.Request, gateway: Gateway, parsed: core.ChatReque
                 code="backend_error")))
         await out.write_eof()
         return out
-    except (ConnectionResetError, asyncio.CancelledError):
+    except (_ClientGone, ConnectionError, asyncio.CancelledError):
         outcome = "cancelled"  # the client went away: stop the backend too
         raise
     finally:

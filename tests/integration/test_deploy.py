@@ -1,5 +1,6 @@
-"""deploy/: the systemd unit verifies cleanly, members run exactly as the unit runs them
-survive a rolling restart under load, and a backup seeds a fresh member that catches up."""
+"""deploy/: the systemd units verify cleanly, members run exactly as the unit runs them
+survive a rolling restart under load, a backup seeds a fresh member that catches up, and the
+gateway's example config loads."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from cache_plane.cli import build_parser, cmd_gateway
 from cache_plane.client import CachePlaneClient
+from cache_plane.gateway.settings import load_api_keys, load_gateway_settings
 from cache_plane.operations import BackupError, download_backup, restore_backup
 from veristore_py.localcluster import free_ports, throwaway_pki
 from veristore_py.tls import client_context
@@ -28,40 +31,91 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "deploy" / "systemd" / "cache-plane@.service"
+GATEWAY_UNIT = ROOT / "deploy" / "systemd" / "cache-plane-gateway.service"
 CONFIGS = sorted((ROOT / "deploy" / "config").glob("node*.toml"))
+GATEWAY_CONFIG = ROOT / "deploy" / "config" / "gateway.toml"
+GATEWAY_KEYS = ROOT / "deploy" / "config" / "gateway-keys.example.toml"
 TOKEN = "deploy-test-token"  # admin
 ROUTE_TOKEN = "deploy-test-route-token"
 
 
-def unit_directives() -> dict[str, list[str]]:
+def unit_directives(unit: Path = UNIT) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
-    for line in UNIT.read_text().splitlines():
+    for line in unit.read_text().splitlines():
         if "=" in line and not line.startswith(("#", "[")):
             key, _, value = line.partition("=")
             found.setdefault(key.strip(), []).append(value.strip())
     return found
 
 
-def test_unit_passes_systemd_analyze_verify_without_warnings(tmp_path):
+@pytest.mark.parametrize(("unit", "name"), [(UNIT, "cache-plane@node1.service"),
+                                            (GATEWAY_UNIT, GATEWAY_UNIT.name)])
+def test_unit_passes_systemd_analyze_verify_without_warnings(tmp_path, unit, name):
+    """Each unit verifies with no output once its binary exists (and the template has an
+    instance name)."""
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed (deploy/install.sh installs it)")
-    binary = unit_directives()["ExecStart"][0].split()[0]
-    rendered = tmp_path / "cache-plane@node1.service"  # verify needs an instance name and an
-    rendered.write_text(UNIT.read_text().replace(binary, "/bin/true"))  # existing binary
+    binary = unit_directives(unit)["ExecStart"][0].split()[0]
+    rendered = tmp_path / name
+    rendered.write_text(unit.read_text().replace(binary, "/bin/true"))
     done = subprocess.run([analyze, "verify", str(rendered)], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "" and done.stderr.strip() == "", \
         done.stdout + done.stderr
 
 
+_OPERATIONAL = ("User", "EnvironmentFile", "Restart", "RestartSec", "TimeoutStopSec",
+                "KillSignal", "NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp",
+                "RestrictAddressFamilies", "LimitNOFILE")
+
+
 def test_unit_has_the_operational_settings():
     d = unit_directives()
-    for key in ("User", "StateDirectory", "EnvironmentFile", "Restart", "RestartSec",
-                "TimeoutStopSec", "KillSignal", "NoNewPrivileges", "ProtectSystem",
-                "ProtectHome", "PrivateTmp", "RestrictAddressFamilies", "LimitNOFILE"):
+    for key in ("StateDirectory", *_OPERATIONAL):
         assert key in d, key
     assert d["Restart"] == ["on-failure"] and d["KillSignal"] == ["SIGTERM"]
+
+
+def test_gateway_unit_is_hardened_like_the_member_unit_and_runs_the_gateway():
+    """Same user, restart policy and every hardening directive as a member; `gateway --config`."""
+    member, gateway = unit_directives(), unit_directives(GATEWAY_UNIT)
+    for key in _OPERATIONAL:
+        assert key in gateway, key
+    hardening = UNIT.read_text().partition("# Hardening")[2].partition("[Install]")[0]
+    for line in hardening.splitlines():
+        if "=" in line and not line.startswith("#"):
+            key = line.partition("=")[0]
+            assert gateway.get(key) == member[key], key
+    for key in ("User", "Group", "Restart", "KillSignal", "UMask"):
+        assert gateway[key] == member[key], key
+    argv = gateway["ExecStart"][0].split()
+    assert argv[0] == member["ExecStart"][0].split()[0]
+    args = build_parser().parse_args(argv[1:])
+    assert args.func is cmd_gateway and args.config == "/etc/cache-plane/gateway.toml"
+
+
+def test_gateway_example_config_loads_with_its_files_in_place(tmp_path):
+    """The example config (paths moved under a temp dir, the example keys file as its keys)
+    passes `load_gateway_settings`, and names the members the example member configs use."""
+    etc = tmp_path / "etc"
+    text = GATEWAY_CONFIG.read_text().replace("/etc/cache-plane", str(etc))
+    raw = tomllib.loads(text)
+    for key, value in raw.items():
+        if key.endswith("_file"):
+            path = Path(value)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(GATEWAY_KEYS.read_text() if key == "api_keys_file" else "x\n")
+            path.chmod(0o400)
+    config = tmp_path / "gateway.toml"
+    config.write_text(text)
+    settings = load_gateway_settings(str(config), env={})
+    assert settings.api_keys_file == raw["api_keys_file"] and settings.tls_cert_file
+    members = {"https://" + tomllib.loads(p.read_text())["http_address"] for p in CONFIGS}
+    assert set(settings.cluster) == members
+    assert all(base in settings.tokenizers for base in settings.lora.values())
+    keys = load_api_keys(raw["api_keys_file"])
+    assert {k.tenant for k in keys.values()} == {"team-a", "team-b"}
 
 
 def test_install_script_parses():
