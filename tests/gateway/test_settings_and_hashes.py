@@ -91,3 +91,24 @@ def test_gateway_hashes_equal_the_engines(tmp_path: Path, chat: bool,
     assert count == len(prompt.token_ids)
     assert len(engine_blocks) >= 3
     assert list(form["block_hashes"]) == list(engine_blocks)
+
+
+def test_gateway_cli_refuses_bad_settings_clearly(tmp_path: Path) -> None:
+    """`cache-plane gateway` with bad settings or a missing tokenizer exits 2 saying why."""
+    import subprocess
+    import sys
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "cache_plane", "gateway", *args],
+                              capture_output=True, text=True, timeout=60)
+
+    out = run("--listen", "0.0.0.0:8080", "--route-ack", "decided")
+    assert out.returncode == 2
+    assert "cluster" in out.stderr and "api_keys_file" in out.stderr
+    assert "beyond loopback" in out.stderr
+    out = run("--cluster", "http://127.0.0.1:1", "--api-keys-file", keys_file(tmp_path),
+              "--tokenizer", f"m={tmp_path / 'missing'}")
+    assert out.returncode == 2 and "does not exist" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = run("--tokenizer", "no-equals-sign")
+    assert out.returncode == 2 and "NAME=VALUE" in out.stderr
