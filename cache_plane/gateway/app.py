@@ -164,9 +164,10 @@ class Gateway:
             token_ids = await self.engine_tokenize(request, body)
         else:
             assert not isinstance(tokenizer, str)
-            try:
-                token_ids = (chat_request_token_ids(tokenizer, body) if request.chat
-                             else completion_request_token_ids(tokenizer, body))
+            try:  # off the event loop: a long prompt takes milliseconds to encode
+                token_ids = await asyncio.to_thread(
+                    chat_request_token_ids if request.chat else completion_request_token_ids,
+                    tokenizer, body)
             except TokenizerError as exc:
                 raise GatewayError(400, str(exc), param="messages" if request.chat
                                    else "prompt", code="invalid_request") from exc
@@ -537,9 +538,10 @@ async def _stream(request: web.Request, gateway: Gateway, parsed: core.ChatReque
                         if usage_only and not parsed.include_usage:
                             continue
                     now = time.perf_counter()
-                    if ttft is None:
-                        ttft = now - arrived
-                        m.ttft.labels(parsed.model).observe(ttft)
+                    if ttft is None:  # (only events before the first output are parsed)
+                        if core.carries_output(event):
+                            ttft = now - arrived
+                            m.ttft.labels(parsed.model).observe(ttft)
                     else:
                         m.itl.labels(parsed.model).observe(now - last)
                     last = now

@@ -285,6 +285,29 @@ def scan_event(event: bytes) -> tuple[Usage | None, bool]:
     return usage, usage is not None and payload.get("choices") == []
 
 
+def carries_output(event: bytes) -> bool:
+    """Whether an SSE event carries generated output (TTFT ends there, not at a role chunk)."""
+    data = b"".join(line[5:].strip() for line in event.split(b"\n")
+                    if line.startswith(b"data:"))
+    if not data.startswith(b"{"):
+        return False
+    try:
+        payload = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    choices = payload.get("choices") if isinstance(payload, dict) else None
+    for choice in choices if isinstance(choices, list) else ():
+        if not isinstance(choice, dict):
+            continue
+        delta = choice.get("delta")
+        if not isinstance(delta, dict):
+            delta = {}
+        if choice.get("text") or choice.get("finish_reason") or delta.get("content") \
+                or delta.get("tool_calls") or delta.get("reasoning_content"):
+            return True
+    return False
+
+
 def error_event(error: GatewayError) -> bytes:
     """A well-formed SSE error event, then the end marker (vLLM's form of a failed stream)."""
     return b"data: " + orjson.dumps(error.body()) + b"\n\ndata: [DONE]\n\n"

@@ -149,3 +149,13 @@ def test_check_request_only_raises_gateway_errors(body: object, chat: bool) -> N
         check(body, chat)
     except GatewayError as exc:
         assert exc.status == 400
+
+
+def test_carries_output_skips_the_role_chunk() -> None:
+    """TTFT ends at the first event with output, not at the role chunk."""
+    role = b'data: {"choices": [{"delta": {"role": "assistant", "content": ""}}]}\n\n'
+    token = b'data: {"choices": [{"delta": {"content": "t1 "}}]}\n\n'
+    text = b'data: {"choices": [{"text": "t1 ", "finish_reason": null}]}\n\n'
+    assert not core.carries_output(role)
+    assert core.carries_output(token) and core.carries_output(text)
+    assert not core.carries_output(b"data: [DONE]\n\n")
