@@ -384,7 +384,7 @@ async def _serve(request: web.Request, path: str, chat: bool) -> web.StreamRespo
                                   s.session_from_user)
         upstream = body
         if parsed.stream and not parsed.include_usage:
-            upstream = {**body, "stream_options": {**body.get("stream_options", {}),
+            upstream = {**body, "stream_options": {**(body.get("stream_options") or {}),
                                                    "include_usage": True}}
         payload = orjson.dumps(upstream)
         client_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex

@@ -119,6 +119,17 @@ def test_errors_are_openai_shaped(stack: GatewayStack) -> None:
     assert status == 400 and body["error"]["param"] == "body"
 
 
+def test_null_stream_options_on_a_stream(stack: GatewayStack) -> None:
+    """`stream_options: null` on a stream is the same as leaving it out (no 500)."""
+    body = json.dumps({"model": MODEL, "stream": True, "stream_options": None,
+                       "max_tokens": 2, "messages": messages("null options?")}).encode()
+    req = urllib.request.Request(stack.gateway_url() + "/chat/completions", data=body,
+                                 headers={"Authorization": f"Bearer {stack.api_key}",
+                                          "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert resp.status == 200 and resp.read().endswith(b"data: [DONE]\n\n")
+
+
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_curl_streams(stack: GatewayStack) -> None:
     """`curl -N` gets a well-formed event stream ending in [DONE] (the docs' example)."""
