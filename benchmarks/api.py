@@ -57,7 +57,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.replication import machine as machine_info  # noqa: E402
 from cache_plane.client import CachePlaneClient  # noqa: E402
-from veristore_py.localcluster import LocalCluster, free_ports, throwaway_pki  # noqa: E402
+from veristore_py.localcluster import (  # noqa: E402
+    LocalCluster,
+    free_ports,
+    throwaway_pki,
+    wait_listening,
+)
 
 
 def _trivial_server(port: int) -> None:
@@ -292,18 +297,6 @@ def _term(cluster: LocalCluster) -> int:
     return max((cluster.status(i) or {}).get("term", 0) for i in range(cluster.size))
 
 
-def _wait_for_port(port: int, timeout: float = 30.0) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"trivial server did not listen on {port}")
-
-
 def _start_raw(mode: str, directory: str) -> tuple[list[Any], str]:
     """Start a raw-PySyncObj baseline in `mode`; its processes and its leader's commit URL."""
     spawn = mp.get_context("spawn")
@@ -364,7 +357,7 @@ def main() -> int:
             each.start()
             each.wait_for_leader()
             asyncio.run(prepare(each, token))
-        _wait_for_port(port)
+        wait_listening(port, timeout=30.0)
         members = [p.pid for p in (cluster.nodes[i].process for i in range(cluster.size))
                    if p is not None]
         tls_members = [p.pid for p in (n.process for n in tls_cluster.nodes) if p is not None]

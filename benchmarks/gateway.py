@@ -60,7 +60,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.api import cpu_seconds, machine_busy_seconds  # noqa: E402
 from benchmarks.replication import machine as machine_info  # noqa: E402
 from cache_plane.sim.stack import MODEL, GatewayStack  # noqa: E402
-from veristore_py.localcluster import free_ports  # noqa: E402
+from veristore_py.localcluster import free_ports, wait_listening  # noqa: E402
 
 TARGETS = ("engine", "proxy", "committed", "decided")
 LABELS = {"engine": "(a) sim-node direct", "proxy": "(b) minimal proxy",
@@ -301,18 +301,6 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(len(values) * q))] if values else float("nan")
 
 
-def _wait_for_port(port: int, timeout: float = 30.0) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"the minimal proxy did not listen on {port}")
-
-
 def run(args: argparse.Namespace, rates: list[float | None],
         systems: list[str]) -> dict[tuple[str, float | None], dict[str, Any]]:
     """Start everything, load every (target, rate) point, stop everything; the points."""
@@ -331,7 +319,7 @@ def run(args: argparse.Namespace, rates: list[float | None],
             proxy.start()
             generator = spawn.Process(target=_load_generator, args=(child,), daemon=True)
             generator.start()
-            _wait_for_port(proxy_port)
+            wait_listening(proxy_port, timeout=30.0)
             assert stack.cluster is not None and proxy.pid and generator.pid
             gateway = {"committed": 0, "decided": 1}
             auth = {"Authorization": f"Bearer {stack.api_key}"}

@@ -313,6 +313,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from veristore_py.logs import configure_logging
+    from veristore_py.server import warn_if_readable_by_others
 
     from .gateway.app import create_app as create_gateway
     from .gateway.settings import load_gateway_settings
@@ -332,6 +333,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         print("invalid gateway settings:\n  " + "\n  ".join(exc.problems), file=sys.stderr)
         return 2
     configure_logging()
+    for name, path in settings.secret_files().items():
+        warn_if_readable_by_others(name, path)
     ssl_context = None
     if settings.tls_cert_file and settings.tls_key_file:
         from veristore_py.tls import server_context

@@ -16,8 +16,8 @@
 #
 #   deploy/install.sh gateway          # this host runs an OpenAI-compatible gateway instead
 #
-# installs /etc/cache-plane/{gateway.toml,gateway-keys.toml} from the examples (keep the keys
-# file mode 0640, root:cache-plane) and enables cache-plane-gateway (docs/gateway.md).
+# installs /etc/cache-plane/gateway.toml and secrets/gateway-keys.toml (0400, cache-plane) from
+# the examples and enables cache-plane-gateway (docs/gateway.md).
 set -euo pipefail
 
 MEMBER=${1:?usage: deploy/install.sh MEMBER   (e.g. node1; uses deploy/config/MEMBER.toml)}
@@ -70,9 +70,9 @@ for file in ca.crt member.crt member.key; do
 done
 if [ "$MEMBER" = gateway ]; then
     [ -f "$ETC/gateway.toml" ] || install -m 0644 "$SRC/deploy/config/gateway.toml" "$ETC/gateway.toml"
-    [ -f "$ETC/gateway-keys.toml" ] || install -m 0640 -o root -g cache-plane \
-        "$SRC/deploy/config/gateway-keys.example.toml" "$ETC/gateway-keys.toml"
-    echo "installed $ETC/gateway.toml and gateway-keys.toml from the examples: edit both"
+    [ -f "$ETC/secrets/gateway-keys.toml" ] || install -m 0400 -o cache-plane -g cache-plane \
+        "$SRC/deploy/config/gateway-keys.example.toml" "$ETC/secrets/gateway-keys.toml"
+    echo "installed $ETC/gateway.toml and secrets/gateway-keys.toml from the examples: edit both"
     install -m 0644 "$SRC/deploy/systemd/cache-plane-gateway.service" "$UNIT_DIR/cache-plane-gateway.service"
     if [ -d /run/systemd/system ]; then
         systemctl daemon-reload

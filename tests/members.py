@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from veristore_py.config import NodeSettings
+from veristore_py.localcluster import wait_listening  # noqa: F401 (the tests' import path)
 from veristore_py.node import VeristoreNode
 from veristore_py.state import Machine
 
@@ -25,15 +25,3 @@ def single_member(settings: NodeSettings, machine: Machine | None = None,
         yield node
     finally:
         node.stop()
-
-
-def wait_listening(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
-    """Wait until something accepts TCP connections on `host:port`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection((host, port), timeout=1).close()
-            return
-        except OSError:
-            assert time.monotonic() < deadline, f"nothing listened on {host}:{port}"
-            time.sleep(0.05)

@@ -290,6 +290,19 @@ class LocalCluster:
             return f.read()
 
 
+def wait_listening(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
+    """Wait until something accepts TCP connections on `host:port`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"nothing listened on {host}:{port}") from None
+            time.sleep(0.05)
+
+
 def _write_private(path: str, content: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -78,14 +78,18 @@ def warn_about_secret_files(settings: NodeSettings) -> None:
     """Say so when a file holding a secret can be read by other users (install.sh makes them
     0400; this is a warning, not a refusal, so a development setup still starts)."""
     for name in ("password_file", "api_token_file", "tokens_file", "tls_key_file"):
-        path = getattr(settings, name)
-        try:
-            mode = os.stat(path).st_mode if path else 0
-        except OSError:
-            continue
-        if mode & 0o077:
-            log.warning("secret_file_readable_by_others", setting=name, path=path,
-                        mode=oct(mode & 0o777), hint="chmod 0400 (docs/security.md)")
+        warn_if_readable_by_others(name, getattr(settings, name))
+
+
+def warn_if_readable_by_others(setting: str, path: str | None) -> None:
+    """Warn when the secret file `path` (named by `setting`) is open to group or others."""
+    try:
+        mode = os.stat(path).st_mode if path else 0
+    except OSError:
+        return
+    if mode & 0o077:
+        log.warning("secret_file_readable_by_others", setting=setting, path=path,
+                    mode=oct(mode & 0o777), hint="chmod 0400 (docs/security.md)")
 
 
 def warn_if_insecure(settings: NodeSettings) -> None:

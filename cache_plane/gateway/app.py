@@ -120,21 +120,28 @@ class Gateway:
 
     # -- models and tokenizers -------------------------------------------------------------
 
+    async def refresh_models(self) -> None:
+        """Fetch the cluster's models; raise a 503 `GatewayError` if it does not answer."""
+        assert self.cluster is not None
+        try:
+            listed = (await self.cluster.request("GET", "/v1/models"))["models"]
+        except VeristoreError as exc:
+            raise GatewayError(503, f"the cluster is unavailable: {exc}",
+                               code="cluster_unavailable", retry_after=1) from exc
+        self.models = {m["model_id"]: m for m in listed}
+        self.models_at = time.monotonic()
+
     async def model(self, model_id: str) -> dict[str, Any]:
         """The cluster's spec of `model_id` (cached `models_refresh_s`); 404 if unknown."""
-        assert self.cluster is not None
-        now = time.monotonic()
-        if model_id not in self.models or now - self.models_at > self.settings.models_refresh_s:
+        base = self.settings.lora.get(model_id, model_id)
+        if base not in self.models or \
+                time.monotonic() - self.models_at > self.settings.models_refresh_s:
             try:
-                listed = (await self.cluster.request("GET", "/v1/models"))["models"]
-            except VeristoreError as exc:
-                if model_id in self.models:  # stale beats unavailable
-                    return self.models[model_id]
-                raise GatewayError(503, f"the cluster is unavailable: {exc}",
-                                   code="cluster_unavailable", retry_after=1) from exc
-            self.models = {m["model_id"]: m for m in listed}
-            self.models_at = now
-        spec = self.models.get(self.settings.lora.get(model_id, model_id))
+                await self.refresh_models()
+            except GatewayError:
+                if base not in self.models:  # a stale spec beats none
+                    raise
+        spec = self.models.get(base)
         if spec is None:
             raise GatewayError(404, f"The model '{model_id}' does not exist", param="model",
                                code="model_not_found")
@@ -572,11 +579,11 @@ async def _stream(request: web.Request, gateway: Gateway, parsed: core.ChatReque
 async def list_models(request: web.Request) -> web.Response:
     """The cluster's models (and configured LoRA adapters), in OpenAI's list shape."""
     gateway = request.app[GATEWAY]
-    with contextlib.suppress(GatewayError):
-        await gateway.model("")  # refresh (an empty id is never a model)
-    if not gateway.models_at:
-        raise GatewayError(503, "the cluster is unavailable", code="cluster_unavailable",
-                           retry_after=1)
+    try:
+        await gateway.refresh_models()
+    except GatewayError:
+        if not gateway.models_at:  # a list it had beats none
+            raise
     data = [{"id": m, "object": "model", "created": 0, "owned_by": "cache-plane"}
             for m in sorted(gateway.models)]
     data += [{"id": a, "object": "model", "created": 0, "owned_by": "cache-plane",
@@ -590,7 +597,7 @@ async def health(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     if not gateway.models_at:
         with contextlib.suppress(GatewayError):
-            await gateway.model("")
+            await gateway.refresh_models()
     if not gateway.models_at:
         return web.json_response({"status": "no_cluster"}, status=503)
     return web.json_response({"status": "ok"})

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -115,6 +114,16 @@ class GatewaySettings:
                 problems.append(f"file {path!r} does not exist")
         return problems
 
+    def secret_files(self) -> dict[str, str | None]:
+        """The settings naming files that hold secrets (checked for loose modes at start)."""
+        return {"api_keys_file": self.api_keys_file,
+                "cluster_token_file": self.cluster_token_file,
+                "cluster_key_file": self.cluster_key_file,
+                "backend_api_key_file": self.backend_api_key_file,
+                "tls_key_file": self.tls_key_file,
+                **{f"backend_api_key_files.{node}": path
+                   for node, path in self.backend_api_key_files.items()}}
+
     def cluster_token(self) -> str | None:
         return _read_secret(self.cluster_token_file)
 
@@ -135,13 +144,8 @@ def load_api_keys(path: str) -> dict[str, ApiKey]:
     try:
         with open(path, "rb") as f:
             table = tomllib.load(f)
-        mode = os.stat(path).st_mode
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError([f"api keys file {path!r}: {exc}"]) from exc
-    if mode & (stat.S_IRGRP | stat.S_IROTH | stat.S_IWOTH):
-        import structlog  # (the pure settings need no logger otherwise)
-
-        structlog.get_logger(__name__).warning("secret_file_readable_by_others", path=path)
     keys: dict[str, ApiKey] = {}
     raw = table.get("keys", {})
     if not isinstance(raw, Mapping) or not raw:
