@@ -7,6 +7,11 @@ busy, new commands queue up, and when a slot frees they all leave together in on
 at once (low latency) and a loaded one batches more (high throughput), with no fixed timer;
 `window_s` optionally waits a little longer for company.
 
+A command submitted with ``linger_s`` is in no hurry (nobody waits for its commit: a report,
+a decision already answered): it does not start an entry of its own before `linger_s` has
+passed, but rides along in any entry that leaves before then. Under steady load such
+commands share entries instead of costing one each.
+
 Failure mapping (what the caller may assume):
 - rejected before proposing (queue full, not leader)        -> definite errors, raised by submit
 - PySyncObj says the entry was never appended or was replaced -> definite (NoLeader/Overloaded)
@@ -110,6 +115,7 @@ class GroupCommitter:
         self._wall_clock_ms = wall_clock_ms
         self._cond = threading.Condition()
         self._queue: collections.deque[tuple[bytes, Future[Any]]] = collections.deque()
+        self._due = float("inf")  # when the earliest queued command must leave (monotonic)
         self._inflight: dict[int, _Proposal] = {}
         self._next_id = 0
         self._running = True
@@ -117,8 +123,11 @@ class GroupCommitter:
         self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
         self._thread.start()
 
-    def submit(self, command: Any) -> Future[Any]:
-        """Queue `command` for the next entry; the future resolves to its apply result."""
+    def submit(self, command: Any, linger_s: float = 0.0) -> Future[Any]:
+        """Queue `command` for the next entry; the future resolves to its apply result.
+
+        With `linger_s`, the command starts no entry before that many seconds (see above).
+        """
         try:
             packed = pack(command)
         except (TypeError, ValueError, OverflowError) as exc:
@@ -133,7 +142,10 @@ class GroupCommitter:
             if len(self._queue) >= self._max_queue:
                 raise OverloadedError(f"{self._max_queue} commands already queued")
             self._queue.append((packed, future))
-            self._cond.notify_all()
+            due = time.monotonic() + linger_s if linger_s > 0 else 0.0
+            if due < self._due:
+                self._due = due
+                self._cond.notify_all()
         return future
 
     def fail_all(self, exc: VeristoreError) -> None:
@@ -141,6 +153,7 @@ class GroupCommitter:
         with self._cond:
             queued = [f for _, f in self._queue]
             self._queue.clear()
+            self._due = float("inf")
             inflight = [f for p in self._inflight.values() for f in p.futures]
             self._inflight.clear()
             self._cond.notify_all()
@@ -189,9 +202,12 @@ class GroupCommitter:
             self._expire()
             if not self._running:
                 return None
+            wait = 0.05
             if self._queue and len(self._inflight) < self._max_inflight:
-                break
-            self._cond.wait(timeout=0.05)
+                wait = self._due - time.monotonic()
+                if wait <= 0:
+                    break
+            self._cond.wait(timeout=min(wait, 0.05))
         if self._window_s > 0 and len(self._queue) < self._max_commands:
             self._cond.wait(timeout=self._window_s)
         commands: list[bytes] = []
@@ -207,6 +223,8 @@ class GroupCommitter:
             commands.append(packed)
             futures.append(future)
             size += len(packed)
+        # What stays behind (past max_commands/max_bytes) leaves with the next free slot.
+        self._due = 0.0 if self._queue else float("inf")
         if not commands:
             return self._next_batch()
         return commands, futures, size

@@ -212,14 +212,15 @@ class VeristoreNode:
             _exit_if_panicked(exc, self._log)
             raise
 
-    def submit(self, command: Any) -> Future[Any]:
+    def submit(self, command: Any, linger_s: float = 0.0) -> Future[Any]:
         """Propose `command` on this leader; the future resolves to its apply result.
 
+        `linger_s`: a command in no hurry may wait that long for company (`GroupCommitter`).
         Raises NotLeaderError / NoLeaderError (definite) when this node may not decide.
         """
         self.require_leader()
         assert self.committer is not None
-        return self.committer.submit(command)
+        return self.committer.submit(command, linger_s)
 
     # -- leadership ------------------------------------------------------------------------
 

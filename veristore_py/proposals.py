@@ -24,9 +24,12 @@ def check(result: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-async def propose(node: VeristoreNode, command: dict[str, Any]) -> dict[str, Any]:
-    """Submit `command` on the leader and await its apply result (errors raise)."""
-    return check(await asyncio.wrap_future(node.submit(command)))
+async def propose(node: VeristoreNode, command: dict[str, Any],
+                  linger_s: float = 0.0) -> dict[str, Any]:
+    """Submit `command` on the leader and await its apply result (errors raise).
+
+    `linger_s`: see `GroupCommitter.submit`."""
+    return check(await asyncio.wrap_future(node.submit(command, linger_s)))
 
 
 async def read(node: VeristoreNode, command: dict[str, Any],

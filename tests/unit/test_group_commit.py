@@ -143,3 +143,36 @@ def test_unencodable_or_oversize_command_rejected_at_submit():
         assert raft.entries == []
     finally:
         gc.close()
+
+
+def test_a_lingering_command_rides_along_with_the_next_eager_one():
+    """A command in no hurry starts no entry of its own; an eager one takes it along."""
+    raft = FakeRaft()
+    gc = GroupCommitter(raft.propose, max_inflight=1, wall_clock_ms=lambda: 42)
+    try:
+        lazy = gc.submit({"op": "put", "key": b"lazy"}, linger_s=30.0)
+        threading.Event().wait(0.05)
+        assert not raft.entries  # it waits (up to 30 s) for company
+        eager = gc.submit({"op": "put", "key": b"eager"})
+        while not raft.pending:
+            threading.Event().wait(0.001)
+        raft.release()
+        assert lazy.result(5)["key"] == b"lazy" and eager.result(5)["key"] == b"eager"
+        assert len(raft.entries) == 1
+        assert [c["key"] for c in decode_batch(raft.entries[0]).commands] == [b"lazy", b"eager"]
+    finally:
+        gc.close()
+
+
+def test_a_lingering_command_alone_leaves_after_its_linger():
+    """With no company, a lingering command is proposed on its own once its time is up."""
+    raft = FakeRaft()
+    gc = GroupCommitter(raft.propose, max_inflight=1)
+    try:
+        lazy = gc.submit({"op": "put", "key": b"alone"}, linger_s=0.02)
+        while not raft.pending:
+            threading.Event().wait(0.001)
+        raft.release()
+        assert lazy.result(5)["key"] == b"alone" and len(raft.entries) == 1
+    finally:
+        gc.close()
