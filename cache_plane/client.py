@@ -81,6 +81,12 @@ class CachePlaneClient(VeristoreClient):
         body.update((k, v) for k, v in usage.items() if v is not None)
         return await self.request("POST", "/v1/complete", json=body)
 
+    async def complete_batch(self, reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Report several completions (each a `/v1/complete` body) in one request; each
+        report's result, or ``{"error": {"code", "detail"}}``, in order."""
+        return (await self.request("POST", "/v1/complete/batch",
+                                   json={"reports": reports}))["results"]
+
     async def kv_events(self, node_id: str, seq: int, events: list[dict[str, Any]],
                         model: str | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"node_id": node_id, "seq": seq, "events": events}

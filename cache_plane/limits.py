@@ -28,6 +28,7 @@ MAX_ACTIVE = 1 << 20              # requests on one node (max_active, max_runnin
 MAX_REPORTED = 1 << 30            # running / waiting requests a heartbeat reports
 MAX_SEQ = 1 << 62                 # KV-event batch sequence numbers
 MAX_EVENTS = 10_000               # events in one KV-event batch
+MAX_REPORTS = 1024                # completion reports in one batch
 MAX_COUNT = 1 << 40               # usage and timings of a completion report
 MAX_TIME_MS = 1 << 62             # the largest leader time a command may carry
 MAX_SLOTS = 1 << 16               # nodes (slots) and models (codes) a cluster can number

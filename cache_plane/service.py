@@ -63,11 +63,15 @@ class CachePlaneService:
 
     # -- proposing -------------------------------------------------------------------------
 
-    async def submit(self, command: dict[str, Any]) -> dict[str, Any]:
-        """Propose `command` (stamped with the leader's clock) and return its result."""
+    async def submit(self, command: dict[str, Any], lazy: bool = False) -> dict[str, Any]:
+        """Propose `command` (stamped with the leader's clock) and return its result.
+
+        `lazy`: nobody waits for this commit; it may wait `lazy_commit_ms` for company.
+        """
         command.setdefault("now_ms", now_ms())
         try:
-            return await propose(self.node, command)
+            return await propose(self.node, command,
+                                 self.settings.lazy_commit_ms / 1000 if lazy else 0.0)
         except CommandRejectedError as exc:  # the machine answered {"ok": False, ...}
             raise CachePlaneError(exc.reason, exc.reason_detail) from None
 
@@ -234,7 +238,7 @@ class CachePlaneService:
 
         async def commit() -> None:
             try:
-                applied = await self.submit(command)
+                applied = await self.submit(command, lazy=True)
                 self._decided["dropped" if applied.get("dropped") else "committed"] += 1
             except (VeristoreError, CachePlaneError) as exc:
                 self._decided["lost"] += 1
@@ -264,13 +268,34 @@ class CachePlaneService:
                                   candidates=result["candidates"], request_id=request_id)
         return result
 
-    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def complete(self, body: dict[str, Any], lazy: bool = False) -> dict[str, Any]:
         pending = self._deciding.get(body["request_id"])
         if pending is not None:  # its route was answered before commit: let it land first
             await asyncio.shield(pending)
         return await self.submit(commands.complete(
             body["request_id"], body["node_id"], body.get("status", "ok"),
-            body.get("block_hashes", []), body, self.priors()))
+            body.get("block_hashes", []), body, self.priors()), lazy)
+
+    async def complete_batch(self, reports: list[dict[str, Any]]) -> dict[str, Any]:
+        """Apply several completion reports; ``results`` in order, each a result or an error.
+
+        The reports are proposed together and lazily (`lazy_commit_ms`), so they share Raft
+        entries with each other and with other commands. Only a member that is not the leader fails the whole batch (the client then
+        follows the leader and sends it again: a report already applied is a duplicate).
+        """
+        self.node.require_current_leader()
+        outcomes = await asyncio.gather(*(self.complete(r, lazy=True) for r in reports),
+                                        return_exceptions=True)
+        results: list[dict[str, Any]] = []
+        for outcome in outcomes:
+            if isinstance(outcome, CachePlaneError | VeristoreError):
+                results.append({"error": {"code": getattr(outcome, "code", "unavailable"),
+                                          "detail": outcome.detail}})
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                results.append(outcome)
+        return {"results": results}
 
     async def kv_events(self, body: dict[str, Any]) -> dict[str, Any]:
         return await self.submit(commands.kv_events(body["node_id"], body["seq"],

@@ -53,6 +53,9 @@ class ServiceSettings:
     decode_ms_per_token: float = 10.0
     mean_output_tokens: int = 256
     max_prompt_tokens: int = MAX_PROMPT_TOKENS
+    # Commands nobody waits on (a decided route's commit, batched completion reports) may wait
+    # this long to share a Raft entry with others (veristore_py/group_commit.py).
+    lazy_commit_ms: float = 10.0
     # Checkpoint a node's block log once it lists this many blocks more than the node's index
     # holds, or has this many records (see cache_plane/blocklog.py).
     block_log_slack_blocks: int = 65_536
@@ -70,6 +73,8 @@ class ServiceSettings:
             problems.append("cache_plane.decode_ms_per_token must be a number in (0, 1e6]")
         if not 1 <= self.mean_output_tokens <= 1 << 24:
             problems.append("cache_plane.mean_output_tokens must be in [1, 2**24]")
+        if not 0 <= self.lazy_commit_ms <= 1000:
+            problems.append("cache_plane.lazy_commit_ms must be in [0, 1000]")
         if self.block_ttl_ms < 0:
             problems.append("cache_plane.block_ttl_ms must be >= 0")
         if self.expire_interval_s <= 0:

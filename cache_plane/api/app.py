@@ -182,6 +182,11 @@ async def complete(request: web.Request) -> web.Response:
     return kv_api.json_response(await _svc(request).complete(await _body(request, "Complete")))
 
 
+async def complete_batch(request: web.Request) -> web.Response:
+    body = await _body(request, "CompleteBatch")
+    return kv_api.json_response(await _svc(request).complete_batch(body["reports"]))
+
+
 async def kv_events(request: web.Request) -> web.Response:
     return kv_api.json_response(await _svc(request).kv_events(await _body(request, "KVEvents")))
 
@@ -241,6 +246,7 @@ ACCESS_TABLE: dict[tuple[str, str], str] = {
     ("POST", "/v1/models/{model_id}/invalidate"): "admin",
     ("POST", "/v1/route"): "route",
     ("POST", "/v1/complete"): "route",
+    ("POST", "/v1/complete/batch"): "route",
     ("POST", "/v1/kv-events"): "route",
     ("GET", "/v1/cluster"): "read",
     ("GET", "/v1/stats"): "read",
@@ -276,6 +282,7 @@ def create_app(node: VeristoreNode, settings: NodeSettings,
     r.add_post("/v1/models/{model_id}/invalidate", invalidate_model)
     r.add_post("/v1/route", route)
     r.add_post("/v1/complete", complete)
+    r.add_post("/v1/complete/batch", complete_batch)
     r.add_post("/v1/kv-events", kv_events)
     r.add_get("/v1/cluster", kv_api.status)  # same view as /v1/status
     r.add_get("/v1/stats", stats)

@@ -49,6 +49,23 @@ def _open(required: list[str], **props: Any) -> dict[str, Any]:
     return {"type": "object", "required": required, "properties": props}
 
 
+COMPLETE = _obj(
+    ["request_id", "node_id"], request_id=ID, node_id=ID,
+    status={"enum": ["ok", "failed", "cancelled"]},
+    block_hashes={"type": "array", "items": U64, "maxItems": L.MAX_PROMPT_BLOCKS},
+    prompt_tokens={**COUNT, "description": "the prompt's tokens (usage.prompt_tokens)"},
+    output_tokens={**COUNT, "description": "tokens generated (usage.completion_tokens)"},
+    cached_tokens={**COUNT, "description": "prompt tokens served from the engine's prefix "
+                                          "cache (usage.prompt_tokens_details."
+                                          "cached_tokens)"},
+    ttft_ms={**COUNT, "description": "time to first token as the engine or gateway "
+                                    "measured it"},
+    latency_ms={**COUNT, "description": "time from arrival to the last token, likewise "
+                                       "(default: the leader's route-to-report time)"},
+)
+
+
+
 SCHEMAS: dict[str, dict[str, Any]] = {
     "RegisterNode": _obj(
         ["node_id", "address", "models", "capacity_blocks"],
@@ -98,20 +115,11 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "oneOf": [{"required": ["token_ids"]}, {"required": ["block_hashes"]},
                   {"required": ["prompt"]}],
     },
-    "Complete": _obj(
-        ["request_id", "node_id"], request_id=ID, node_id=ID,
-        status={"enum": ["ok", "failed", "cancelled"]},
-        block_hashes={"type": "array", "items": U64, "maxItems": L.MAX_PROMPT_BLOCKS},
-        prompt_tokens={**COUNT, "description": "the prompt's tokens (usage.prompt_tokens)"},
-        output_tokens={**COUNT, "description": "tokens generated (usage.completion_tokens)"},
-        cached_tokens={**COUNT, "description": "prompt tokens served from the engine's prefix "
-                                              "cache (usage.prompt_tokens_details."
-                                              "cached_tokens)"},
-        ttft_ms={**COUNT, "description": "time to first token as the engine or gateway "
-                                        "measured it"},
-        latency_ms={**COUNT, "description": "time from arrival to the last token, likewise "
-                                           "(default: the leader's route-to-report time)"},
-    ),
+    "Complete": COMPLETE,
+    "CompleteBatch": _obj(
+        ["reports"], reports={"type": "array", "minItems": 1, "maxItems": L.MAX_REPORTS,
+                              "items": COMPLETE,
+                              "description": "completion reports, each as for /v1/complete"}),
     "KVEvents": _obj(
         ["node_id", "seq", "events"], node_id=ID, model=ID,
         seq={"type": "integer", "minimum": 0, "maximum": L.MAX_SEQ},
@@ -301,6 +309,10 @@ def _paths() -> dict[str, Any]:
                                   "Object", body="Route", codes=_DOMAIN)},
         "/v1/complete": {"post": _op("Report a request's completion (cache fill)", "Object",
                                      body="Complete", codes=_DOMAIN)},
+        "/v1/complete/batch": {"post": _op(
+            "Report several completions at once (one request, one Raft entry): 'results' "
+            "holds each report's result or {error: {code, detail}}, in order", "Object",
+            body="CompleteBatch", codes=_DOMAIN)},
         "/v1/kv-events": {"post": _op("Engine KV events, idempotent per (node_id, seq)",
                                       "Object", body="KVEvents", codes=_DOMAIN)},
         "/v1/cluster": {"get": _op("Members, leader, term, indexes (as /v1/status)", "Status")},

@@ -64,6 +64,28 @@ async def test_route_miss_then_prefix_hit_with_breakdown(client):
     assert len(hit["candidates"]) == 2
 
 
+async def test_completion_reports_in_a_batch_each_get_their_result(client):
+    """One /v1/complete/batch: each report's result in order; a bad one does not sink the rest."""
+    routed = []
+    for i in range(3):
+        status, r = await post(client, "/v1/route", {"model": "llama", "request_id": f"b{i}",
+                                                    "token_ids": list(range(100 + i, 120 + i))})
+        assert status == 200
+        routed.append(r["node_id"])
+    other = "gpu1" if routed[1] == "gpu0" else "gpu0"
+    status, body = await post(client, "/v1/complete/batch", {"reports": [
+        {"request_id": "b0", "node_id": routed[0], "output_tokens": 3},
+        {"request_id": "b1", "node_id": other},  # not where it was routed
+        {"request_id": "b2", "node_id": routed[2], "status": "cancelled"},
+        {"request_id": "b0", "node_id": routed[0]},  # reported twice
+    ]})
+    assert status == 200
+    first, wrong, cancelled, again = body["results"]
+    assert first["confirmed"] is True and cancelled["confirmed"] is False
+    assert wrong["error"]["code"] == "node_mismatch" and wrong["error"]["detail"]
+    assert again.get("duplicate") is True
+
+
 async def test_retried_route_returns_the_same_decision(client):
     """Repeating a request id answers with the original decision (safe retries)."""
     body = {"model": "llama", "prompt": "x" * 400, "request_id": "same-id"}
@@ -121,6 +143,9 @@ async def test_kv_events_idempotent_per_seq(client):
      404, "unknown_model"),
     ("/v1/nodes/ghost/heartbeat", {}, 404, "unknown_node"),
     ("/v1/complete", {"request_id": "r"}, 400, "invalid_request"),
+    ("/v1/complete/batch", {"reports": []}, 400, "invalid_request"),
+    ("/v1/complete/batch", {"reports": [{"request_id": "r", "node_id": "n", "status": "x"}]},
+     400, "invalid_request"),
     ("/v1/kv-events", {"node_id": "gpu0", "seq": 1, "events": [{"type": "boom"}]}, 400,
      "invalid_request"),
     ("/v1/models", {"model_id": "m", "block_size": 0}, 400, "invalid_request"),
@@ -162,7 +187,8 @@ FIELDS = st.sampled_from(["model", "token_ids", "block_hashes", "prompt", "sessi
 
 @settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(path=st.sampled_from(["/v1/route", "/v1/nodes", "/v1/complete", "/v1/kv-events",
+@given(path=st.sampled_from(["/v1/route", "/v1/nodes", "/v1/complete", "/v1/complete/batch",
+                             "/v1/kv-events",
                              "/v1/models", "/v1/nodes/gpu0/heartbeat", "/v1/kv/k",
                              "/v1/kv/k/cas"]),
        body=st.one_of(JSONISH, st.dictionaries(FIELDS, JSONISH, max_size=6)),
