@@ -27,17 +27,20 @@ tokenizer. `vllm_extra_keys` and `request_block_hashes` are pure.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
+import re
 import threading
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Protocol
 
 from .errors import CachePlaneError
-from .hashing import DEFAULT_SEED, block_hashes
+from .hashing import DEFAULT_SEED, DigestMemo, block_hashes
 
 WORD_VOCAB = 32_000
 # Keys a request's chat_template_kwargs may not set: apply_chat_template's own arguments that
@@ -59,6 +62,10 @@ class TokenizerError(CachePlaneError):
 
     def __init__(self, detail: str, code: str = "invalid_request") -> None:
         super().__init__(code, detail)
+
+
+class TokenizeLater(Exception):
+    """Raised inside `HFTokenizer.quick()` when encoding would take long: run it in a thread."""
 
 
 class Tokenizer(Protocol):
@@ -165,9 +172,29 @@ class WordTokenizer:
 class HFTokenizer:
     """A local Hugging Face tokenizer directory, used the way vLLM's OpenAI server uses it.
 
+    Encoding without special tokens (every chat request) is **piecewise**: the text is split at
+    the tokenizer's added tokens (``<|im_start|>`` and friends), each piece between them is
+    encoded on its own and remembered (LRU, `PIECE_CACHE_ENTRIES` pieces and
+    `PIECE_CACHE_CHARS` characters), and the ids are concatenated. Hugging Face's tokenizers
+    do the same split first and encode the pieces independently, so the result is the
+    whole-text encoding, while a shared system prompt is encoded once instead of per request.
+    It is used only when every added token matches verbatim (not normalized, no
+    lstrip/rstrip/single_word), and only after a check at load time that it equals the
+    whole-text encoding on probe texts; otherwise (`piecewise` False) every text is encoded
+    whole.
+
+    Inside ``with tokenizer.quick():`` an encoding that would take long (a piece longer than
+    `QUICK_PIECE_CHARS` not in the cache, a whole-text encoding, or the lock held by another
+    thread) raises `TokenizeLater` instead, so an event loop can encode cached prompts inline
+    and send the rest to a worker thread.
+
     Encoding holds a lock: a fast tokenizer shared between threads can fail with "Already
     borrowed" otherwise.
     """
+
+    PIECE_CACHE_ENTRIES = 4096
+    PIECE_CACHE_CHARS = 16 << 20
+    QUICK_PIECE_CHARS = 512
 
     def __init__(self, path: str, backend: Any) -> None:
         self.path = path
@@ -178,9 +205,97 @@ class HFTokenizer:
         self.max_model_len: int | None = int(length) if isinstance(length, int) and \
             0 < length < 1 << 40 else None
         self._lock = threading.Lock()
+        self._local = threading.local()
+        self._pieces: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        self._piece_chars = 0
+        self.piece_hits = 0
+        self.piece_misses = 0
+        self._added: dict[str, int] = {}
+        self._split: re.Pattern[str] | None = self._added_token_splitter()
+        self.piecewise = self._split is not None and self._piecewise_exact()
+        if not self.piecewise:
+            self._split = None
 
     def __repr__(self) -> str:
         return f"HFTokenizer({self.path!r})"
+
+    def _added_token_splitter(self) -> re.Pattern[str] | None:
+        """A regex matching the added tokens leftmost-longest, or None if one is not verbatim."""
+        rust = getattr(self.backend, "backend_tokenizer", None)
+        decoder = getattr(self.backend, "added_tokens_decoder", None)
+        if rust is None or not isinstance(decoder, dict) or not decoder:
+            return None
+        for token_id, token in decoder.items():
+            content = getattr(token, "content", None)
+            if not isinstance(content, str) or not content or \
+                    getattr(token, "lstrip", True) or getattr(token, "rstrip", True) or \
+                    getattr(token, "single_word", True) or \
+                    (getattr(token, "normalized", True) and rust.normalizer is not None):
+                return None
+            self._added[content] = int(token_id)
+        alternatives = sorted(self._added, key=len, reverse=True)  # longest first
+        return re.compile("|".join(re.escape(a) for a in alternatives))
+
+    def _piecewise_exact(self) -> bool:
+        """Whether piecewise encoding equals whole-text encoding on probe texts."""
+        added = list(self._added)
+        probes = ["", " ", "\n", "Hello world", "  two  spaces\n\nand lines ",
+                  "".join(added), f"{added[0]}x{added[-1]} y {added[0]}\n",
+                  f"{added[0]} leading and trailing {added[-1]} ",
+                  f"{added[-1]}\u00e9t\u00e9 \u4e2d\u6587 emoji \U0001f600 tab\t{added[0]}"]
+        try:
+            template = getattr(self.backend, "chat_template", None)
+            if template:
+                probes.append(self.chat_text([
+                    {"role": "system", "content": "You are terse."},
+                    {"role": "user", "content": " Hi there!\n"},
+                    {"role": "assistant", "content": "Hello."},
+                    {"role": "user", "content": "12 + 30 = ?"}]))
+            for text in probes:
+                whole = list(self.backend.encode(text, add_special_tokens=False))
+                if self._encode_pieces(text) != whole:
+                    return False
+        except Exception:  # a tokenizer that cannot run the probes: encode whole texts
+            return False
+        finally:
+            self._pieces.clear()
+            self._piece_chars = 0
+            self.piece_hits = self.piece_misses = 0
+        return True
+
+    def _encode_pieces(self, text: str) -> list[int]:
+        """Encode `text` piece by piece (caller holds the lock; `_split` is set)."""
+        assert self._split is not None
+        rust = self.backend.backend_tokenizer
+        ids: list[int] = []
+        at = 0
+        for match in self._split.finditer(text):
+            if match.start() > at:
+                ids.extend(self._piece(rust, text[at:match.start()]))
+            ids.append(self._added[match.group()])
+            at = match.end()
+        if at < len(text):
+            ids.extend(self._piece(rust, text[at:]))
+        return ids
+
+    def _piece(self, rust: Any, piece: str) -> tuple[int, ...]:
+        found = self._pieces.get(piece)
+        if found is not None:
+            self._pieces.move_to_end(piece)
+            self.piece_hits += 1
+            return found
+        if len(piece) > self.QUICK_PIECE_CHARS and getattr(self._local, "quick", False):
+            raise TokenizeLater
+        self.piece_misses += 1
+        found = tuple(rust.encode(piece, add_special_tokens=False).ids)
+        if len(piece) <= self.PIECE_CACHE_CHARS // 4:
+            self._pieces[piece] = found
+            self._piece_chars += len(piece)
+            while len(self._pieces) > self.PIECE_CACHE_ENTRIES or \
+                    self._piece_chars > self.PIECE_CACHE_CHARS:
+                dropped, _ = self._pieces.popitem(last=False)
+                self._piece_chars -= len(dropped)
+        return found
 
     def chat_text(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
                   chat_template_kwargs: dict[str, Any] | None = None,
@@ -230,9 +345,28 @@ class HFTokenizer:
         with self._lock:
             return [str(t) for t in self.backend.convert_ids_to_tokens(list(token_ids))]
 
+    @contextlib.contextmanager
+    def quick(self) -> Iterator[None]:
+        """Within: raise `TokenizeLater` rather than encode slowly (see the class)."""
+        self._local.quick = True
+        try:
+            yield
+        finally:
+            self._local.quick = False
+
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         """Encode `text`; with `add_special_tokens` the post-processor adds BOS and such."""
+        piecewise = self._split is not None and not add_special_tokens
+        if getattr(self._local, "quick", False):
+            if not piecewise or not self._lock.acquire(blocking=False):
+                raise TokenizeLater
+            try:
+                return self._encode_pieces(text)
+            finally:
+                self._lock.release()
         with self._lock:
+            if piecewise:
+                return self._encode_pieces(text)
             return list(self.backend.encode(text, add_special_tokens=add_special_tokens))
 
 
@@ -368,8 +502,9 @@ def vllm_extra_keys(n_blocks: int, lora_name: str | None,
 
 def request_block_hashes(token_ids: Sequence[int], block_size: int, seed: str = DEFAULT_SEED,
                          lora_name: str | None = None,
-                         cache_salt: str | None = None) -> list[int]:
+                         cache_salt: str | None = None,
+                         memo: DigestMemo | None = None) -> list[int]:
     """Return the 64-bit hashes of a request's full blocks, extra keys included (pure)."""
     extra = vllm_extra_keys(len(token_ids) // block_size if block_size > 0 else 0,
                             lora_name, cache_salt)
-    return block_hashes(token_ids, block_size, seed, extra)
+    return block_hashes(token_ids, block_size, seed, extra, memo)

@@ -33,6 +33,8 @@ class GatewayMetrics:
                                registry=r)
         self.backend_errors = Counter(f"{p}backend_errors", "Backend failures by kind",
                                       ["node", "kind"], registry=r)
+        self.reports_sent = Counter(f"{p}reports_sent",
+                                    "Completion reports the cluster took", registry=r)
         self.reports_failed = Counter(f"{p}reports_failed",
                                       "Completion reports the cluster did not take", registry=r)
         self.prediction = Counter(

@@ -73,6 +73,8 @@ class GatewaySettings:
     first_byte_timeout_s: float = 60.0
     read_timeout_s: float = 300.0
     max_retries: int = 2
+    # completion reports wait this long to travel together (one request, one Raft entry)
+    report_interval_ms: float = 10.0
     cluster_timeout_s: float = 5.0
     max_prompt_chars: int = 4_000_000
     models_refresh_s: float = 5.0
@@ -104,6 +106,8 @@ class GatewaySettings:
                 problems.append(f"{name} must be > 0")
         if not 0 <= self.max_retries <= 10:
             problems.append("max_retries must be in [0, 10]")
+        if not 0 <= self.report_interval_ms <= 10_000:
+            problems.append("report_interval_ms must be in [0, 10000]")
         if self.max_prompt_chars < 1:
             problems.append("max_prompt_chars must be >= 1")
         for path in (self.cluster_token_file, self.cluster_ca_file, self.cluster_cert_file,

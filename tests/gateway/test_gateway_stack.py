@@ -60,11 +60,21 @@ def metric(stack: GatewayStack, i: int, name: str) -> float:
                if line.startswith(name) and not line.startswith("#"))
 
 
+def wait_reports(stack: GatewayStack, i: int, at_least: float, timeout: float = 10.0) -> None:
+    """Wait until gateway `i`'s completion reports (sent in batches) reached the cluster."""
+    deadline = time.monotonic() + timeout
+    while metric(stack, i, "cache_plane_gateway_reports_sent_total") < at_least:
+        assert time.monotonic() < deadline, "completion reports did not reach the cluster"
+        time.sleep(0.01)
+
+
 def test_chat_sync_and_prefix_reuse(stack: GatewayStack) -> None:
     """A repeated prompt is routed to the node holding it; the engine confirms the reuse."""
     c = client(stack)
+    sent = metric(stack, 0, "cache_plane_gateway_reports_sent_total")
     first = c.chat.completions.create(model=MODEL, messages=messages("first?"), max_tokens=4)
     assert first.choices[0].message.content and first.usage is not None
+    wait_reports(stack, 0, sent + 1)  # the cluster learns the prefix from the report
     raw = c.chat.completions.with_raw_response.create(model=MODEL, messages=messages("again?"),
                                                       max_tokens=4)
     again = raw.parse()

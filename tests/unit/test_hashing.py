@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 
 import cbor2
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cache_plane.hashing import (
     DEFAULT_SEED,
+    DigestMemo,
     block_digests,
     block_hashes,
     none_hash,
@@ -61,3 +62,27 @@ def test_text_fallback_is_chained_and_distinct_from_token_hashes():
     a = text_block_hashes("x" * 200 + "a" * 200, 16)
     b = text_block_hashes("x" * 200 + "b" * 200, 16)
     assert a[:3] == b[:3] and a[-1] != b[-1]
+
+
+@settings(max_examples=100, deadline=None)
+@given(prompts=st.lists(st.lists(st.integers(0, 50), max_size=40), min_size=1, max_size=6),
+       extra=st.sampled_from([None, [("lora",)] * 10, [("a", "salt")] + [None] * 9]))
+def test_the_digest_memo_changes_no_hash(prompts, extra):
+    """Hashes with a (small, often full) memo equal the plain chain, prompt after prompt."""
+    memo = DigestMemo(capacity=8)
+    for tokens in prompts:
+        assert block_hashes(tokens, 4, extra_keys=extra, memo=memo) == \
+            block_hashes(tokens, 4, extra_keys=extra)
+    assert len(memo.digests) <= 8
+
+
+def test_the_digest_memo_hashes_a_shared_prefix_once_and_skips_unhashable_keys():
+    memo = DigestMemo()
+    shared = list(range(64))
+    block_hashes(shared + [1, 2, 3, 4], 4, memo=memo)
+    misses = memo.misses
+    block_hashes(shared + [5, 6, 7, 8], 4, memo=memo)
+    assert memo.misses == misses + 1 and memo.hits >= 16
+    unhashable = [[["list"]]] * 17
+    assert block_hashes(shared, 4, extra_keys=unhashable, memo=memo) == \
+        block_hashes(shared, 4, extra_keys=unhashable)

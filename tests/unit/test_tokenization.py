@@ -6,6 +6,8 @@ import json
 import shutil
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cache_plane.errors import CachePlaneError
 from cache_plane.hashing import DEFAULT_SEED, block_hashes, none_hash, sha256_cbor, to_external
@@ -134,6 +136,52 @@ def test_no_template_and_template_failures_are_tokenizer_errors(tmp_path):
     failing = _variant(tmp_path, "failing", "{{ raise_exception('roles must alternate') }}")
     with pytest.raises(TokenizerError, match="roles must alternate"):
         failing.chat_token_ids(CHAT)
+
+
+_PIECES = st.lists(st.one_of(st.sampled_from(SPECIAL_TOKENS), st.text(max_size=40),
+                             st.sampled_from([" ", "\n", "  ", "system\n", "<|im", "_end|>"])),
+                   max_size=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(pieces=_PIECES)
+def test_piecewise_encoding_equals_whole_text_encoding(tok, pieces):
+    """Split at added tokens + cached pieces gives exactly the whole-text ids, cold and warm."""
+    assert tok.piecewise
+    text = "".join(pieces)
+    whole = list(tok.backend.encode(text, add_special_tokens=False))
+    assert tok.encode(text, add_special_tokens=False) == whole
+    assert tok.encode(text, add_special_tokens=False) == whole  # now from the piece cache
+
+
+def test_a_shared_prefix_piece_is_encoded_once(tok):
+    """The second request with the same system prompt finds its piece in the cache."""
+    system = "You answer questions about caches. " * 50
+    tok.chat_token_ids([{"role": "system", "content": system},
+                        {"role": "user", "content": "first?"}])
+    hits = tok.piece_hits
+    tok.chat_token_ids([{"role": "system", "content": system},
+                        {"role": "user", "content": "second?"}])
+    assert tok.piece_hits > hits
+
+
+def test_an_added_token_that_strips_whitespace_turns_piecewise_off(tmp_path):
+    """lstrip/rstrip tokens eat neighbouring spaces: such a tokenizer encodes whole texts."""
+    target = tmp_path / "lstrip"
+    shutil.copytree(packaged_model_dir(), target)
+    spec = json.loads((target / "tokenizer.json").read_text())
+    for token in spec["added_tokens"]:
+        token["lstrip"] = True
+    (target / "tokenizer.json").write_text(json.dumps(spec))
+    config = json.loads((target / "tokenizer_config.json").read_text())
+    for token in (config.get("added_tokens_decoder") or {}).values():
+        token["lstrip"] = True
+    (target / "tokenizer_config.json").write_text(json.dumps(config))
+    stripping = load_tokenizer(str(target))
+    assert not stripping.piecewise
+    text = "a <|im_start|> b"
+    assert stripping.encode(text, add_special_tokens=False) == \
+        list(stripping.backend.encode(text, add_special_tokens=False))
 
 
 def test_the_word_stand_in_renders_chat_as_the_simulator_always_did():
