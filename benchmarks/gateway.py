@@ -351,8 +351,8 @@ def run(args: argparse.Namespace, rates: list[float | None],
             for name in ("committed", "decided"):
                 routes = scrape(stack.gateway_ports[gateway[name]])[ROUTE]
                 print(f"gateway {name}: {routes.get('count', 0):.0f} warm-up routes")
-            time.sleep(1.0)  # background completion reports of the warm-up
             every = [p for group in pids.values() for p in group]
+            settle(every)  # the warm-up's reports, KV events and housekeeping drain
             stack_cpu = sum(map(cpu_seconds, every))
             busy = machine_busy_seconds()
             time.sleep(2.0)
@@ -391,6 +391,16 @@ def run(args: argparse.Namespace, rates: list[float | None],
                 process.join()
         shutil.rmtree(workdir, ignore_errors=True)
     return points
+
+
+def settle(pids: list[int], timeout: float = 30.0) -> None:
+    """Wait until `pids` together use under 0.1 cores (0.5 s windows), at most `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = sum(map(cpu_seconds, pids))
+        time.sleep(0.5)
+        if sum(map(cpu_seconds, pids)) - before < 0.05:
+            return
 
 
 def merge(into: dict[str, Any], result: dict[str, Any]) -> None:

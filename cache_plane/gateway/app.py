@@ -158,6 +158,8 @@ class Gateway:
         self.backend_keys = {node: settings.backend_key(node)
                              for node in settings.backend_api_key_files}
         self.backend_default_key = settings.backend_key("")
+        self.backend_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=settings.connect_timeout_s, sock_read=settings.read_timeout_s)
 
     async def start(self) -> None:
         s = self.settings
@@ -339,13 +341,11 @@ class Gateway:
         attempt = Attempt(route["node_id"], request_id, route)
         limit = self.settings.first_byte_timeout_s if stream else self.settings.read_timeout_s
         try:
-            attempt.response = await asyncio.wait_for(self.backend.post(
-                self.url(route["address"], path), data=body,
-                headers=self.backend_headers(route["node_id"], request_id),
-                timeout=aiohttp.ClientTimeout(total=None,
-                                              sock_connect=self.settings.connect_timeout_s,
-                                              sock_read=self.settings.read_timeout_s)),
-                timeout=limit)
+            async with asyncio.timeout(limit):
+                attempt.response = await self.backend.post(
+                    self.url(route["address"], path), data=body,
+                    headers=self.backend_headers(route["node_id"], request_id),
+                    timeout=self.backend_timeout)
         except TimeoutError:
             attempt.error = GatewayError(504, f"node {route['node_id']} sent nothing within "
                                          f"{limit}s", code="backend_timeout")
@@ -590,6 +590,7 @@ async def _stream(request: web.Request, gateway: Gateway, parsed: core.ChatReque
     out = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                       "Cache-Control": "no-cache", **_headers(attempt)})
     m = gateway.metrics
+    itl = m.itl.labels(parsed.model)
     splitter = core.SSESplitter()
     usage: core.Usage | None = None
     ttft: float | None = None
@@ -611,7 +612,7 @@ async def _stream(request: web.Request, gateway: Gateway, parsed: core.ChatReque
                             ttft = now - arrived
                             m.ttft.labels(parsed.model).observe(ttft)
                     else:
-                        m.itl.labels(parsed.model).observe(now - last)
+                        itl.observe(now - last)
                     last = now
                     try:
                         await out.write(event)
