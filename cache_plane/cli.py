@@ -273,6 +273,7 @@ def cmd_sim_node(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from .sim.engine import LatencyModel
+    from .sim.kv_publisher import KVEventsSettings, kv_events_problems
     from .sim.server import SimNodeSettings, create_app
 
     token = None
@@ -283,6 +284,20 @@ def cmd_sim_node(args: argparse.Namespace) -> int:
     if args.api_key_file:
         with open(args.api_key_file, encoding="utf-8") as f:
             api_key = f.read().strip()
+    kv_events, problems = None, []
+    if args.kv_events_endpoint:
+        kv_events = KVEventsSettings(
+            args.kv_events_endpoint, args.kv_events_replay_endpoint, args.kv_events_topic,
+            args.kv_events_layout, args.kv_events_hash, args.kv_events_replay_framing,
+            args.kv_events_buffer_steps, args.kv_events_hwm)
+        problems = kv_events_problems(kv_events)
+    elif args.kv_events_replay_endpoint:
+        problems.append("--kv-events-replay-endpoint needs --kv-events-endpoint")
+    if problems:
+        print("invalid sim-node flags:", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
     settings = SimNodeSettings(
         node_id=args.node_id, model=args.model, address=args.address or f"{args.host}:{args.port}",
         block_size=args.block_size, capacity_blocks=args.capacity_blocks,
@@ -291,7 +306,8 @@ def cmd_sim_node(args: argparse.Namespace) -> int:
                              args.decode_base_ms, args.decode_ms_per_seq),
         cluster_urls=tuple(args.cluster or ()), api_token=token, ca_file=args.ca_file,
         cert_file=args.cert_file, key_file=args.key_file, tokenizer=args.tokenizer,
-        lora_modules=tuple(args.lora_module), api_key=api_key)
+        lora_modules=tuple(args.lora_module), api_key=api_key,
+        kv_events=kv_events, kv_events_http=args.kv_events_http)
     ssl_context = None
     if args.tls_cert_file:
         from veristore_py.tls import server_context
@@ -302,8 +318,12 @@ def cmd_sim_node(args: argparse.Namespace) -> int:
     except TokenizerError as exc:
         print(f"cannot load the tokenizer: {exc.detail}", file=sys.stderr)
         return 2
-    web.run_app(app, host=args.host, port=args.port, print=None,
-                access_log=None, ssl_context=ssl_context)
+    try:
+        web.run_app(app, host=args.host, port=args.port, print=None,
+                    access_log=None, ssl_context=ssl_context)
+    except ConfigError as exc:  # a KV-event endpoint that cannot be bound
+        print(f"cannot start the sim-node: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -502,6 +522,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key-file", help="file holding the key clients must send as "
                                           "'Authorization: Bearer <key>' (default: "
                                           "$CACHE_PLANE_SIM_API_KEY; like vllm --api-key)")
+    p.add_argument("--kv-events-endpoint", metavar="URL",
+                   help="publish KV events as vLLM does: a ZMQ PUB socket bound here, e.g. "
+                        "tcp://127.0.0.1:5557 (default: none; docs/simulation.md)")
+    p.add_argument("--kv-events-replay-endpoint", metavar="URL",
+                   help="... and a ROUTER replay socket bound here (default: no replay)")
+    p.add_argument("--kv-events-topic", default="kv-events", help="default kv-events")
+    p.add_argument("--kv-events-layout", choices=("array", "map"), default="array",
+                   help="events as tagged arrays (vLLM <= 0.25, default) or maps (0.26)")
+    p.add_argument("--kv-events-hash", choices=("int", "bytes"), default="int",
+                   help="block hashes as the 64-bit int (default) or the 32-byte digest")
+    p.add_argument("--kv-events-replay-framing", choices=("v025", "v026"), default="v025",
+                   help="replay answers without the topic frame (v025, default) or with it")
+    p.add_argument("--kv-events-buffer-steps", type=int, default=10_000,
+                   help="batches kept for replay (default 10000)")
+    p.add_argument("--kv-events-hwm", type=int, default=100_000,
+                   help="PUB high-water mark (default 100000)")
+    p.add_argument("--kv-events-http", action=argparse.BooleanOptionalAction, default=True,
+                   help="also report KV events to the cluster's /v1/kv-events (default on)")
     _add_tls_client_args(p)
     p.set_defaults(func=cmd_sim_node)
 

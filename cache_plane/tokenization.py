@@ -40,7 +40,7 @@ from importlib import resources
 from typing import Any, Protocol
 
 from .errors import CachePlaneError
-from .hashing import DEFAULT_SEED, DigestMemo, block_hashes
+from .hashing import DEFAULT_SEED, DigestMemo, block_digests, block_hashes
 
 WORD_VOCAB = 32_000
 # Keys a request's chat_template_kwargs may not set: apply_chat_template's own arguments that
@@ -508,3 +508,13 @@ def request_block_hashes(token_ids: Sequence[int], block_size: int, seed: str = 
     extra = vllm_extra_keys(len(token_ids) // block_size if block_size > 0 else 0,
                             lora_name, cache_salt)
     return block_hashes(token_ids, block_size, seed, extra, memo)
+
+
+def request_block_digests(token_ids: Sequence[int], block_size: int, seed: str = DEFAULT_SEED,
+                          lora_name: str | None = None,
+                          cache_salt: str | None = None,
+                          memo: DigestMemo | None = None) -> list[bytes]:
+    """Return the 32-byte digests behind `request_block_hashes` (same blocks, same order; pure)."""
+    extra = vllm_extra_keys(len(token_ids) // block_size if block_size > 0 else 0,
+                            lora_name, cache_salt)
+    return block_digests(token_ids, block_size, seed, extra, memo)

@@ -22,6 +22,7 @@ PURE = (
     "cache_plane.machine", "cache_plane.policy", "cache_plane.calibration",
     "cache_plane.index", "cache_plane.blocklog", "cache_plane.hashing", "cache_plane.model",
     "cache_plane.views", "cache_plane.commands", "cache_plane.limits",
+    "cache_plane.kvevents.wire", "cache_plane.kvevents.stream",
 )
 FORBIDDEN = {
     "os", "io", "pathlib", "shutil", "tempfile", "socket", "select", "selectors", "ssl",

@@ -20,6 +20,11 @@ What it models (each part after vLLM's v1 engine, simplified where noted):
   one more token at each following step until `output_tokens`. Chunked prefill is not modelled
   (a long prefill delays that whole step, as with chunking off).
 
+With `EngineConfig.kv_changes`, each `StepResult` also lists the step's KV changes in order, as
+vLLM's block pool reports them in KV events: `BlocksStored` (one per run of consecutive blocks a
+request newly cached: a ``BlockStored``) and `BlockEvicted` (a ``BlockRemoved``); the
+sim-node's ZMQ publisher (`kv_publisher.py`) encodes them.
+
 `Engine` is pure (no clock, no I/O): the caller advances it (`step()`) and feeds it requests;
 `Fleet` in `fleet.py` runs several of them against a trace, and `server.py` drives one in
 scaled real time behind a vLLM-compatible HTTP API.
@@ -29,8 +34,9 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +77,7 @@ class EngineConfig:
     block_size: int = 16
     max_num_seqs: int = 128
     latency: LatencyModel = DEFAULT_LATENCY
+    kv_changes: bool = False  # list each step's KV changes in order (StepResult.changes)
 
 
 @dataclass(slots=True)
@@ -84,6 +91,11 @@ class Request:
     arrival_ms: float
     session: str | None = None
     output_blocks: Sequence[int] = ()  # hashes of the output's full blocks, if known
+    # What KV events say about the prompt's blocks (the sim-node fills them in; optional):
+    token_ids: Sequence[int] = ()             # the prompt's token ids
+    lora_name: str | None = None
+    extra_keys: Sequence[Any] | None = None   # per block, as hashed (vllm_extra_keys)
+    digests: Sequence[bytes] = ()             # the 32-byte digests behind `blocks`
     # filled in by the engine
     node: str = ""
     reused_blocks: int = 0
@@ -104,15 +116,43 @@ class Request:
         return self.finished_ms - self.arrival_ms
 
 
+@dataclass(frozen=True, slots=True)
+class BlocksStored:
+    """Blocks one request newly cached, consecutive in its chain: one vLLM ``BlockStored``.
+
+    `parent` is the chain's block before the first one (None at block 0). `start` is the
+    first block's index in ``request.blocks`` (its tokens start at
+    ``request.token_ids[start * block_size]``); None for output blocks, whose tokens the
+    engine does not know.
+    """
+
+    request: Request
+    block_hashes: list[int]
+    parent: int | None
+    start: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class BlockEvicted:
+    """One cached block evicted to make room: one vLLM ``BlockRemoved``."""
+
+    block_hash: int
+
+
 @dataclass(slots=True)
 class StepResult:
-    """What one engine step did: when it ends, and the KV changes (for KV events)."""
+    """What one engine step did: when it ends, and the KV changes (for KV events).
+
+    `changes` is filled only with `EngineConfig.kv_changes`: `stored` and `removed` in the
+    order they happened, grouped as a real engine's KV events group them.
+    """
 
     ends_ms: float
     started: list[Request]
     finished: list[Request]
     stored: list[int]
     removed: list[int]
+    changes: list[BlocksStored | BlockEvicted] = field(default_factory=list)
 
 
 class Engine:
@@ -174,12 +214,14 @@ class Engine:
             return None
         stored: list[int] = []
         removed: list[int] = []
+        changes: list[BlocksStored | BlockEvicted] = []
+        track = changes if self.config.kv_changes else None
         started: list[Request] = []
         prefill = 0
         cfg = self.config
         while self.waiting and len(self.running) < cfg.max_num_seqs:
             request = self.waiting[0]
-            if not self._allocate(request, stored, removed):
+            if not self._allocate(request, stored, removed, track):
                 break  # FCFS: the head waits for room, and so does everyone behind it
             self.waiting.popleft()
             request.admitted_ms = now_ms
@@ -198,7 +240,7 @@ class Engine:
             request = self.waiting.popleft()
             request.rejected = True
             request.first_token_ms = request.finished_ms = now_ms
-            return StepResult(now_ms, [], [request], stored, removed)
+            return StepResult(now_ms, [], [request], stored, removed, changes)
         ends = now_ms + cfg.latency.step_ms(prefill, len(self.running))
         self._step_no += 1
         self.stats["steps"] += 1
@@ -209,14 +251,15 @@ class Engine:
             _, request_id = heapq.heappop(self._finish_at)
             request = self.running.pop(request_id)
             request.finished_ms = ends
-            self._release(request, stored)
+            self._release(request, stored, track)
             finished.append(request)
         self.busy_until_ms = ends
-        return StepResult(ends, started, finished, stored, removed)
+        return StepResult(ends, started, finished, stored, removed, changes)
 
     # -- KV pool ---------------------------------------------------------------------------
 
-    def _allocate(self, request: Request, stored: list[int], removed: list[int]) -> bool:
+    def _allocate(self, request: Request, stored: list[int], removed: list[int],
+                  changes: list[BlocksStored | BlockEvicted] | None) -> bool:
         """Reference the request's prompt blocks (reusing its cached prefix) if room allows."""
         blocks = request.blocks
         reused = self.cached_prefix(blocks)
@@ -239,16 +282,21 @@ class Engine:
             victim, _ = self.pool.popitem(last=False)
             removed.append(victim)
             self.stats["evicted_blocks"] += 1
+            if changes is not None:
+                changes.append(BlockEvicted(victim))
         for block in new:
             self.refs[block] = 1
             stored.append(block)
+        if changes is not None and new:
+            changes.extend(_stored_runs(request, reused, set(new)))
         self.reserved += output_blocks
         request.reserved = output_blocks
         request.reused_blocks = reused
         request.held = list(dict.fromkeys(blocks))
         return True
 
-    def _release(self, request: Request, stored: list[int]) -> None:
+    def _release(self, request: Request, stored: list[int],
+                 changes: list[BlocksStored | BlockEvicted] | None) -> None:
         """Drop the request's references; its blocks stay cached, the chain's tail first.
 
         Output blocks named by the request are cached in the room its reservation held.
@@ -259,6 +307,9 @@ class Engine:
         for block in reversed(outputs):
             self.pool[block] = None
             stored.append(block)
+        if changes is not None and outputs:
+            changes.append(BlocksStored(request, outputs,
+                                        request.blocks[-1] if request.blocks else None, None))
         for block in reversed(request.held):
             count = self.refs.get(block, 0) - 1
             if count > 0:
@@ -268,6 +319,23 @@ class Engine:
                 self.pool[block] = None
         request.held = []
         request.reserved = 0
+
+
+def _stored_runs(request: Request, first: int, new: set[int]) -> Iterator[BlocksStored]:
+    """Split the request's newly cached blocks (`new`, from index `first` on) into runs of
+    consecutive chain blocks; a hash repeated in the chain is stored once, where it first is."""
+    blocks = request.blocks
+    start: int | None = None
+    for i in range(first, len(blocks) + 1):
+        is_new = i < len(blocks) and blocks[i] in new
+        if is_new:
+            new.discard(blocks[i])
+            if start is None:
+                start = i
+        elif start is not None:
+            yield BlocksStored(request, list(blocks[start:i]),
+                               blocks[start - 1] if start else None, start)
+            start = None
 
 
 def fresh(requests: Sequence[Request], time_scale: float = 1.0) -> list[Request]:

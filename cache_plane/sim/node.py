@@ -2,8 +2,9 @@
 
 `SimNode` drives one `Engine` in scaled real time (`time_scale` virtual milliseconds per real
 millisecond), hands each request's tokens to whoever awaits them, and, with `cluster_urls`,
-registers with a cache_plane cluster, heartbeats its load and reports its KV events. The HTTP
-API in front of it is `server.py`.
+registers with a cache_plane cluster, heartbeats its load and reports its KV events (over HTTP
+unless `kv_events_http` is off). With `kv_events` it also publishes them as a vLLM engine does,
+over ZMQ (`kv_publisher.py`). The HTTP API in front of it is `server.py`.
 """
 
 from __future__ import annotations
@@ -17,16 +18,19 @@ from dataclasses import dataclass
 import structlog
 
 from ..client import CachePlaneClient
-from ..hashing import DEFAULT_SEED
+from ..hashing import DEFAULT_SEED, to_external
 from ..tokenization import (
     WORD_VOCAB,
     Tokenizer,
     WordTokenizer,
     load_tokenizer,
+    request_block_digests,
     request_block_hashes,
+    vllm_extra_keys,
 )
 from .engine import DEFAULT_KV_TOKENS, DEFAULT_LATENCY, Engine, EngineConfig, LatencyModel, Request
 from .faults import FaultPlan, Faults
+from .kv_publisher import EventBuilder, KVEventPublisher, KVEventsSettings
 
 log = structlog.get_logger(__name__)
 VOCAB = WORD_VOCAB
@@ -57,6 +61,8 @@ class SimNodeSettings:
     lora_modules: tuple[str, ...] = ()     # adapter names served besides `model`
     api_key: str | None = None             # required of this node's clients, as vLLM's
     faults: FaultPlan = FaultPlan()
+    kv_events: KVEventsSettings | None = None  # publish KV events over ZMQ, as vLLM does
+    kv_events_http: bool = True            # report them to the cluster's /v1/kv-events
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +85,7 @@ class SimNode:
         self.settings = settings
         self.engine = Engine(settings.node_id, EngineConfig(
             settings.capacity_blocks, settings.block_size, settings.max_num_seqs,
-            settings.latency))
+            settings.latency, kv_changes=settings.kv_events is not None))
         self.tokenizer: Tokenizer = (load_tokenizer(settings.tokenizer) if settings.tokenizer
                                      else WordTokenizer())
         self.faults = Faults(settings.faults)
@@ -93,6 +99,11 @@ class SimNode:
         self.seq = 0
         self.instance = uuid.uuid4().hex  # this process: a restart is a new instance
         self._unsent: tuple[int, list[int], list[int]] | None = None
+        # The ZMQ publisher is started (and `publisher` set) by the app's background context.
+        self.publisher: KVEventPublisher | None = None
+        self.event_builder = (EventBuilder(settings.kv_events, settings.block_size,
+                                           settings.lora_modules)
+                              if settings.kv_events is not None else None)
 
     @property
     def max_model_len(self) -> int:
@@ -130,16 +141,31 @@ class SimNode:
                 queue = self.tokens.get(request.request_id)
                 if queue is not None:
                     queue.put_nowait(None)
-            if result.stored or result.removed:
+            if self.settings.kv_events_http and (result.stored or result.removed):
                 self.reports.put_nowait((result.stored, result.removed))
+            if self.publisher is not None and self.event_builder is not None and result.changes:
+                self.publisher.publish(self.event_builder.build(result.changes))
 
     def new_request(self, prompt: Prompt) -> Request:
-        """The engine request for `prompt`: its blocks hashed as vLLM would hash them."""
+        """The engine request for `prompt`: its blocks hashed as vLLM would hash them.
+
+        With a KV-event publisher the request also carries what a ``BlockStored`` reports:
+        its token ids, LoRA name, per-block extra keys and (bytes hash form) digests.
+        """
         s = self.settings
-        blocks = request_block_hashes(prompt.token_ids, s.block_size, s.hash_seed,
-                                      prompt.lora_name, prompt.cache_salt)
-        return Request(uuid.uuid4().hex, blocks, len(prompt.token_ids),
-                       max(prompt.max_tokens, 1), self.now_ms())
+        if s.kv_events is None:
+            blocks = request_block_hashes(prompt.token_ids, s.block_size, s.hash_seed,
+                                          prompt.lora_name, prompt.cache_salt)
+            return Request(uuid.uuid4().hex, blocks, len(prompt.token_ids),
+                           max(prompt.max_tokens, 1), self.now_ms())
+        digests = request_block_digests(prompt.token_ids, s.block_size, s.hash_seed,
+                                        prompt.lora_name, prompt.cache_salt)
+        return Request(uuid.uuid4().hex, [to_external(d) for d in digests],
+                       len(prompt.token_ids), max(prompt.max_tokens, 1), self.now_ms(),
+                       token_ids=prompt.token_ids, lora_name=prompt.lora_name,
+                       extra_keys=vllm_extra_keys(len(digests), prompt.lora_name,
+                                                  prompt.cache_salt),
+                       digests=digests if s.kv_events.hash_form == "bytes" else ())
 
     async def generate(self, request: Request, max_tokens: int) -> AsyncGenerator[int, None]:
         """Run `request`; yield one (synthetic) token id per decode step, up to `max_tokens`.

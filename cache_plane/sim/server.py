@@ -40,7 +40,15 @@ them), or a stream cut after `after_chunks` events with the connection closed. `
 
 With `cluster_urls`, the node registers with a cache_plane cluster, heartbeats its load every
 `lease_ms / 3`, and reports every batch of stored and removed blocks to `/v1/kv-events` with
-increasing sequence numbers, as a real engine's KV-event publisher would.
+increasing sequence numbers, as a real engine's KV-event publisher would (unless
+`kv_events_http` is off).
+
+With `kv_events`, it publishes the same changes on vLLM's own wire: ZMQ PUB frames and a
+ROUTER replay socket (see `kv_publisher.py`). ``GET /sim/kv-events`` shows the stream (next
+seq, buffered batches, counters); ``POST /sim/kv-events`` with ``{"drop_live"?: n,
+"restart"?: bool}`` injects its faults: the next `n` batches are not sent live (replay still
+has them), and a restart sets seq back to 0 with an empty replay buffer. Both answer 404
+without a publisher.
 
 Run: `cache-plane sim-node --node-id gpu0 --port 9000 --cluster http://127.0.0.1:8000`.
 """
@@ -70,6 +78,7 @@ from ..tokenization import (
 )
 from .engine import Request
 from .faults import FaultPlan, parse_fault_plan
+from .kv_publisher import KVEventPublisher
 from .node import ADMISSION_FACTOR, Prompt, SimNode, SimNodeSettings, tokenize
 
 __all__ = ["ADMISSION_FACTOR", "SIM_NODE", "SimNode", "SimNodeSettings", "create_app", "tokenize"]
@@ -95,6 +104,8 @@ def create_app(settings: SimNodeSettings) -> web.Application:
     app.router.add_post("/tokenize", tokenize_prompt)
     app.router.add_get("/sim/faults", get_faults)
     app.router.add_post("/sim/faults", set_faults)
+    app.router.add_get("/sim/kv-events", get_kv_events)
+    app.router.add_post("/sim/kv-events", set_kv_events)
     app.cleanup_ctx.append(_background)
     app.on_shutdown.append(_release_hung)
     return app
@@ -102,6 +113,8 @@ def create_app(settings: SimNodeSettings) -> web.Application:
 
 async def _background(app: web.Application) -> AsyncIterator[None]:
     node = app[SIM_NODE]
+    if node.settings.kv_events is not None:  # bind first: a bad endpoint fails the start-up
+        node.publisher = KVEventPublisher(node.settings.kv_events).start()
     tasks = [asyncio.create_task(node.run_engine())]
     if node.settings.cluster_urls:
         node.client = CachePlaneClient(list(node.settings.cluster_urls),
@@ -118,6 +131,9 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
             await task
     if node.client is not None:
         await node.client.__aexit__(None, None, None)
+    if node.publisher is not None:
+        await asyncio.to_thread(node.publisher.close)
+        node.publisher = None
 
 
 async def _release_hung(app: web.Application) -> None:
@@ -267,6 +283,43 @@ async def set_faults(request: web.Request) -> web.Response:
     node.faults.set(plan)
     log.info("sim_node_faults_set", node_id=node.settings.node_id, **plan.as_json())
     return web.json_response(node.faults.view())
+
+
+async def get_kv_events(request: web.Request) -> web.Response:
+    publisher = request.app[SIM_NODE].publisher
+    if publisher is None:
+        return _error(404, "this node publishes no KV events (no --kv-events-endpoint)")
+    return web.json_response(publisher.view())
+
+
+async def set_kv_events(request: web.Request) -> web.Response:
+    """Inject KV-event faults: ``{"drop_live"?: n >= 0, "restart"?: bool}``; the stream's view."""
+    node = request.app[SIM_NODE]
+    if node.publisher is None:
+        return _error(404, "this node publishes no KV events (no --kv-events-endpoint)")
+    body = await _json(request)
+    if isinstance(body, web.Response):
+        return body
+    problems = []
+    unknown = sorted(set(body) - {"drop_live", "restart"})
+    if unknown:
+        problems.append(f"unknown fields: {', '.join(unknown)}")
+    drop = body.get("drop_live", 0)
+    if isinstance(drop, bool) or not isinstance(drop, int) or drop < 0:
+        problems.append("drop_live must be an integer >= 0")
+    restart = body.get("restart", False)
+    if not isinstance(restart, bool):
+        problems.append("restart must be a boolean")
+    if problems:
+        return _error(400, "; ".join(problems))
+    if restart:
+        node.publisher.restart()
+    if drop:
+        node.publisher.drop_live(drop)
+    await asyncio.to_thread(node.publisher.sync, 5.0)
+    log.info("sim_node_kv_event_faults", node_id=node.settings.node_id, drop_live=drop,
+             restart=restart)
+    return web.json_response(node.publisher.view())
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
