@@ -117,6 +117,20 @@ def kv_events(node: str, seq: int, events: list[Any], model: str | None = None) 
     return command
 
 
+def kv_batches(node: str, rank: int, batches: list[Any], *, model: str | None = None,
+               resync: str | None = None, contiguous: bool = True, gaps: int = 0,
+               replays: int = 0) -> Command:
+    """Batches of one KV-event stream: ``[seq, ts_ms, events]`` each (see machine.blocks)."""
+    command: Command = {"op": "cp.kv_batches", "node": node, "rank": rank, "batches": batches,
+                        "contiguous": contiguous}
+    for name, value in (("model", model), ("resync", resync)):
+        if value is not None:
+            command[name] = value
+    if gaps or replays:
+        command["gaps"], command["replays"] = gaps, replays
+    return command
+
+
 def expire(now_ms: int, block_ttl_ms: int, prior: Mapping[str, Any]) -> Command:
     return {"op": "cp.expire", "now_ms": now_ms, "block_ttl_ms": block_ttl_ms, **prior}
 

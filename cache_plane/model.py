@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from .calibration import NOTHING_LEARNED, Learned
 
@@ -17,6 +17,39 @@ class ModelSpec:
     block_size: int = 16
     hash_seed: str = "vllm-none-hash"
     epoch: int = 0
+
+
+@dataclass(slots=True)
+class StreamState:
+    """One engine KV-event stream (a data-parallel rank) as the replicated state follows it.
+
+    `last_seq` is the watermark: batches at or below it are duplicates. The counters say what
+    the ingesters reported (resyncs, restarts, rebuilds, gaps, replays) and what was applied.
+    """
+
+    last_seq: int = -1
+    stale: bool = False         # its history was lost: the node's blocks were cleared
+    batches: int = 0
+    events: int = 0
+    stored: int = 0
+    removed: int = 0
+    duplicates: int = 0         # batches at or below the watermark
+    gaps: int = 0               # batches missing before one that came (replayed, or lost)
+    replays: int = 0
+    resyncs: int = 0
+    restarts: int = 0
+    rebuilds: int = 0
+    last_ts_ms: int = 0         # the engine's timestamp of the last batch applied
+    last_lag_ms: int | None = None  # the leader's clock minus that timestamp, at its apply
+
+    def wire(self) -> list[int | None]:
+        return [self.last_seq, int(self.stale), self.batches, self.events, self.stored,
+                self.removed, self.duplicates, self.gaps, self.replays, self.resyncs,
+                self.restarts, self.rebuilds, self.last_ts_ms, self.last_lag_ms]
+
+    @classmethod
+    def from_wire(cls, w: list[Any]) -> StreamState:
+        return cls(w[0], bool(w[1]), *w[2:14])
 
 
 @dataclass(slots=True)
@@ -40,6 +73,7 @@ class Node:
     reported_used: int = -1    # KV blocks in use by the engine's own count (-1: never reported)
     max_running: int = 0       # the engine's running slots (vLLM max_num_seqs; 0: max_active)
     learned: Learned = NOTHING_LEARNED  # speeds learned from its completion reports
+    streams: dict[int, StreamState] = field(default_factory=dict)  # KV-event streams by rank
 
     @property
     def slots(self) -> int:

@@ -298,8 +298,17 @@ class CachePlaneService:
         return {"results": results}
 
     async def kv_events(self, body: dict[str, Any]) -> dict[str, Any]:
-        return await self.submit(commands.kv_events(body["node_id"], body["seq"],
-                                                    body["events"], body.get("model")))
+        """`POST /v1/kv-events`: one batch of the node's stream `rank`, through the same path
+        as the engines' ZMQ streams (`cp.kv_batches`), applied even after a hole (an HTTP
+        reporter cannot replay; the hole is counted in the stream's ``gaps``)."""
+        seq = body["seq"]
+        out = await self.submit(commands.kv_batches(
+            body["node_id"], body.get("rank", 0), [[seq, now_ms(), body["events"]]],
+            model=body.get("model"), contiguous=False))
+        if out["duplicates"]:
+            return {"ok": True, "duplicate": True, "seq": seq}
+        return {"ok": True, "seq": seq, "stored": out["stored"], "removed": out["removed"],
+                "ignored_full": out["ignored_full"]}
 
     # -- introspection ---------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from .calibration import Speeds
 from .machine import CachePlaneMachine
-from .model import ModelSpec, RouteDecision
+from .model import ModelSpec, RouteDecision, StreamState
 from .policy import load_model, running_slots
 
 
@@ -89,7 +89,19 @@ def node_view(machine: CachePlaneMachine, node_id: str, prior: Speeds,
                             "completions": learned.output_n}},
             "labels": dict(rec.labels),
             "lease_until_ms": rec.lease_until_ms, "instance_id": rec.instance,
-            "reported_used_blocks": rec.reported_used if rec.reported_used >= 0 else None}
+            "reported_used_blocks": rec.reported_used if rec.reported_used >= 0 else None,
+            "kv_streams": [{"rank": rank, **stream_view(stream)}
+                           for rank, stream in sorted(rec.streams.items())]}
+
+
+def stream_view(stream: StreamState) -> dict[str, Any]:
+    """One KV-event stream as the replicated state follows it (see `model.StreamState`)."""
+    return {"last_seq": stream.last_seq, "stale": stream.stale, "batches": stream.batches,
+            "events": stream.events, "blocks_stored": stream.stored,
+            "blocks_removed": stream.removed, "duplicates": stream.duplicates,
+            "gaps": stream.gaps, "replays": stream.replays, "resyncs": stream.resyncs,
+            "restarts": stream.restarts, "rebuilds": stream.rebuilds,
+            "last_event_ms": stream.last_ts_ms or None, "last_lag_ms": stream.last_lag_ms}
 
 
 def node_views(machine: CachePlaneMachine, prior: Speeds, now_ms: int) -> list[dict[str, Any]]:

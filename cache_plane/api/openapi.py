@@ -123,6 +123,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "KVEvents": _obj(
         ["node_id", "seq", "events"], node_id=ID, model=ID,
         seq={"type": "integer", "minimum": 0, "maximum": L.MAX_SEQ},
+        rank={"type": "integer", "minimum": 0, "maximum": L.MAX_SLOTS,
+              "description": "the engine's data-parallel rank: a stream of its own, with its "
+                             "own seq (default 0)"},
         events={"type": "array", "maxItems": L.MAX_EVENTS, "items": _obj(
             ["type"], type={"enum": ["stored", "removed", "cleared"]},
             block_hashes={"type": "array", "items": U64, "maxItems": L.MAX_PROMPT_BLOCKS},

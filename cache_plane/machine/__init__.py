@@ -68,6 +68,7 @@ HANDLERS: dict[str, Handler] = {
     "cp.route": routing.route,
     "cp.complete": routing.complete,
     "cp.kv_events": blocks.kv_events,
+    "cp.kv_batches": blocks.kv_batches,
     "cp.compact_log": blocks.compact_log,
 }
 

@@ -94,6 +94,7 @@ def register_node(st: State, cmd: Mapping[str, Any], ctx: ApplyContext) -> Resul
         assert rec is not None
         st.drop_node_state(rec)
         rec.last_event_seq = -1
+        rec.streams = {}
     if rec is None:
         if st.next_slot >= MAX_SLOTS:
             return error("too_many_nodes", "node slot space exhausted").result

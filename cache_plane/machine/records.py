@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..calibration import Learned
-from ..model import Node
+from ..model import Node, StreamState
 
 PREFIX = b"cp/"
 META_KEY = b"cp/meta"
@@ -49,7 +49,8 @@ def node_wire(node: Node) -> list[Any]:
     return [node.slot, node.address, list(node.models), node.capacity_blocks, node.max_active,
             [list(p) for p in node.labels], node.state, node.active, node.queue,
             node.lease_until_ms, node.last_event_seq, node.prefill_until_ms, node.instance,
-            node.reported_used, node.max_running, node.learned.wire()]
+            node.reported_used, node.max_running, node.learned.wire(),
+            [[rank, stream.wire()] for rank, stream in sorted(node.streams.items())]]
 
 
 def node_from_wire(node_id: str, w: list[Any]) -> Node:
@@ -57,7 +58,8 @@ def node_from_wire(node_id: str, w: list[Any]) -> Node:
                 w[6], w[7], w[8], w[9], w[10], w[11] if len(w) > 11 else 0,
                 w[12] if len(w) > 12 else "", w[13] if len(w) > 13 else -1,
                 w[14] if len(w) > 14 else 0,
-                Learned.from_wire(w[15]) if len(w) > 15 else Learned())
+                Learned.from_wire(w[15]) if len(w) > 15 else Learned(),
+                {rank: StreamState.from_wire(sw) for rank, sw in w[16]} if len(w) > 16 else {})
 
 
 

@@ -311,6 +311,7 @@ def test_a_restarted_engine_instance_loses_its_blocks_and_restarts_its_event_seq
     assert not register("one")["restarted"] and h.m.index.used(0) == 3
     assert register("two")["restarted"]
     assert h.m.index.used(0) == 0 and not h.m.requests and h.m.nodes["a"].active == 0
+    assert h.m.nodes["a"].streams == {}
     again = h(op="cp.kv_events", node="a", seq=1, events=[{"type": "stored",
                                                            "block_hashes": [7]}])
     assert again["stored"] == 1 and not again.get("duplicate")
@@ -394,3 +395,60 @@ def test_a_binding_decision_that_no_longer_fits_is_dropped_not_moved():
     moved = h(op="cp.route", model="m", blocks=[7, 8], request_id="r3", now_ms=0, node=busy,
               route_type="miss", matched=0, evict=[])
     assert moved["node_id"] != busy  # without binding, the replica re-decides
+
+
+def _batch(seq, *hashes, kind="stored", ts=0):
+    return [seq, ts, [{"type": kind, "block_hashes": list(hashes)}]]
+
+
+def test_kv_batches_apply_once_per_stream_seq_and_stop_at_a_hole():
+    """Each (node, rank) stream has its own watermark; a hole stops a contiguous command."""
+    h = cluster(nodes=("a",))
+    out = h(op="cp.kv_batches", node="a", rank=0, batches=[_batch(0, 1), _batch(1, 2)])
+    assert out["applied"] == 2 and out["watermark"] == 1 and out["gap_at"] is None
+    out = h(op="cp.kv_batches", node="a", rank=0,
+            batches=[_batch(1, 2), _batch(2, 3), _batch(4, 5), _batch(5, 6)])
+    assert (out["duplicates"], out["applied"], out["gap_at"], out["watermark"]) == (1, 1, 4, 2)
+    assert h.m.index.holders(0, 5) == []  # nothing after the hole
+    other = h(op="cp.kv_batches", node="a", rank=1, batches=[_batch(0, 9)])
+    assert other["watermark"] == 0 and h.m.nodes["a"].streams[0].last_seq == 2
+    lenient = h(op="cp.kv_batches", node="a", rank=0, batches=[_batch(7, 7)], contiguous=False)
+    assert lenient["applied"] == 1 and h.m.nodes["a"].streams[0].gaps == 4
+
+
+def test_kv_batches_resync_clears_the_node_and_restarts_the_stream():
+    h = cluster(nodes=("a",))
+    h(op="cp.kv_batches", node="a", rank=0, batches=[_batch(0, 1, 2), _batch(1, 3)])
+    out = h(op="cp.kv_batches", node="a", rank=0, resync="restart", batches=[_batch(0, 8)])
+    assert out["applied"] == 1 and out["watermark"] == 0 and h.m.index.used(0) == 1
+    stale = h(op="cp.kv_batches", node="a", rank=0, resync="gap", batches=[])
+    assert stale["stale"] and h.m.index.used(0) == 0
+    s = h.m.nodes["a"].streams[0]
+    assert (s.restarts, s.resyncs, s.stale) == (1, 1, True)
+    h(op="cp.kv_batches", node="a", rank=0, resync="gap", batches=[_batch(40, 4)])
+    assert not h.m.nodes["a"].streams[0].stale and h.m.nodes["a"].streams[0].last_seq == 40
+
+
+def test_kv_batches_are_refused_whole_when_malformed_and_survive_a_rebuild():
+    h = cluster(nodes=("a",))
+    before = dict(h.store.data)
+    for bad in ([[0, 0]], [[-1, 0, []]], [[0, 0, [{"type": "boom"}]]], "x"):
+        assert h(op="cp.kv_batches", node="a", rank=0, batches=bad)["error"] == \
+            "invalid_command"
+    assert h(op="cp.kv_batches", node="a", rank=0, batches=[], resync="nope")["error"] == \
+        "invalid_command"
+    assert h(op="cp.kv_batches", node="zz", rank=0, batches=[])["error"] == "unknown_node"
+    assert dict(h.store.data) == before
+    h(op="cp.kv_batches", node="a", rank=2, batches=[_batch(0, 1, ts=5)], gaps=3, replays=1,
+      now_ms=9)
+    twin = CachePlaneMachine()
+    twin.rebuild(sorted(h.store.data.items()))
+    assert twin.nodes["a"].streams == h.m.nodes["a"].streams
+    assert twin.nodes["a"].streams[2].last_lag_ms == 4 and twin.nodes["a"].streams[2].gaps == 3
+
+
+def test_a_stream_of_rank_0_continues_the_nodes_earlier_http_seq():
+    h = cluster(nodes=("a",))
+    h(op="cp.kv_events", node="a", seq=5, events=[{"type": "stored", "block_hashes": [1]}])
+    out = h(op="cp.kv_batches", node="a", rank=0, batches=[_batch(5, 2), _batch(6, 3)])
+    assert out["duplicates"] == 1 and out["watermark"] == 6
