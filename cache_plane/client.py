@@ -35,7 +35,8 @@ class CachePlaneClient(VeristoreClient):
                             capacity_blocks: int, max_active: int = 64,
                             labels: dict[str, str] | None = None,
                             instance_id: str | None = None,
-                            max_running: int | None = None) -> dict[str, Any]:
+                            max_running: int | None = None,
+                            kv_events: dict[str, Any] | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"node_id": node_id, "address": address, "models": models,
                                 "capacity_blocks": capacity_blocks, "max_active": max_active,
                                 "labels": labels or {}}
@@ -43,6 +44,8 @@ class CachePlaneClient(VeristoreClient):
             body["instance_id"] = instance_id
         if max_running is not None:
             body["max_running"] = max_running
+        if kv_events is not None:
+            body["kv_events"] = kv_events
         return await self.request("POST", "/v1/nodes", json=body)
 
     async def heartbeat(self, node_id: str, active_requests: int = 0,

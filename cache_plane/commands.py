@@ -40,12 +40,15 @@ def invalidate_model(model: str) -> Command:
 
 def register_node(node: str, address: str, models: Sequence[str], capacity_blocks: int,
                   max_active: int, labels: Mapping[str, str], lease_ms: int, *,
-                  instance_id: str | None = None, max_running: int | None = None) -> Command:
+                  instance_id: str | None = None, max_running: int | None = None,
+                  kv_events: Mapping[str, Any] | None = None) -> Command:
     command: Command = {"op": "cp.register_node", "node": node, "address": address,
                         "models": list(models), "capacity_blocks": capacity_blocks,
                         "max_active": max_active, "labels": dict(labels), "lease_ms": lease_ms}
     if instance_id is not None:
         command["instance_id"] = instance_id
+    if kv_events is not None:
+        command["kv_events"] = dict(kv_events)
     if max_running is not None:
         command["max_running"] = max_running
     return command

@@ -52,6 +52,24 @@ class StreamState:
         return cls(w[0], bool(w[1]), *w[2:14])
 
 
+@dataclass(frozen=True, slots=True)
+class KVSource:
+    """Where a node's engine publishes its KV events (vLLM ``--kv-events-config``).
+
+    Rank ``r`` of a data-parallel engine publishes on `endpoint`'s port + r (and its replay
+    socket likewise), as vLLM binds them.
+    """
+
+    endpoint: str
+    replay_endpoint: str | None = None
+    topic: str = ""
+    hash_form: str = "vllm"
+    ranks: int = 1
+
+    def wire(self) -> list[Any]:
+        return [self.endpoint, self.replay_endpoint, self.topic, self.hash_form, self.ranks]
+
+
 @dataclass(slots=True)
 class Node:
     """An inference node as the replicated state holds it (the machine mutates it in apply)."""
@@ -74,6 +92,7 @@ class Node:
     max_running: int = 0       # the engine's running slots (vLLM max_num_seqs; 0: max_active)
     learned: Learned = NOTHING_LEARNED  # speeds learned from its completion reports
     streams: dict[int, StreamState] = field(default_factory=dict)  # KV-event streams by rank
+    kv_source: KVSource | None = None  # the engine's ZMQ KV-event stream, if it has one
 
     @property
     def slots(self) -> int:

@@ -87,7 +87,8 @@ class CachePlaneService:
         return await self.submit(commands.register_node(
             body["node_id"], body["address"], body["models"], body["capacity_blocks"],
             body.get("max_active", 64), body.get("labels", {}), self.settings.node_lease_ms,
-            instance_id=body.get("instance_id"), max_running=body.get("max_running")))
+            instance_id=body.get("instance_id"), max_running=body.get("max_running"),
+            kv_events=body.get("kv_events")))
 
     async def heartbeat(self, node_id: str, body: dict[str, Any]) -> dict[str, Any]:
         # (`used_blocks` is the engine's own count, shown beside the index's)
@@ -122,6 +123,12 @@ class CachePlaneService:
         if view is None:
             raise CachePlaneError("unknown_node", f"node {node_id!r} is not registered")
         return view
+
+    def node_blocks(self, node_id: str) -> dict[str, Any]:
+        found = self.node.store.view(lambda m: views.node_blocks(m, node_id))
+        if found is None:
+            raise CachePlaneError("unknown_node", f"node {node_id!r} is not registered")
+        return found
 
     def models(self) -> list[dict[str, Any]]:
         return self.node.store.view(views.model_views)

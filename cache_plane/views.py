@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .calibration import Speeds
+from .index import TIER_NAMES
 from .machine import CachePlaneMachine
 from .model import ModelSpec, RouteDecision, StreamState
 from .policy import load_model, running_slots
@@ -90,8 +91,27 @@ def node_view(machine: CachePlaneMachine, node_id: str, prior: Speeds,
             "labels": dict(rec.labels),
             "lease_until_ms": rec.lease_until_ms, "instance_id": rec.instance,
             "reported_used_blocks": rec.reported_used if rec.reported_used >= 0 else None,
+            "kv_events": None if rec.kv_source is None else {
+                "endpoint": rec.kv_source.endpoint,
+                "replay_endpoint": rec.kv_source.replay_endpoint, "topic": rec.kv_source.topic,
+                "hash_form": rec.kv_source.hash_form, "ranks": rec.kv_source.ranks},
             "kv_streams": [{"rank": rank, **stream_view(stream)}
                            for rank, stream in sorted(rec.streams.items())]}
+
+
+def node_blocks(machine: CachePlaneMachine, node_id: str) -> dict[str, Any] | None:
+    """The blocks the index says `node_id` holds, by model, LRU first (None: no such node)."""
+    rec = machine.nodes.get(node_id)
+    if rec is None:
+        return None
+    names = {spec.code: spec.id for spec in machine.models.values()}
+    by_model: dict[str, list[list[Any]]] = {}
+    for model, block in machine.index.lru_order(rec.slot):
+        tier = machine.index.tier(model, block, rec.slot)
+        by_model.setdefault(names.get(model, str(model)), []).append(
+            [block, TIER_NAMES[tier if tier is not None else 0]])
+    return {"node_id": node_id, "blocks": sum(len(v) for v in by_model.values()),
+            "models": by_model}
 
 
 def stream_view(stream: StreamState) -> dict[str, Any]:

@@ -28,12 +28,14 @@ from veristore_py.group_commit import BATCH_BOUNDS
 from veristore_py.node import VeristoreNode
 
 from ..errors import CachePlaneError
+from ..kvevents.ingest import Ingester
 from ..service import CachePlaneService
 from ..settings import ServiceSettings
 from .openapi import document
 from .validation import VALIDATORS
 
 SERVICE = web.AppKey("service", CachePlaneService)
+INGESTER = web.AppKey("ingester", Ingester)
 OPENAPI = web.AppKey("openapi", dict)
 
 
@@ -132,7 +134,15 @@ async def list_nodes(request: web.Request) -> web.Response:
 
 
 async def get_node(request: web.Request) -> web.Response:
-    return kv_api.json_response(_svc(request).node_info(request.match_info["node_id"]))
+    node_id = request.match_info["node_id"]
+    info = _svc(request).node_info(node_id)
+    # what this member's subscribers see (only the leader runs them)
+    info["kv_ingest"] = [s for s in request.app[INGESTER].snapshots() if s["node_id"] == node_id]
+    return kv_api.json_response(info)
+
+
+async def get_node_blocks(request: web.Request) -> web.Response:
+    return kv_api.json_response(_svc(request).node_blocks(request.match_info["node_id"]))
 
 
 async def heartbeat(request: web.Request) -> web.Response:
@@ -224,11 +234,14 @@ async def docs(request: web.Request) -> web.Response:
 
 
 async def _housekeeping(app: web.Application) -> AsyncIterator[None]:
-    task = asyncio.create_task(app[SERVICE].housekeeping())
+    tasks = [asyncio.create_task(app[SERVICE].housekeeping()),
+             asyncio.create_task(app[INGESTER].run())]
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 # (method, path template) -> the role it needs (veristore_py/auth.py), with veristore's own.
@@ -237,6 +250,7 @@ ACCESS_TABLE: dict[tuple[str, str], str] = {
     ("POST", "/v1/nodes"): "admin",
     ("GET", "/v1/nodes"): "read",
     ("GET", "/v1/nodes/{node_id}"): "read",
+    ("GET", "/v1/nodes/{node_id}/blocks"): "read",
     ("DELETE", "/v1/nodes/{node_id}"): "admin",
     ("POST", "/v1/nodes/{node_id}/heartbeat"): "route",
     ("POST", "/v1/nodes/{node_id}/drain"): "admin",
@@ -265,6 +279,7 @@ def create_app(node: VeristoreNode, settings: NodeSettings,
     app[kv_api.SETTINGS] = settings
     kv_api.add_security(app, settings, ACCESS_TABLE)
     app[SERVICE] = service
+    app[INGESTER] = Ingester(app[SERVICE])
     app[METRICS] = Metrics(service)
     app[OPENAPI] = document()
     app.middlewares.append(metrics_middleware)
@@ -273,6 +288,7 @@ def create_app(node: VeristoreNode, settings: NodeSettings,
     r.add_post("/v1/nodes", register_node)
     r.add_get("/v1/nodes", list_nodes)
     r.add_get("/v1/nodes/{node_id}", get_node)
+    r.add_get("/v1/nodes/{node_id}/blocks", get_node_blocks)
     r.add_delete("/v1/nodes/{node_id}", remove_node)
     r.add_post("/v1/nodes/{node_id}/heartbeat", heartbeat)
     r.add_post("/v1/nodes/{node_id}/drain", drain)

@@ -82,6 +82,20 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         labels={"type": "object", "additionalProperties": {"type": "string", "maxLength": 256},
                 "maxProperties": L.MAX_LABELS},
         instance_id=kv_api.text_schema(L.MAX_ID_BYTES),
+        kv_events={**_obj(
+            ["endpoint"],
+            endpoint={**kv_api.text_schema(L.MAX_ID_BYTES, min_length=1),
+                      "description": "the engine's ZMQ PUB, as a member connects to it: "
+                                     "tcp://HOST:PORT (vLLM kv-events-config endpoint)"},
+            replay_endpoint={**kv_api.text_schema(L.MAX_ID_BYTES, min_length=1),
+                             "description": "its ROUTER replay socket (none: no replay)"},
+            topic=kv_api.text_schema(L.MAX_ID_BYTES),
+            hash_form={"enum": ["vllm", "sglang"],
+                       "description": "how 32-byte hashes fold to 64 bits (default vllm)"},
+            ranks={"type": "integer", "minimum": 1, "maximum": 256,
+                   "description": "data-parallel ranks: rank r on the endpoint's port + r"}),
+            "description": "the cluster leader subscribes to these KV events "
+                           "(docs/kv_events.md)"},
     ),
     "Heartbeat": _obj(
         [], active_requests={"type": "integer", "minimum": 0, "maximum": L.MAX_REPORTED,
@@ -289,6 +303,10 @@ def _paths() -> dict[str, Any]:
         "/v1/nodes/{node_id}": {
             "get": _op("One inference node", "Object", codes=(404, 503)),
             "delete": _op("Remove a node and forget its blocks", "Object", codes=_DOMAIN),
+            "parameters": node},
+        "/v1/nodes/{node_id}/blocks": {
+            "get": _op("The blocks the index says the node holds: per model, [block hash, "
+                       "tier] pairs, least recently used first", "Object", codes=(404, 503)),
             "parameters": node},
         "/v1/nodes/{node_id}/heartbeat": {
             "post": _op("Report load, renew the lease (the body is optional)", "Object",

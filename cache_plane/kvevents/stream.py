@@ -37,6 +37,8 @@ batch before an older one it can still get, and clear what it cannot vouch for.
   follow are applied; a hole left between the replay and them is replayed again, at most
   `max_replays` times in a row, then resync from the held ones.
 - **A failed replay** (timeout, no answer): resync from the oldest held batch, or stale.
+- **An idle stream** (`idle()`, called by the shell when no live batch came for a while) asks
+  a replay from `next`: batches lost at the end of a burst show no gap until another comes.
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ class StreamCounters:
     restarts: int = 0      # the engine's seq went back: blocks cleared
     duplicates: int = 0    # batches dropped as already applied or already given
     held_max: int = 0      # the most live batches held at once during a replay
+    probes: int = 0        # replays asked because the stream was idle (a lost tail)
 
 
 @dataclass(slots=True)
@@ -166,6 +169,16 @@ class StreamTracker(Generic[B]):
         # seq > next: the engine no longer has what came before it
         self.held = {s: b for s, b in self.held.items() if s > seq}
         return self._resync([batch], seq, "gap", drain=False)
+
+    def idle(self) -> list[Action]:
+        """No live batch for a while: replay from `next` in case the last ones were lost
+        (a lost last batch shows no gap until the next one comes)."""
+        if self.phase != LIVE or not self.has_replay:
+            return []
+        self.counters.probes += 1
+        self.replays_in_a_row = 0
+        self.phase = REPLAYING
+        return [Replay(self.next)]
 
     def replay_ended(self) -> list[Action]:
         """The replay's end marker came: apply the held batches that follow."""

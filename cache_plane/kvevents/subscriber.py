@@ -4,7 +4,8 @@ A `StreamSubscriber` owns a SUB socket on the engine's publisher, a DEALER per r
 replay socket, and a `stream.StreamTracker`. Every live frame and every replayed batch is
 decoded (`wire`) and given to the tracker; what the tracker decides (`Apply`, `Resync`) goes to
 the `sink`, one action at a time and in order, and `Replay` starts a replay (a new one cancels
-the one under way and closes its socket, so its late replies are never read).
+the one under way and closes its socket, so its late replies are never read). A stream quiet
+for `idle_probe_s` asks a replay from its next seq: a lost last batch shows no gap otherwise.
 
 The sink proposes to the cluster. It answers None, or the cluster's watermark for the stream
 when it is not where the tracker thought (another ingester applied more, a leader changed):
@@ -68,7 +69,7 @@ class StreamSubscriber:
     def __init__(self, context: zmq.asyncio.Context, source: StreamSource, sink: Sink,
                  watermark: Callable[[], Awaitable[int]], *, hwm: int = 100_000,
                  replay_idle_s: float = 2.0, replay_total_s: float = 120.0,
-                 max_held: int = 10_000) -> None:
+                 max_held: int = 10_000, idle_probe_s: float = 2.0) -> None:
         self.context = context
         self.source = source
         self.sink = sink
@@ -76,6 +77,7 @@ class StreamSubscriber:
         self.hwm = hwm
         self.replay_idle_s = replay_idle_s
         self.replay_total_s = replay_total_s
+        self.idle_probe_s = idle_probe_s
         self.tracker: StreamTracker[wire.Batch] = StreamTracker(
             has_replay=source.replay_endpoint is not None, max_held=max_held)
         self.stats = SubscriberStats()
@@ -98,7 +100,11 @@ class StreamSubscriber:
         try:
             await self._begin()
             while True:
-                ready = dict(await poller.poll())
+                ready = dict(await poller.poll(timeout=int(self.idle_probe_s * 1000)))
+                if not ready:  # quiet: ask for what may have been lost at the end of a burst
+                    async with self._lock:
+                        await self._do(self.tracker.idle())
+                    continue
                 if monitor in ready:
                     event = parse_monitor_message(await monitor.recv_multipart())
                     if event["event"] == zmq.EVENT_DISCONNECTED:
@@ -210,5 +216,6 @@ class StreamSubscriber:
                 "skipped_events": self.stats.skipped_events,
                 "reconnects": self.stats.reconnects, "gaps": c.gaps, "replays": c.replays,
                 "resyncs": c.resyncs, "restarts": c.restarts, "duplicates": c.duplicates,
+                "idle_probes": c.probes,
                 "lag_ms_p50": lag[len(lag) // 2] if lag else None,
                 "lag_ms_p99": lag[min(len(lag) - 1, int(len(lag) * 0.99))] if lag else None}

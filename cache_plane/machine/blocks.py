@@ -107,7 +107,7 @@ def kv_batches(st: State, cmd: Mapping[str, Any], ctx: ApplyContext) -> Result:
     Fields: ``node``, ``rank``, ``model`` (optional), ``batches`` (``[seq, ts_ms, events]``
     each, in order), ``resync`` (optional: ``gap``, ``restart`` or ``rebuild``: clear the
     node's blocks first and take the first batch as the stream's new start; with no batches
-    the stream is then stale), ``contiguous`` (true: a batch after a hole is not applied, nor
+    the stream is stale and its watermark -1, so whatever comes next starts it), ``contiguous`` (true: a batch after a hole is not applied, nor
     any after it, and ``gap_at`` names it; false, for reporters that cannot replay: applied,
     and the hole counted in ``gaps``), and ``gaps``/``replays``: what the ingester saw.
 
@@ -150,8 +150,8 @@ def kv_batches(st: State, cmd: Mapping[str, Any], ctx: ApplyContext) -> Result:
         counter = RESYNC_COUNTERS[resync]
         setattr(stream, counter, getattr(stream, counter) + 1)
         stream.stale = not batches
-        if batches:
-            stream.last_seq = batches[0][0] - 1
+        # the stream starts again at its first batch; with none, at whatever comes next
+        stream.last_seq = batches[0][0] - 1 if batches else -1
     applied = duplicates = stored = removed = ignored = 0
     gap_at = None
     for seq, ts_ms, parsed in batches:

@@ -17,7 +17,7 @@ from ..limits import (
     MAX_SLOTS,
     MAX_TIME_MS,
 )
-from ..model import ModelSpec, Node
+from ..model import KVSource, ModelSpec, Node
 from .fields import Invalid, int_field, prior_field, str_field
 from .records import model_key, node_key, session_key
 from .state import State
@@ -84,6 +84,7 @@ def register_node(st: State, cmd: Mapping[str, Any], ctx: ApplyContext) -> Resul
     instance = cmd.get("instance_id", "")
     if not isinstance(instance, str) or len(instance.encode()) > MAX_ID_BYTES:
         raise Invalid(f"field 'instance_id' must be a string of at most {MAX_ID_BYTES} bytes")
+    kv_source = _kv_source(cmd.get("kv_events"))
     rec = st.nodes.get(node_id)
     created = rec is None
     restarted = rec is not None and bool(instance) and bool(rec.instance) and \
@@ -109,12 +110,46 @@ def register_node(st: State, cmd: Mapping[str, Any], ctx: ApplyContext) -> Resul
     rec.state, rec.lease_until_ms = "up", now + lease
     if instance:
         rec.instance = instance
+    rec.kv_source = kv_source
     while st.index.used(rec.slot) > rec.capacity_blocks:  # capacity shrank
         if not st.make_room(rec):
             break
     st.save_node(rec)
     return {"ok": True, "node": node_id, "slot": rec.slot, "created": created,
             "restarted": restarted}
+
+
+KV_HASH_FORMS = ("vllm", "sglang")
+MAX_DP_RANKS = 256
+
+
+def _kv_source(raw: Any) -> KVSource | None:
+    """A registration's ``kv_events`` (None: the node reports over HTTP only)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise Invalid("field 'kv_events' must be an object")
+
+    def text(name: str, optional: bool) -> str | None:
+        value = raw.get(name)
+        if value is None and optional:
+            return None
+        if not isinstance(value, str) or len(value.encode()) > MAX_ID_BYTES or \
+                (name != "topic" and not value):
+            raise Invalid(f"field 'kv_events.{name}' must be a string of at most "
+                          f"{MAX_ID_BYTES} bytes")
+        return value
+
+    endpoint = text("endpoint", False)
+    assert endpoint is not None
+    hash_form = raw.get("hash_form", "vllm")
+    if hash_form not in KV_HASH_FORMS:
+        raise Invalid("field 'kv_events.hash_form' must be vllm or sglang")
+    ranks = raw.get("ranks", 1)
+    if isinstance(ranks, bool) or not isinstance(ranks, int) or not 1 <= ranks <= MAX_DP_RANKS:
+        raise Invalid(f"field 'kv_events.ranks' must be an integer in [1, {MAX_DP_RANKS}]")
+    return KVSource(endpoint, text("replay_endpoint", True), text("topic", True) or "",
+                    hash_form, ranks)
 
 
 def heartbeat(st: State, cmd: Mapping[str, Any], ctx: ApplyContext) -> Result:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..calibration import Learned
-from ..model import Node, StreamState
+from ..model import KVSource, Node, StreamState
 
 PREFIX = b"cp/"
 META_KEY = b"cp/meta"
@@ -50,7 +50,8 @@ def node_wire(node: Node) -> list[Any]:
             [list(p) for p in node.labels], node.state, node.active, node.queue,
             node.lease_until_ms, node.last_event_seq, node.prefill_until_ms, node.instance,
             node.reported_used, node.max_running, node.learned.wire(),
-            [[rank, stream.wire()] for rank, stream in sorted(node.streams.items())]]
+            [[rank, stream.wire()] for rank, stream in sorted(node.streams.items())],
+            node.kv_source.wire() if node.kv_source else None]
 
 
 def node_from_wire(node_id: str, w: list[Any]) -> Node:
@@ -59,7 +60,8 @@ def node_from_wire(node_id: str, w: list[Any]) -> Node:
                 w[12] if len(w) > 12 else "", w[13] if len(w) > 13 else -1,
                 w[14] if len(w) > 14 else 0,
                 Learned.from_wire(w[15]) if len(w) > 15 else Learned(),
-                {rank: StreamState.from_wire(sw) for rank, sw in w[16]} if len(w) > 16 else {})
+                {rank: StreamState.from_wire(sw) for rank, sw in w[16]} if len(w) > 16 else {},
+                KVSource(*w[17]) if len(w) > 17 and w[17] else None)
 
 
 

@@ -171,6 +171,13 @@ class Engine:
         self.busy_until_ms = 0.0
         self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "evicted_blocks": 0, "steps": 0}
 
+    def drop_cached(self) -> int:
+        """Forget every cached block no running request uses (a restarted engine's empty
+        prefix cache, for fault injection); the number dropped. No KV event is emitted."""
+        dropped = len(self.pool)
+        self.pool.clear()
+        return dropped
+
     # -- views -----------------------------------------------------------------------------
 
     @property

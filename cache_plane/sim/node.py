@@ -10,6 +10,7 @@ over ZMQ (`kv_publisher.py`). The HTTP API in front of it is `server.py`.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -104,6 +105,25 @@ class SimNode:
         self.event_builder = (EventBuilder(settings.kv_events, settings.block_size,
                                            settings.lora_modules)
                               if settings.kv_events is not None else None)
+
+    def kv_events_registration(self) -> dict[str, str] | None:
+        """Where the cluster subscribes to this node's ZMQ events (None: it is not told).
+
+        Only without HTTP reports: a node reports through one path. A wildcard bind address
+        (``*``, ``0.0.0.0``) is given as the host of the node's own address.
+        """
+        kv = self.settings.kv_events
+        if kv is None or self.settings.kv_events_http:
+            return None
+        host = self.settings.address.rpartition(":")[0]
+
+        def reachable(endpoint: str) -> str:
+            return re.sub(r"^tcp://(\*|0\.0\.0\.0|\[::\]):", f"tcp://{host}:", endpoint)
+
+        out = {"endpoint": reachable(kv.endpoint), "topic": kv.topic}
+        if kv.replay_endpoint:
+            out["replay_endpoint"] = reachable(kv.replay_endpoint)
+        return out
 
     @property
     def max_model_len(self) -> int:
@@ -212,7 +232,8 @@ class SimNode:
         # router may send it up to ADMISSION_FACTOR times that many.
         await self.client.register_node(s.node_id, s.address, [s.model], s.capacity_blocks,
                                         max_active=s.max_num_seqs * ADMISSION_FACTOR,
-                                        max_running=s.max_num_seqs, instance_id=self.instance)
+                                        max_running=s.max_num_seqs, instance_id=self.instance,
+                                        kv_events=self.kv_events_registration())
         beat = asyncio.get_running_loop().time()
         while True:
             if self._unsent is not None:  # a batch whose send failed: the same batch, same seq

@@ -105,6 +105,7 @@ def create_app(settings: SimNodeSettings) -> web.Application:
     app.router.add_get("/sim/faults", get_faults)
     app.router.add_post("/sim/faults", set_faults)
     app.router.add_get("/sim/kv-events", get_kv_events)
+    app.router.add_get("/sim/blocks", get_blocks)
     app.router.add_post("/sim/kv-events", set_kv_events)
     app.cleanup_ctx.append(_background)
     app.on_shutdown.append(_release_hung)
@@ -285,6 +286,12 @@ async def set_faults(request: web.Request) -> web.Response:
     return web.json_response(node.faults.view())
 
 
+async def get_blocks(request: web.Request) -> web.Response:
+    """The block hashes the engine holds (cached or in use), sorted: to check an index."""
+    engine = request.app[SIM_NODE].engine
+    return web.json_response({"blocks": sorted({*engine.pool, *engine.refs})})
+
+
 async def get_kv_events(request: web.Request) -> web.Response:
     publisher = request.app[SIM_NODE].publisher
     if publisher is None:
@@ -312,8 +319,9 @@ async def set_kv_events(request: web.Request) -> web.Response:
         problems.append("restart must be a boolean")
     if problems:
         return _error(400, "; ".join(problems))
-    if restart:
+    if restart:  # as a restarted engine: its stream starts over and its prefix cache is empty
         node.publisher.restart()
+        node.engine.drop_cached()
     if drop:
         node.publisher.drop_live(drop)
     await asyncio.to_thread(node.publisher.sync, 5.0)

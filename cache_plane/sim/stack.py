@@ -35,8 +35,12 @@ class GatewayStack:
     engine_args: tuple[str, ...] = ("--prefill-ms-per-token", "0", "--prefill-base-ms", "0",
                                     "--decode-base-ms", "0", "--decode-ms-per-seq", "0")
     gateway_args: tuple[str, ...] = ()
+    # engines publish KV events over ZMQ (PUB + replay, their own ports) instead of HTTP
+    kv_events_zmq: bool = False
+    kv_events_args: tuple[str, ...] = ()  # more --kv-events-* flags (layout, hash form...)
     cluster: LocalCluster | None = None
     engine_ports: list[int] = field(default_factory=list)
+    zmq_ports: list[tuple[int, int]] = field(default_factory=list)  # (PUB, replay) per engine
     gateway_ports: list[int] = field(default_factory=list)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
@@ -63,6 +67,9 @@ class GatewayStack:
         ports = free_ports(self.engines + self.gateways)
         self.engine_ports = ports[:self.engines]
         self.gateway_ports = ports[self.engines:]
+        if self.kv_events_zmq:
+            zmq_ports = free_ports(2 * self.engines)
+            self.zmq_ports = list(zip(zmq_ports[::2], zmq_ports[1::2], strict=True))
         for i in range(self.engines):
             self.start_engine(i)
         for i in range(self.gateways):
@@ -85,6 +92,11 @@ class GatewayStack:
         args = ["sim-node", "--node-id", f"gpu{i}", "--port", str(port), "--model", MODEL,
                 "--tokenizer", MODEL, "--api-token-file", self.cluster.token_file,
                 *self.engine_args]
+        if self.kv_events_zmq:
+            pub, replay = self.zmq_ports[i]
+            args += ["--kv-events-endpoint", f"tcp://127.0.0.1:{pub}",
+                     "--kv-events-replay-endpoint", f"tcp://127.0.0.1:{replay}",
+                     "--no-kv-events-http", *self.kv_events_args]
         for url in self.cluster.urls:
             args += ["--cluster", url]
         self._spawn(f"gpu{i}", args)

@@ -120,6 +120,7 @@ OPS = st.lists(st.one_of(
     st.tuples(st.just("replay"), st.booleans()),        # the pending replay answers / fails
     st.tuples(st.just("restart"), st.just(True)),
     st.tuples(st.just("reconnect"), st.just(True)),
+    st.tuples(st.just("idle"), st.just(True)),           # quiet: probe for a lost tail
 ), max_size=60)
 
 
@@ -149,6 +150,8 @@ def test_at_quiescence_the_index_holds_a_contiguous_suffix_of_the_engines_histor
         elif op == "restart":
             h.engine.restart()
             restarted_unseen = True
+        elif op == "idle":
+            h.act(h.tracker.idle())
         else:
             h.pending = None
             h.act(h.tracker.start(h.index.watermark))
@@ -161,6 +164,17 @@ def test_at_quiescence_the_index_holds_a_contiguous_suffix_of_the_engines_histor
     assert [b.seq for b in held] == list(range(held[0].seq, last.seq + 1))
     if buffer_size > last.seq and not failed:  # the engine still buffers everything
         assert held[0].seq == 0
+
+
+def test_a_quiet_stream_probes_for_a_lost_last_batch():
+    h = Harness(buffer_size=100)
+    h.begin_and_deliver(2)
+    h.engine.publish()  # lost on the wire, and nothing comes after it
+    actions = h.tracker.idle()
+    assert seqs(actions, seq_of) == [("replay", [2])]
+    h.act(actions)
+    h.run_replay()
+    assert [b.seq for b in h.index.held] == [0, 1, 2] and h.tracker.counters.probes == 1
 
 
 def test_a_gap_is_replayed_and_the_held_batches_follow():
