@@ -124,6 +124,10 @@ class CachePlaneService:
             raise CachePlaneError("unknown_node", f"node {node_id!r} is not registered")
         return view
 
+    def kv_streams(self) -> list[dict[str, Any]]:
+        """Every node's KV-event streams (see `views.stream_view`), by node and rank."""
+        return self.node.store.view(views.kv_streams)
+
     def node_blocks(self, node_id: str) -> dict[str, Any]:
         found = self.node.store.view(lambda m: views.node_blocks(m, node_id))
         if found is None:

@@ -114,6 +114,12 @@ def node_blocks(machine: CachePlaneMachine, node_id: str) -> dict[str, Any] | No
             "models": by_model}
 
 
+def kv_streams(machine: CachePlaneMachine) -> list[dict[str, Any]]:
+    return [{"node_id": node_id, "rank": rank, **stream_view(stream)}
+            for node_id in sorted(machine.nodes)
+            for rank, stream in sorted(machine.nodes[node_id].streams.items())]
+
+
 def stream_view(stream: StreamState) -> dict[str, Any]:
     """One KV-event stream as the replicated state follows it (see `model.StreamState`)."""
     return {"last_seq": stream.last_seq, "stale": stream.stale, "batches": stream.batches,

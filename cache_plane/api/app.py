@@ -42,7 +42,7 @@ OPENAPI = web.AppKey("openapi", dict)
 class Metrics:
     """Prometheus metrics of one app (own registry, so tests can build many apps)."""
 
-    def __init__(self, service: CachePlaneService) -> None:
+    def __init__(self, service: CachePlaneService, ingester: Ingester | None = None) -> None:
         self.registry = CollectorRegistry()
         self.latency = Histogram(
             "cache_plane_http_request_duration_seconds", "HTTP request latency",
@@ -53,6 +53,7 @@ class Metrics:
         self.rejections = Counter("cache_plane_route_rejections", "Rejected route requests",
                                   ["reason"], registry=self.registry)
         self.registry.register(_StateCollector(service))
+        self.registry.register(_StreamCollector(service, ingester))
 
 
 METRICS = web.AppKey("metrics", Metrics)
@@ -100,6 +101,70 @@ class _StateCollector:
         yield GaugeMetricFamily("cache_plane_block_log_records",
                                 "Block-log records not yet replaced by a checkpoint",
                                 value=self.service.block_log_records())
+
+
+# Per-stream counters of the replicated state (every member) and gauges; see docs/kv_events.md.
+_STREAM_COUNTERS = (
+    ("batches", "KV-event batches applied"), ("events", "KV events applied"),
+    ("blocks_stored", "Blocks stored by KV events"),
+    ("blocks_removed", "Blocks removed by KV events"),
+    ("duplicates", "Batches at or below the stream's watermark (not applied)"),
+    ("gaps", "Batches found missing (replayed, or lost)"), ("replays", "Replays asked"),
+    ("resyncs", "History lost: the node's blocks cleared"),
+    ("restarts", "Engine restarts detected: the node's blocks cleared"),
+    ("rebuilds", "Streams rebuilt from the engine's whole history"))
+# What the leader's subscribers see (only on the leader).
+_INGEST_COUNTERS = (
+    ("frames", "Live frames received"), ("decode_errors", "Frames refused by the decoder"),
+    ("skipped_events", "Events the decoder skipped on purpose"),
+    ("reconnects", "Publisher connections that came back"),
+    ("idle_probes", "Replays asked because the stream was quiet"))
+
+
+class _StreamCollector:
+    """Engine KV-event streams, per node and data-parallel rank, read at scrape time."""
+
+    def __init__(self, service: CachePlaneService, ingester: Ingester | None) -> None:
+        self.service = service
+        self.ingester = ingester
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Any:
+        streams = self.service.kv_streams()
+        labels = ["node", "rank"]
+        for name, doc in _STREAM_COUNTERS:
+            family = CounterMetricFamily(f"cache_plane_kv_stream_{name}", doc, labels=labels)
+            for s in streams:
+                family.add_metric([s["node_id"], str(s["rank"])], s[name])
+            yield family
+        for name, doc, pick in (
+                ("last_seq", "The stream's watermark (last seq applied)",
+                 lambda s: s["last_seq"]),
+                ("stale", "1 while the stream's history is lost and nothing new came",
+                 lambda s: int(s["stale"])),
+                ("lag_ms", "Leader's clock at apply minus the engine's timestamp, last batch",
+                 lambda s: s["last_lag_ms"])):
+            gauge = GaugeMetricFamily(f"cache_plane_kv_stream_{name}", doc, labels=labels)
+            for s in streams:
+                if pick(s) is not None:
+                    gauge.add_metric([s["node_id"], str(s["rank"])], pick(s))
+            yield gauge
+        snapshots = self.ingester.snapshots() if self.ingester is not None else []
+        for name, doc in _INGEST_COUNTERS:
+            family = CounterMetricFamily(f"cache_plane_kv_ingest_{name}", doc, labels=labels)
+            for s in snapshots:
+                family.add_metric([s["node_id"], str(s["rank"])], s[name])
+            yield family
+        lag = GaugeMetricFamily("cache_plane_kv_ingest_lag_ms",
+                                "Engine timestamp to commit, recent batches",
+                                labels=[*labels, "quantile"])
+        for s in snapshots:
+            for q in ("p50", "p99"):
+                if s[f"lag_ms_{q}"] is not None:
+                    lag.add_metric([s["node_id"], str(s["rank"]), q], s[f"lag_ms_{q}"])
+        yield lag
 
 
 @web.middleware
@@ -280,7 +345,7 @@ def create_app(node: VeristoreNode, settings: NodeSettings,
     kv_api.add_security(app, settings, ACCESS_TABLE)
     app[SERVICE] = service
     app[INGESTER] = Ingester(app[SERVICE])
-    app[METRICS] = Metrics(service)
+    app[METRICS] = Metrics(service, app[INGESTER])
     app[OPENAPI] = document()
     app.middlewares.append(metrics_middleware)
     kv_api.add_error_middleware(app)

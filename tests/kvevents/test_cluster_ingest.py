@@ -100,6 +100,12 @@ def test_the_index_follows_the_engines_zmq_streams(stack):
     assert all(s["rank"] == 0 and not s["stale"] for s in streams)
     assert sum(s["batches"] for s in streams) >= 2
     assert sum(n["kv_ingest"][0]["frames"] for n in nodes) >= 1  # live, not only replayed
+    req = urllib.request.Request(leader.url + "/metrics", headers=stack.cluster.auth_headers)
+    with urllib.request.urlopen(req, timeout=5) as r:
+        metrics = r.read().decode()
+    assert 'cache_plane_kv_stream_batches_total{node="gpu0",rank="0"}' in metrics
+    assert 'cache_plane_kv_ingest_frames_total{node="gpu0",rank="0"}' in metrics
+    assert 'cache_plane_kv_ingest_lag_ms{node="gpu0",quantile="p99",rank="0"}' in metrics
 
 
 def test_lost_frames_are_replayed_and_a_publisher_restart_rebuilds(stack):
