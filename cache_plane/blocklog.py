@@ -22,8 +22,11 @@ and touch times equal the live ones.
 Store keys::
 
     cp/log/<first_seq:u64>         <op:u8><tier:u8><slot:u16><model:u16><at_ms:u64><block:u64>...
+                                   (op SET_REFS: <block:u64><packed counts:u64> pairs)
     cp/ck/<slot:u16><part:u32>     <seq:u64><count:u32> then count blocks (u64), touch times
-                                   (u64), model codes (u16), tiers (u8); little-endian arrays
+                                   (u64), model codes (u16), tiers (u8), and, when the node
+                                   has KV-event reference counts, packed counts (u64);
+                                   little-endian arrays
     cp/blk/<slot:u16><model:u16><block:u64>   <tier:u8><seq:u64><touched_ms:u64>  (legacy)
 """
 
@@ -52,6 +55,7 @@ _SLOT = struct.Struct(">H")
 _LEGACY_KEY = struct.Struct(">HHQ")
 _LEGACY_VALUE = struct.Struct(">BQQ")
 TOUCH, ADD, REMOVE = 0, 1, 2
+SET_REFS = 4  # KV-event reference counts of blocks (see `index.ref_add`); 0 forgets them
 MASK64 = (1 << 64) - 1
 CHECKPOINT_PART = 16_384  # entries per checkpoint record (~440 KB)
 # A node is due for a checkpoint when its log lists more blocks than its index holds plus this
@@ -116,6 +120,21 @@ class BlockLog:
         self.flush(m)
         self._buffer = [op, tier, slot, model, at_ms, listed]
 
+    def log_refs(self, m: list[Mutation], slot: int, model: int, keys: Sequence[int],
+                 values: Sequence[int], at_ms: int) -> None:
+        """Log the packed reference counts of `keys` (in one record, after what is buffered)."""
+        self.flush(m)
+        if not keys:
+            return
+        first = self.seq + 1
+        self.seq += len(keys)
+        self.records.setdefault(slot, []).append(first)
+        self.blocks[slot] = self.blocks.get(slot, 0) + len(keys)
+        blocks = keys if model == 0 else list(map(MASK64.__and__, keys))
+        pairs = [v for pair in zip(blocks, values, strict=True) for v in pair]
+        m.append((LOG + _LOG_KEY.pack(first), _LOG_HEAD.pack(SET_REFS, 0, slot, model, at_ms)
+                  + struct.pack(f">{len(pairs)}Q", *pairs)))
+
     def discard(self) -> None:
         """Forget the buffered operation (its command was refused)."""
         self._buffer = None
@@ -163,6 +182,7 @@ class BlockLog:
         """
         self.flush(m)
         keys, times, tiers = index.export(slot)
+        refs = index.export_refs(slot, keys)
         parts = 0
         for start in range(0, len(keys), CHECKPOINT_PART):
             chunk = keys[start:start + CHECKPOINT_PART]
@@ -174,7 +194,8 @@ class BlockLog:
             m.append((CHECKPOINT + _CK_KEY.pack(slot, parts),
                       _CK_HEAD.pack(self.seq, len(chunk)) + _little("Q", blocks)
                       + _little("Q", times[start:start + CHECKPOINT_PART])
-                      + _little("H", models) + bytes(tiers[start:start + CHECKPOINT_PART])))
+                      + _little("H", models) + bytes(tiers[start:start + CHECKPOINT_PART])
+                      + (_little("Q", refs[start:start + CHECKPOINT_PART]) if refs else b"")))
             parts += 1
         m.extend((CHECKPOINT + _CK_KEY.pack(slot, part), None)
                  for part in range(parts, self.parts.get(slot, 0)))
@@ -215,7 +236,8 @@ class Replay:
             blocks = _log_blocks(raw)
             self._events.append((seq, op, tier, slot, model, at, blocks))
             log.records.setdefault(slot, []).append(seq)  # keys arrive in sequence order
-            log.blocks[slot] = log.blocks.get(slot, 0) + len(blocks)
+            log.blocks[slot] = log.blocks.get(slot, 0) + (len(blocks) // 2 if op == SET_REFS
+                                                          else len(blocks))
         elif key.startswith(CHECKPOINT):
             slot, _part = _CK_KEY.unpack(key[len(CHECKPOINT):])
             seq, count = _CK_HEAD.unpack_from(raw)
@@ -224,12 +246,15 @@ class Replay:
             times = _from_little("Q", raw[at + 8 * count:at + 16 * count])
             models = _from_little("H", raw[at + 16 * count:at + 18 * count])
             tiers = raw[at + 18 * count:at + 19 * count]
+            refs_raw = raw[at + 19 * count:at + 27 * count]
             keys = (list(hashes) if not any(models) else
                     list(map(operator.or_, map(operator.lshift, models, repeat(64)), hashes)))
-            entry = self._checkpoints.setdefault(slot, [seq, [], [], bytearray()])
+            entry = self._checkpoints.setdefault(slot, [seq, [], [], bytearray(), []])
             entry[1].extend(keys)
             entry[2].extend(times)
             entry[3].extend(tiers)
+            entry[4].extend(_from_little("Q", refs_raw) if len(refs_raw) == 8 * count
+                            else repeat(0, count))
             log.parts[slot] = log.parts.get(slot, 0) + 1
         elif key.startswith(LEGACY_BLOCK):
             slot, model, block = _LEGACY_KEY.unpack(key[len(LEGACY_BLOCK):])
@@ -243,12 +268,16 @@ class Replay:
     def into(self, index: PrefixIndex) -> None:
         """Rebuild `index` (empty) from everything added, merged by sequence number."""
         events = self._events
-        events.extend((seq, _CHECKPOINT_OP, 0, slot, 0, 0, (keys, times, bytes(tiers)))
-                      for slot, (seq, keys, times, tiers) in self._checkpoints.items())
+        events.extend((seq, _CHECKPOINT_OP, 0, slot, 0, 0,
+                       (keys, times, bytes(tiers), refs if any(refs) else None))
+                      for slot, (seq, keys, times, tiers, refs) in self._checkpoints.items())
         events.sort(key=lambda e: e[0])
         for _seq, op, tier, slot, model, at, blocks in events:
             if op == _CHECKPOINT_OP:
                 index.restore(slot, *blocks)
+                continue
+            if op == SET_REFS:
+                index.set_refs(slot, block_keys(model, blocks[0::2]), blocks[1::2])
                 continue
             keys = block_keys(model, blocks)
             if op == ADD:
@@ -261,4 +290,4 @@ class Replay:
         self._events, self._checkpoints = [], {}
 
 
-__all__ = ["ADD", "REMOVE", "TOUCH", "BlockLog", "Replay"]
+__all__ = ["ADD", "REMOVE", "SET_REFS", "TOUCH", "BlockLog", "Replay"]

@@ -9,6 +9,10 @@ Python ones:
   prompt's own hash objects are reused) and whose values are the leader's time (ms) of the
   last touch; the first key is the least recently used block. Blocks touched by one command
   share one int object, so the time costs next to nothing.
+- ``_refs[slot]`` maps the keys an engine's KV events stored to their reference counts per
+  tier, packed in one int (`REF_BITS` bits per tier: a block vLLM stores twice is removed
+  only by its second removal; one stored on GPU and CPU stays while either copy does). Keys
+  placed only by routes and completion reports (the router's prediction) have none.
 - ``_tiers[slot]`` maps the keys held in CPU or disk tiers to that tier, and ``_pending[slot]``
   holds the keys placed by a routed request that its engine is still computing; any other
   held key is a GPU block. Most blocks are GPU blocks, so both stay small, and the scorer
@@ -39,6 +43,28 @@ TIER_WEIGHTS = (1.0, 0.8, 0.25, 1.0)
 _SHORTFALL = tuple(1.0 - w for w in TIER_WEIGHTS)
 _MASK64 = (1 << 64) - 1
 _FIRST_CHUNK = 32
+REF_BITS = 20
+_REF_MAX = (1 << REF_BITS) - 1
+
+
+def ref_count(packed: int, tier: int) -> int:
+    """A block's KV-event references at `tier` (GPU, CPU or DISK) in its packed counts."""
+    return packed >> (tier * REF_BITS) & _REF_MAX
+
+
+def ref_add(packed: int, tier: int, delta: int) -> int:
+    """`packed` with `tier`'s count moved by `delta` (kept within 0 and its maximum)."""
+    count = min(max(ref_count(packed, tier) + delta, 0), _REF_MAX)
+    shift = tier * REF_BITS
+    return packed & ~(_REF_MAX << shift) | count << shift
+
+
+def best_tier(packed: int) -> int | None:
+    """The fastest tier with a reference (GPU, then CPU, then disk), or None."""
+    for tier in (GPU, CPU, DISK):
+        if ref_count(packed, tier):
+            return tier
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +109,7 @@ class PrefixIndex:
         self._lru: dict[int, dict[int, int]] = {}
         self._tiers: dict[int, dict[int, int]] = {}
         self._pending: dict[int, dict[int, None]] = {}
+        self._refs: dict[int, dict[int, int]] = {}
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -200,6 +227,25 @@ class PrefixIndex:
         """Total (node, block) entries."""
         return sum(len(lru) for lru in self._lru.values())
 
+    def refs(self, slot: int, key: int) -> int:
+        """`key`'s packed KV-event reference counts on `slot` (0: none, or not held)."""
+        return self._refs.get(slot, {}).get(key, 0)
+
+    def export_refs(self, slot: int, keys: Sequence[int]) -> list[int] | None:
+        """The packed counts of `keys` on `slot` (None when the node has none at all)."""
+        refs = self._refs.get(slot)
+        return list(map(refs.get, keys, repeat(0))) if refs else None
+
+    def set_refs(self, slot: int, keys: Sequence[int], values: Sequence[int]) -> None:
+        """Set the packed counts of held `keys` (0: forget them)."""
+        refs = self._refs.setdefault(slot, {})
+        lru = self._lru.get(slot, {})
+        for key, value in zip(keys, values, strict=True):
+            if value and key in lru:
+                refs[key] = value
+            else:
+                refs.pop(key, None)
+
     def export(self, slot: int) -> tuple[list[int], list[int], bytes]:
         """Node `slot`'s (keys, touch times, tiers), least recently used first (C-level)."""
         lru = self._lru.get(slot)
@@ -214,12 +260,15 @@ class PrefixIndex:
         return keys, times, bytes(map(merged.get, keys, repeat(GPU)))
 
     def restore(self, slot: int, keys: Sequence[int], times: Sequence[int],
-                tiers: bytes) -> None:
-        """Replace node `slot`'s state with an `export` of it."""
+                tiers: bytes, refs: Sequence[int] | None = None) -> None:
+        """Replace node `slot`'s state with an `export` (and `export_refs`) of it."""
         self.drop_node(slot)
         if not keys:
             return
         self._lru[slot] = dict(zip(keys, times, strict=True))
+        if refs is not None:
+            self._refs[slot] = {key: value for key, value in zip(keys, refs, strict=True)
+                                if value}
         if not any(tiers):  # all GPU: the usual case
             self._tiers[slot], self._pending[slot] = {}, {}
             return
@@ -267,6 +316,7 @@ class PrefixIndex:
             return False
         self._tiers.get(slot, {}).pop(key, None)
         self._pending.get(slot, {}).pop(key, None)
+        self._refs.get(slot, {}).pop(key, None)
         return True
 
     def drop_node(self, slot: int) -> list[int]:
@@ -274,6 +324,7 @@ class PrefixIndex:
         dropped = list(self._lru.pop(slot, {}))
         self._tiers.pop(slot, None)
         self._pending.pop(slot, None)
+        self._refs.pop(slot, None)
         return dropped
 
     def drop_model(self, model: int) -> list[tuple[int, int]]:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from itertools import compress
 from typing import Any
 
 from veristore_py.state import ApplyContext, Result, error
 
 from ..blocklog import BlockLog
-from ..index import TIER_CODES, block_keys
+from ..index import TIER_CODES, best_tier, block_keys, ref_add, ref_count
 from ..limits import MAX_SEQ, MAX_SLOTS
 from ..model import ModelSpec, Node, StreamState
-from .fields import Invalid, hashes_field, int_field
+from .fields import MASK64, Invalid, hashes_field, int_field
 from .state import State
 
 
@@ -60,21 +61,70 @@ def _node_model(st: State, cmd: Mapping[str, Any]) -> tuple[Node, ModelSpec | No
 
 
 def _apply_events(st: State, rec: Node, model: ModelSpec,
-                  parsed: list[tuple[str, list[int], int]]) -> tuple[int, int, int]:
-    """Apply parsed events to `rec`'s index: (stored, removed, ignored for lack of room)."""
+                  parsed: list[tuple[str, list[int], int]],
+                  counted: bool = False) -> tuple[int, int, int]:
+    """Apply parsed events to `rec`'s index: (stored, removed, ignored for lack of room).
+
+    With `counted` (engine streams), stores and removals keep reference counts per block and
+    tier (`index.ref_add`): a duplicate store counts, a removal deletes the block only when
+    no tier holds a reference any more. A block the router placed (no references yet) takes
+    its first reference from the engine's store, and goes with the engine's removal.
+    """
     stored = removed = ignored = 0
     for kind, hashes, tier in parsed:
         if kind == "cleared":
             st.del_all(rec.slot, st.index.drop_node(rec.slot))
             continue
         keys = list(dict.fromkeys(block_keys(model.code, hashes)))
-        if kind == "removed":
-            removed += sum(st.del_block(rec.slot, key) for key in keys)
+        if not counted:
+            if kind == "removed":
+                removed += sum(st.del_block(rec.slot, key) for key in keys)
+            else:
+                done = st.store_blocks(rec, model.code, keys, tier)[0]
+                stored += done
+                ignored += len(keys) - done
+        elif kind == "removed":
+            removed += _remove_counted(st, rec, model, keys, tier)
         else:
-            done = st.store_blocks(rec, model.code, keys, tier)[0]
-            stored += done
-            ignored += len(keys) - done
+            done, missed = _store_counted(st, rec, model, keys, tier)
+            stored, ignored = stored + done, ignored + missed
     return stored, removed, ignored
+
+
+def _store_counted(st: State, rec: Node, model: ModelSpec, keys: list[int],
+                   tier: int) -> tuple[int, int]:
+    """Stores of an engine stream: one more reference at `tier` each; (stored, no room)."""
+    counts = [ref_add(st.index.refs(rec.slot, key), tier, 1) for key in keys]
+    by_tier: dict[int, list[int]] = {}
+    for key, count in zip(keys, counts, strict=True):
+        by_tier.setdefault(best_tier(count) or tier, []).append(key)
+    for best, group in sorted(by_tier.items()):
+        st.store_blocks(rec, model.code, group, best)
+    held = [st.index.holds(rec.slot, key) for key in keys]
+    st.set_refs(rec.slot, model.code, list(compress(keys, held)), list(compress(counts, held)))
+    done = sum(held)
+    return done, len(keys) - done
+
+
+def _remove_counted(st: State, rec: Node, model: ModelSpec, keys: list[int], tier: int) -> int:
+    """Removals of an engine stream: one reference less at `tier`; deleted at none left."""
+    removed = 0
+    kept: list[tuple[int, int]] = []
+    for key in keys:
+        count = st.index.refs(rec.slot, key)
+        if count and not ref_count(count, tier):
+            continue  # a copy in a tier it never reported: nothing to take back
+        count = ref_add(count, tier, -1)
+        best = best_tier(count)
+        if best is None:
+            removed += st.del_block(rec.slot, key)
+            continue
+        if st.index.tier(model.code, key & MASK64, rec.slot) != best:
+            st.put_blocks(rec.slot, model.code, [key], best)
+        kept.append((key, count))
+    if kept:
+        st.set_refs(rec.slot, model.code, [k for k, _ in kept], [c for _, c in kept])
+    return removed
 
 
 def kv_events(st: State, cmd: Mapping[str, Any], ctx: ApplyContext) -> Result:
@@ -164,7 +214,7 @@ def kv_batches(st: State, cmd: Mapping[str, Any], ctx: ApplyContext) -> Result:
                 break
             if stream.last_seq >= 0:
                 stream.gaps += seq - stream.last_seq - 1
-        done = _apply_events(st, rec, model, parsed)
+        done = _apply_events(st, rec, model, parsed, counted=True)
         stored, removed, ignored = stored + done[0], removed + done[1], ignored + done[2]
         stream.last_seq = seq
         stream.last_ts_ms = ts_ms

@@ -158,6 +158,13 @@ class State:
             self.index.add(slot, keys, tier, self.now)
             self.log_op(ADD, slot, model, keys, tier)
 
+    def set_refs(self, slot: int, model: int, keys: Sequence[int],
+                 values: Sequence[int]) -> None:
+        """Set (and log) the KV-event reference counts of held `keys` of `model` on `slot`."""
+        if keys:
+            self.index.set_refs(slot, keys, values)
+            self.log.log_refs(self.m, slot, model, keys, values, self.now)
+
     def touch(self, slot: int, model: int, keys: Sequence[int]) -> None:
         """Make the held ones of `keys` of `model` on `slot` the most recently used."""
         # Only what was touched is logged: compaction reads a touch as "held at that point".

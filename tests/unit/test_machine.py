@@ -452,3 +452,54 @@ def test_a_stream_of_rank_0_continues_the_nodes_earlier_http_seq():
     h(op="cp.kv_events", node="a", seq=5, events=[{"type": "stored", "block_hashes": [1]}])
     out = h(op="cp.kv_batches", node="a", rank=0, batches=[_batch(5, 2), _batch(6, 3)])
     assert out["duplicates"] == 1 and out["watermark"] == 6
+
+
+def _events(seq, *events):
+    return [seq, 0, [{"type": kind, "block_hashes": list(hashes), "tier": tier}
+                     for kind, hashes, tier in events]]
+
+
+def _twin(h):
+    twin = CachePlaneMachine()
+    twin.rebuild(sorted(h.store.data.items()))
+    return twin
+
+
+def test_a_duplicate_store_is_counted_and_removed_only_at_zero_per_tier():
+    """vLLM stores a block twice and removes it once while a copy remains: it stays."""
+    h = cluster(nodes=("a",))
+    h(op="cp.kv_batches", node="a", rank=0, batches=[
+        _events(0, ("stored", [1, 2], "gpu")), _events(1, ("stored", [1], "gpu")),
+        _events(2, ("stored", [2], "cpu"))])
+    h(op="cp.kv_batches", node="a", rank=0, batches=[_events(3, ("removed", [1, 2], "gpu"))])
+    assert h.m.index.tier(0, 1, 0) == 0  # one GPU copy of 1 left
+    assert h.m.index.tier(0, 2, 0) == 1  # 2 lives on in the CPU tier
+    assert _twin(h).index.refs(0, 1) == h.m.index.refs(0, 1) != 0
+    h(op="cp.kv_batches", node="a", rank=0, batches=[
+        _events(4, ("removed", [1], "gpu"), ("removed", [2], "cpu"), ("removed", [9], "gpu"))])
+    assert h.m.index.used(0) == 0 and _twin(h).index.used(0) == 0
+
+
+def test_a_block_the_router_placed_takes_its_first_reference_from_the_engine():
+    """A completion confirms a block, the engine stores it once, removes it once: gone."""
+    h = cluster(nodes=("a",))
+    routed = h.route([5, 6], "r1")
+    h(op="cp.complete", request_id="r1", node=routed["node_id"], status="ok")
+    h(op="cp.kv_batches", node="a", rank=0, batches=[_events(0, ("stored", [5, 6], "gpu"))])
+    h(op="cp.kv_batches", node="a", rank=0, batches=[_events(1, ("removed", [5], "gpu"))])
+    assert not h.m.index.holds(0, 5) and h.m.index.holds(0, 6)
+
+
+def test_reference_counts_survive_a_checkpoint_and_the_log_after_it():
+    h = cluster(nodes=("a",))
+    h(op="cp.kv_batches", node="a", rank=0, batches=[
+        _events(0, ("stored", [1, 2, 3], "gpu")), _events(1, ("stored", [1, 2], "gpu"))])
+    h(op="cp.compact_log", slot=0)
+    h(op="cp.kv_batches", node="a", rank=0, batches=[_events(2, ("stored", [3], "gpu"))])
+    twin = _twin(h)
+    for block in (1, 2, 3):
+        assert twin.index.refs(0, block) == h.m.index.refs(0, block) != 0
+    h(op="cp.kv_batches", node="a", rank=0, batches=[_events(3, ("removed", [1, 2, 3], "gpu"))])
+    assert h.m.index.used(0) == 3 and _twin(h).index.used(0) == 3
+    h(op="cp.kv_batches", node="a", rank=0, batches=[_events(4, ("removed", [1, 2, 3], "gpu"))])
+    assert h.m.index.used(0) == 0 and _twin(h).index.used(0) == 0
