@@ -14,11 +14,13 @@ from its metrics. Everything started is stopped and reaped before it returns.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
+from typing import Any
 
 from veristore_py.localcluster import LocalCluster
 
@@ -110,7 +112,7 @@ def gateway_rows(base: str, requests: int = 30) -> list[tuple[str, str]]:
                 first = time.perf_counter() - started
         return (first or 0.0) * 1000, node
 
-    with GatewayStack(base, engines=2, gateways=1) as stack:
+    with GatewayStack(base, engines=2, gateways=1, kv_events_zmq=True) as stack:
         gateway = openai.OpenAI(base_url=stack.gateway_url(), api_key=stack.api_key)
         direct = {f"gpu{i}": openai.OpenAI(base_url=stack.engine_url(i) + "/v1", api_key="-")
                   for i in range(stack.engines)}
@@ -123,6 +125,7 @@ def gateway_rows(base: str, requests: int = 30) -> list[tuple[str, str]]:
             straight.append(ttft(direct[node], messages)[0])
         with urllib.request.urlopen(stack.gateway_url()[:-3] + "/metrics", timeout=5) as r:
             metrics = r.read().decode()
+        events = kv_event_row(stack)
     outcomes = {}
     for line in metrics.splitlines():
         if line.startswith("cache_plane_gateway_prediction_total{"):
@@ -138,7 +141,41 @@ def gateway_rows(base: str, requests: int = 30) -> list[tuple[str, str]]:
         ("prediction accuracy", f"{outcomes.get('exact', 0) / total:.0%} of requests: the "
                                 f"cluster's matched_tokens equalled the engine's "
                                 f"cached_tokens (within a block)"),
+        events,
     ]
+
+
+def kv_event_row(stack: Any, timeout: float = 10.0) -> tuple[str, str]:
+    """The engines' ZMQ KV events as the cluster's leader ingested them: a row."""
+    assert stack.cluster is not None
+
+    def get(url: str, auth: bool = True) -> Any:
+        req = urllib.request.Request(url, headers=stack.cluster.auth_headers if auth else {})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return json.load(r)
+
+    deadline = time.monotonic() + timeout
+    while True:
+        leader = stack.cluster.nodes[stack.cluster.wait_for_leader()].url
+        nodes = [get(f"{leader}/v1/nodes/gpu{i}") for i in range(stack.engines)]
+        published = [get(stack.engine_url(i) + "/sim/kv-events", False)["next_seq"]
+                     for i in range(stack.engines)]
+        indexed = [{b for blocks in get(f"{leader}/v1/nodes/gpu{i}/blocks")["models"].values()
+                    for b, tier in blocks if tier != "pending"} for i in range(stack.engines)]
+        held = [set(get(stack.engine_url(i) + "/sim/blocks", False)["blocks"])
+                for i in range(stack.engines)]
+        caught_up = all(n["kv_streams"] and n["kv_streams"][0]["last_seq"] == p - 1
+                        for n, p in zip(nodes, published, strict=True))
+        if caught_up and indexed == held or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    batches = sum(n["kv_streams"][0]["batches"] for n in nodes if n["kv_streams"])
+    stored = sum(n["kv_streams"][0]["blocks_stored"] for n in nodes if n["kv_streams"])
+    same = sum(a == b for a, b in zip(indexed, held, strict=True))
+    return ("KV events (ZMQ)", f"{sum(published)} batches published by the engines over ZMQ, "
+                               f"{batches} applied by the leader ({stored} blocks stored); "
+                               f"index equals the engine's cache on {same}/{stack.engines} "
+                               f"nodes")
 
 
 def run_demo(base_dir: str | None, requests: int, seed: int,
