@@ -32,7 +32,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from . import wire
-from .stream import Action, Replay, StreamTracker
+from .stream import Action, Apply, Replay, StreamTracker
 
 log = structlog.get_logger(__name__)
 
@@ -61,6 +61,17 @@ class SubscriberStats:
     lag_ms: list[float] = field(default_factory=list)  # recent batches (bounded)
 
 
+def merged(actions: list[Action]) -> list[Action]:
+    """`actions` with consecutive `Apply`s joined into one (one command for the cluster)."""
+    out: list[Action] = []
+    for action in actions:
+        if isinstance(action, Apply) and out and isinstance(out[-1], Apply):
+            out[-1] = Apply(out[-1].batches + action.batches)
+        else:
+            out.append(action)
+    return out
+
+
 class StreamSubscriber:
     """One stream's subscription (see the module docstring). `run()` until cancelled."""
 
@@ -69,7 +80,8 @@ class StreamSubscriber:
     def __init__(self, context: zmq.asyncio.Context, source: StreamSource, sink: Sink,
                  watermark: Callable[[], Awaitable[int]], *, hwm: int = 100_000,
                  replay_idle_s: float = 2.0, replay_total_s: float = 120.0,
-                 max_held: int = 10_000, idle_probe_s: float = 2.0) -> None:
+                 max_held: int = 10_000, idle_probe_s: float = 2.0,
+                 max_coalesce: int = 256) -> None:
         self.context = context
         self.source = source
         self.sink = sink
@@ -78,6 +90,7 @@ class StreamSubscriber:
         self.replay_idle_s = replay_idle_s
         self.replay_total_s = replay_total_s
         self.idle_probe_s = idle_probe_s
+        self.max_coalesce = max_coalesce
         self.tracker: StreamTracker[wire.Batch] = StreamTracker(
             has_replay=source.replay_endpoint is not None, max_held=max_held)
         self.stats = SubscriberStats()
@@ -116,18 +129,17 @@ class StreamSubscriber:
                                  rank=self.source.rank)
                         await self._begin()
                 if sub in ready:
-                    frames = await sub.recv_multipart()
-                    self.stats.frames += 1
-                    try:
-                        batch = wire.decode_frames(frames, self.source.hash_form)
-                    except wire.WireError as exc:
-                        self.stats.decode_errors += 1
-                        log.warning("kv_event_frame_refused", node=self.source.node_id,
-                                    rank=self.source.rank, error=str(exc))
-                        continue  # its seq is then a gap: replay brings it, or a resync
-                    self.stats.skipped_events += batch.skipped
-                    async with self._lock:
-                        await self._do(self.tracker.live(batch.seq, batch))
+                    # Everything already queued goes together: consecutive batches to apply
+                    # travel in one command (up to `max_coalesce` frames).
+                    async with self._lock:  # decide and carry out in one order
+                        actions: list[Action] = []
+                        for _ in range(self.max_coalesce):
+                            try:
+                                frames = await sub.recv_multipart(flags=zmq.NOBLOCK)
+                            except zmq.Again:
+                                break
+                            actions += self._frame(frames)
+                        await self._do(merged(actions))
         finally:
             if self._replay is not None:
                 self._replay.cancel()
@@ -136,6 +148,19 @@ class StreamSubscriber:
             sub.disable_monitor()
             monitor.close(linger=0)
             sub.close(linger=0)
+
+    def _frame(self, frames: list[bytes]) -> list[Action]:
+        """One live frame, decoded and given to the tracker (the caller holds the lock)."""
+        self.stats.frames += 1
+        try:
+            batch = wire.decode_frames(frames, self.source.hash_form)
+        except wire.WireError as exc:
+            self.stats.decode_errors += 1
+            log.warning("kv_event_frame_refused", node=self.source.node_id,
+                        rank=self.source.rank, error=str(exc))
+            return []  # its seq is then a gap: replay brings it, or a resync
+        self.stats.skipped_events += batch.skipped
+        return self.tracker.live(batch.seq, batch)
 
     async def _begin(self) -> None:
         applied = await self.watermark()
