@@ -157,9 +157,11 @@ def kv_batches(st: State, cmd: Mapping[str, Any], ctx: ApplyContext) -> Result:
     Fields: ``node``, ``rank``, ``model`` (optional), ``batches`` (``[seq, ts_ms, events]``
     each, in order), ``resync`` (optional: ``gap``, ``restart`` or ``rebuild``: clear the
     node's blocks first and take the first batch as the stream's new start; with no batches
-    the stream is stale and its watermark -1, so whatever comes next starts it), ``contiguous`` (true: a batch after a hole is not applied, nor
-    any after it, and ``gap_at`` names it; false, for reporters that cannot replay: applied,
-    and the hole counted in ``gaps``), and ``gaps``/``replays``: what the ingester saw.
+    the stream is stale and its watermark -1, so whatever comes next starts it),
+    ``contiguous`` (true: a batch after a hole is not applied, nor any after it, and
+    ``gap_at`` names it; false, for reporters that cannot replay: applied, and the hole
+    counted in ``gaps``), and ``gaps``/``replays``: what the ingester saw. Events are
+    reference-counted (`_apply_events`).
 
     Each batch is applied whole or not at all; batches at or below the stream's watermark
     are duplicates. The result gives the new ``watermark``.
