@@ -1,6 +1,8 @@
 """`python -m chaos run --cycles N --seed S [--faults K,K] [--out FILE]`: attack a cluster,
 judge the history. `python -m chaos gateway --cycles N`: kill the leader under gateway load,
-check the index converges (chaos/gateway.py)."""
+check the index converges (chaos/gateway.py). `python -m chaos kv-events --cycles N`: faults
+on the engines' ZMQ KV-event wire and the leader; the index must equal every engine's cache
+(chaos/kv_events.py)."""
 
 from __future__ import annotations
 
@@ -33,7 +35,32 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int, default=1)
     g.add_argument("--route-ack", choices=["committed", "decided"], default="decided")
     g.add_argument("--cycle-s", type=float, default=3.0, help="seconds per kill cycle")
+    k = sub.add_parser("kv-events", help="KV-event wire faults and leader kills under gateway "
+                                          "load; index = engine caches")
+    k.add_argument("--cycles", type=int, default=6)
+    k.add_argument("--seed", type=int, default=1)
+    k.add_argument("--faults", help="comma-separated fault kinds (default: all: drop-live,"
+                                    "reorder-live,restart-publisher,kill-leader)")
+    k.add_argument("--cycle-s", type=float, default=3.0, help="seconds per fault cycle")
+    k.add_argument("--quiesce-s", type=float, default=60.0,
+                   help="how long the index may take to converge after the load stops")
+    k.add_argument("--capacity-blocks", type=int, default=200_000,
+                   help="each engine's KV pool (default: large enough that nothing is evicted)")
     args = parser.parse_args(argv)
+    if args.command == "kv-events":
+        from .kv_events import FAULTS as KV_FAULTS
+        from .kv_events import kv_events_summary, run_kv_events_chaos
+
+        kv_faults = KV_FAULTS if args.faults is None else \
+            tuple(f.strip() for f in args.faults.split(",") if f.strip())
+        unknown = sorted(set(kv_faults) - set(KV_FAULTS))
+        if unknown or not kv_faults:
+            parser.error(f"--faults: unknown kinds {unknown}; known: {', '.join(KV_FAULTS)}")
+        kv_report = asyncio.run(run_kv_events_chaos(args.cycles, args.seed, kv_faults,
+                                                    args.cycle_s, args.quiesce_s,
+                                                    args.capacity_blocks))
+        print(kv_events_summary(kv_report))
+        return 0 if kv_report.passed else 1
     if args.command == "gateway":
         from .gateway import gateway_summary, run_gateway_chaos
 

@@ -213,15 +213,32 @@ class StreamSubscriber:
                 if wait <= 0:
                     raise TimeoutError
                 frames = await asyncio.wait_for(dealer.recv_multipart(), wait)
-                batch = wire.parse_replay_reply(frames, self.source.hash_form)
                 async with self._lock:
                     if asyncio.current_task() is not self._replay:
                         return  # superseded while waiting for the lock
-                    if batch is None:
-                        await self._do(self.tracker.replay_ended())
+                    # What already arrived goes together: one command for many batches.
+                    actions: list[Action] = []
+                    ended = False
+                    for i in range(self.max_coalesce):
+                        if i:
+                            try:
+                                frames = await dealer.recv_multipart(flags=zmq.NOBLOCK)
+                            except zmq.Again:
+                                break
+                        try:
+                            batch = wire.parse_replay_reply(frames, self.source.hash_form)
+                        except wire.WireError:
+                            await self._do(merged(actions))  # what was decided, then fail
+                            raise
+                        if batch is None:
+                            actions += self.tracker.replay_ended()
+                            ended = True
+                            break
+                        self.stats.skipped_events += batch.skipped
+                        actions += self.tracker.replayed(batch.seq, batch)
+                    await self._do(merged(actions))
+                    if ended:
                         return
-                    self.stats.skipped_events += batch.skipped
-                    await self._do(self.tracker.replayed(batch.seq, batch))
         except (TimeoutError, wire.WireError, zmq.ZMQError) as exc:
             log.warning("kv_stream_replay_failed", node=self.source.node_id,
                         rank=self.source.rank, start=start, error=repr(exc))

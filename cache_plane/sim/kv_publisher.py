@@ -28,8 +28,11 @@ into events (pure). `KVEventPublisher` owns the sockets on one background thread
 sim-node's event loop never waits on ZMQ: `publish` and the fault hooks only enqueue, and the
 thread applies them in call order. Fault hooks (tests, chaos): `drop_live(n)` numbers and
 buffers the next `n` batches but does not send them live (a subscriber sees a gap that replay
-fills); `restart()` sets seq back to 0 and empties the replay buffer, as a restarted engine's
-publisher would (the engine's cache is left as it is).
+fills); `reorder_live(n)` holds the next `n` batches it would send live and sends them in
+reverse order once the n-th is published (they enter the replay buffer in order, as
+published); `restart()` sets seq back to 0 and empties the replay buffer, as a restarted
+engine's publisher would (the engine's cache is left as it is), and discards batches held
+for a reorder (a restarted process never sends them).
 """
 
 from __future__ import annotations
@@ -252,13 +255,15 @@ class KVEventPublisher:
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=settings.buffer_steps)
         self._seq = 0
         self._drop = 0
+        self._reorder = 0                            # batches still to hold for a reorder
+        self._held: list[tuple[int, bytes]] = []     # held for a reorder, in seq order
         self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._pub: zmq.Socket[bytes] | None = None
         self._router: zmq.Socket[bytes] | None = None
         self._thread: threading.Thread | None = None
         self.endpoints: tuple[str, str | None] = (settings.endpoint, settings.replay_endpoint)
-        self.stats = {"published": 0, "sent_live": 0, "dropped_live": 0, "queue_full": 0,
-                      "replays": 0, "invalid_replays": 0}
+        self.stats = {"published": 0, "sent_live": 0, "dropped_live": 0, "reordered_live": 0,
+                      "queue_full": 0, "replays": 0, "invalid_replays": 0}
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -332,6 +337,12 @@ class KVEventPublisher:
         """Fault: do not send the next `count` batches live (they still enter the buffer)."""
         self._put(("drop", count))
 
+    def reorder_live(self, count: int) -> None:
+        """Fault: send the next `count` live batches in reverse order (the replay buffer keeps
+        them in order). They go out together when the last of them is published; until then a
+        subscriber sees nothing of them."""
+        self._put(("reorder", count))
+
     def restart(self) -> None:
         """Fault: start again as a new process would, at seq 0 with an empty replay buffer."""
         self._put(("restart",))
@@ -350,7 +361,8 @@ class KVEventPublisher:
                 "hash_form": self.settings.hash_form,
                 "replay_framing": self.settings.replay_framing, "next_seq": self._seq,
                 "buffered": len(self._buffer), "oldest_buffered_seq": oldest,
-                "drop_live_pending": self._drop, **self.stats}
+                "drop_live_pending": self._drop, "reorder_live_pending": self._reorder,
+                "reorder_held": len(self._held), **self.stats}
 
     def _put(self, item: tuple[Any, ...]) -> None:
         try:
@@ -388,20 +400,35 @@ class KVEventPublisher:
                 self._drop -= 1
                 self.stats["dropped_live"] += 1
                 return
-            assert self._pub is not None
-            try:
-                self._pub.send_multipart([self._topic, seq.to_bytes(8, "big"), payload],
-                                         flags=zmq.NOBLOCK)
-                self.stats["sent_live"] += 1
-            except zmq.Again:  # PUB drops past its high-water mark rather than block
-                pass
+            if self._reorder > 0:
+                self._reorder -= 1
+                self._held.append((seq, payload))
+                if self._reorder == 0:
+                    held, self._held = self._held, []
+                    for held_seq, held_payload in reversed(held):
+                        self._send_live(held_seq, held_payload)
+                    self.stats["reordered_live"] += len(held)
+                return
+            self._send_live(seq, payload)
         elif kind == "drop":
             self._drop += item[1]
+        elif kind == "reorder":
+            self._reorder += item[1]
         elif kind == "restart":
             self._seq = 0
             self._buffer.clear()
+            self._held.clear()
         elif kind == "sync":
             item[1].set()
+
+    def _send_live(self, seq: int, payload: bytes) -> None:
+        assert self._pub is not None
+        try:
+            self._pub.send_multipart([self._topic, seq.to_bytes(8, "big"), payload],
+                                     flags=zmq.NOBLOCK)
+            self.stats["sent_live"] += 1
+        except zmq.Again:  # PUB drops past its high-water mark rather than block
+            pass
 
     def _serve_replays(self) -> None:
         router = self._router

@@ -46,9 +46,9 @@ increasing sequence numbers, as a real engine's KV-event publisher would (unless
 With `kv_events`, it publishes the same changes on vLLM's own wire: ZMQ PUB frames and a
 ROUTER replay socket (see `kv_publisher.py`). ``GET /sim/kv-events`` shows the stream (next
 seq, buffered batches, counters); ``POST /sim/kv-events`` with ``{"drop_live"?: n,
-"restart"?: bool}`` injects its faults: the next `n` batches are not sent live (replay still
-has them), and a restart sets seq back to 0 with an empty replay buffer. Both answer 404
-without a publisher.
+"reorder_live"?: n, "restart"?: bool}`` injects its faults: the next `n` batches are not sent
+live (replay still has them), the next `n` live batches go out in reverse order, and a
+restart sets seq back to 0 with an empty replay buffer. Both answer 404 without a publisher.
 
 Run: `cache-plane sim-node --node-id gpu0 --port 9000 --cluster http://127.0.0.1:8000`.
 """
@@ -300,7 +300,8 @@ async def get_kv_events(request: web.Request) -> web.Response:
 
 
 async def set_kv_events(request: web.Request) -> web.Response:
-    """Inject KV-event faults: ``{"drop_live"?: n >= 0, "restart"?: bool}``; the stream's view."""
+    """Inject KV-event faults: ``{"drop_live"?: n >= 0, "reorder_live"?: n >= 0,
+    "restart"?: bool}``; the stream's view."""
     node = request.app[SIM_NODE]
     if node.publisher is None:
         return _error(404, "this node publishes no KV events (no --kv-events-endpoint)")
@@ -308,12 +309,15 @@ async def set_kv_events(request: web.Request) -> web.Response:
     if isinstance(body, web.Response):
         return body
     problems = []
-    unknown = sorted(set(body) - {"drop_live", "restart"})
+    unknown = sorted(set(body) - {"drop_live", "reorder_live", "restart"})
     if unknown:
         problems.append(f"unknown fields: {', '.join(unknown)}")
     drop = body.get("drop_live", 0)
     if isinstance(drop, bool) or not isinstance(drop, int) or drop < 0:
         problems.append("drop_live must be an integer >= 0")
+    reorder = body.get("reorder_live", 0)
+    if isinstance(reorder, bool) or not isinstance(reorder, int) or reorder < 0:
+        problems.append("reorder_live must be an integer >= 0")
     restart = body.get("restart", False)
     if not isinstance(restart, bool):
         problems.append("restart must be a boolean")
@@ -324,9 +328,11 @@ async def set_kv_events(request: web.Request) -> web.Response:
         node.engine.drop_cached()
     if drop:
         node.publisher.drop_live(drop)
+    if reorder:
+        node.publisher.reorder_live(reorder)
     await asyncio.to_thread(node.publisher.sync, 5.0)
     log.info("sim_node_kv_event_faults", node_id=node.settings.node_id, drop_live=drop,
-             restart=restart)
+             reorder_live=reorder, restart=restart)
     return web.json_response(node.publisher.view())
 
 

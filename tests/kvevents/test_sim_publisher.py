@@ -434,3 +434,57 @@ def test_sim_node_process_publishes_what_it_computed(ctx, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+# -- the reorder fault ----------------------------------------------------------------------------
+
+def test_reorder_live_sends_the_next_batches_in_reverse_and_replays_them_in_order(
+        ctx, publishers):
+    """reorder_live(3): the SUB sees seq 0, then 3, 2, 1, then 4; replay from 0 gives 0..4."""
+    publisher = publishers()
+    sub = subscribe(ctx, publisher.endpoints[0])
+    publisher.publish([["AllBlocksCleared"]], ts=0.0)
+    publisher.reorder_live(3)
+    publisher.publish([["AllBlocksCleared"]], ts=1.0)
+    publisher.publish([["AllBlocksCleared"]], ts=2.0)
+    assert receive(sub)[1] == seq8(0)
+    assert nothing_more(sub)  # held until the third of the group is published
+    assert publisher.view()["reorder_held"] == 2
+    publisher.publish([["AllBlocksCleared"]], ts=3.0)
+    publisher.publish([["AllBlocksCleared"]], ts=4.0)
+    live = [receive(sub) for _ in range(4)]
+    assert [(f[1], msgpack.unpackb(f[2])[0]) for f in live] == \
+        [(seq8(3), 3.0), (seq8(2), 2.0), (seq8(1), 1.0), (seq8(4), 4.0)]
+    replies = replay(ctx, publisher.endpoints[1], 0)
+    assert [r[1] for r in replies[:-1]] == [seq8(s) for s in range(5)]
+    view = publisher.view()
+    assert (view["reordered_live"], view["sent_live"], view["reorder_held"],
+            view["reorder_live_pending"]) == (3, 5, 0, 0)
+
+
+def test_a_restart_discards_batches_held_for_a_reorder(ctx, publishers):
+    """Batches held for a reorder are never sent once the publisher restarts (a new process)."""
+    publisher = publishers()
+    sub = subscribe(ctx, publisher.endpoints[0])
+    publisher.reorder_live(2)
+    publisher.publish([["AllBlocksCleared"]], ts=0.0)
+    publisher.restart()
+    publisher.publish([["AllBlocksCleared"]], ts=1.0)   # completes the group alone
+    publisher.publish([["AllBlocksCleared"]], ts=2.0)
+    live = [receive(sub) for _ in range(2)]
+    assert [(f[1], msgpack.unpackb(f[2])[0]) for f in live] == [(seq8(0), 1.0), (seq8(1), 2.0)]
+    assert nothing_more(sub)
+
+
+async def test_sim_node_takes_the_reorder_fault_and_validates_it(aiohttp_client):
+    """POST /sim/kv-events accepts reorder_live (an integer >= 0) and shows it pending."""
+    pub_port, replay_port = free_ports(2)
+    settings = SimNodeSettings(kv_events_http=False, kv_events=KVEventsSettings(
+        f"tcp://127.0.0.1:{pub_port}", f"tcp://127.0.0.1:{replay_port}"))
+    client = await aiohttp_client(create_app(settings))
+    for bad in (-1, True, "2", 1.5):
+        resp = await client.post("/sim/kv-events", json={"reorder_live": bad})
+        assert resp.status == 400
+        assert "reorder_live must be an integer >= 0" in (await resp.json())["message"]
+    view = await (await client.post("/sim/kv-events", json={"reorder_live": 4})).json()
+    assert (view["reorder_live_pending"], view["reorder_held"]) == (4, 0)
