@@ -204,7 +204,7 @@ class StreamTracker(Generic[B]):
 
     def _remember(self, seq: int, batch: B) -> None:
         self.recent[seq] = batch
-        if len(self.recent) > self.recent_size:
+        if len(self.recent) >= 2 * self.recent_size:  # prune in bulk: O(1) per batch
             for old in [s for s in self.recent if s <= seq - self.recent_size]:
                 del self.recent[old]
 

@@ -186,7 +186,7 @@ class StreamSubscriber:
     def _lag(self, action: Action) -> None:
         batches = getattr(action, "batches", ())
         if batches:
-            lag = (time.time() - batches[-1].ts) * 1000
+            lag = (time.time() - batches[0].ts) * 1000  # the oldest: the worst case
             samples = self.stats.lag_ms
             samples.append(lag)
             if len(samples) > self.LAG_SAMPLES:
