@@ -97,7 +97,8 @@ def _store_counted(st: State, rec: Node, model: ModelSpec, keys: list[int],
     counts = [ref_add(st.index.refs(rec.slot, key), tier, 1) for key in keys]
     by_tier: dict[int, list[int]] = {}
     for key, count in zip(keys, counts, strict=True):
-        by_tier.setdefault(best_tier(count) or tier, []).append(key)
+        best = best_tier(count)  # (GPU is 0: not `or`)
+        by_tier.setdefault(tier if best is None else best, []).append(key)
     for best, group in sorted(by_tier.items()):
         st.store_blocks(rec, model.code, group, best)
     held = [st.index.holds(rec.slot, key) for key in keys]
