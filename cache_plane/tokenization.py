@@ -40,7 +40,7 @@ from importlib import resources
 from typing import Any, Protocol
 
 from .errors import CachePlaneError
-from .hashing import DEFAULT_SEED, DigestMemo, block_digests, block_hashes
+from .hashing import DEFAULT_SEED, DigestMemo, block_digests, to_external
 
 WORD_VOCAB = 32_000
 # Keys a request's chat_template_kwargs may not set: apply_chat_template's own arguments that
@@ -505,9 +505,8 @@ def request_block_hashes(token_ids: Sequence[int], block_size: int, seed: str = 
                          cache_salt: str | None = None,
                          memo: DigestMemo | None = None) -> list[int]:
     """Return the 64-bit hashes of a request's full blocks, extra keys included (pure)."""
-    extra = vllm_extra_keys(len(token_ids) // block_size if block_size > 0 else 0,
-                            lora_name, cache_salt)
-    return block_hashes(token_ids, block_size, seed, extra, memo)
+    return list(map(to_external, request_block_digests(token_ids, block_size, seed, lora_name,
+                                                       cache_salt, memo)))
 
 
 def request_block_digests(token_ids: Sequence[int], block_size: int, seed: str = DEFAULT_SEED,
