@@ -24,6 +24,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -204,6 +205,7 @@ def run_system(system: str, args: argparse.Namespace) -> dict[str, Any]:
             if proc.is_alive():
                 proc.kill()
                 proc.join()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def machine() -> str:

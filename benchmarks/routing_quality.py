@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -227,6 +228,7 @@ def main() -> int:
                 cluster, token, name, block, fresh(requests), config, pace=pace))
         finally:
             cluster.close()
+            shutil.rmtree(cluster.base_dir, ignore_errors=True)
         results[name] = rows
         verdicts[name] = goals(rows, sharing)
         print_table(f"{name}: {len(requests)} requests, {block}-token blocks", rows)

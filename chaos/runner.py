@@ -254,6 +254,7 @@ async def run(cycles: int, seed: int, clients: int = 4, routers: int = 2,
     schedule = [faults[i % len(faults)] for i in range(cycles)]
     rng.shuffle(schedule)
     report = Report(seed, cycles)
+    created = base_dir is None  # a directory of its own: removed after a clean run
     base_dir = base_dir or tempfile.mkdtemp(prefix="chaos-")
     tls_files = _make_tls(base_dir) if tls_on else {}
     tls: dict[str, Any] = ({"ca_file": tls_files["ca_file"],
@@ -340,6 +341,8 @@ async def run(cycles: int, seed: int, clients: int = 4, routers: int = 2,
             for node in cluster.nodes:
                 shutil.copytree(node.data_dir, node.data_dir + "-kept", dirs_exist_ok=True)
         disks.unmount()
+        if clean_end and created:
+            shutil.rmtree(base_dir, ignore_errors=True)
     report.operations = {o: sum(1 for op in history.ops if op.outcome == o)
                          for o in ("ok", "fail", "info")}
     reasons: dict[str, int] = {}
