@@ -94,6 +94,14 @@ class Node:
     streams: dict[int, StreamState] = field(default_factory=dict)  # KV-event streams by rank
     kv_source: KVSource | None = None  # the engine's ZMQ KV-event stream, if it has one
 
+    def watermark(self, rank: int) -> int:
+        """The last seq applied of stream `rank` (-1: none). Rank 0 without a stream record
+        continues the seq the node reported before streams existed (`last_event_seq`)."""
+        stream = self.streams.get(rank)
+        if stream is not None:
+            return stream.last_seq
+        return self.last_event_seq if rank == 0 else -1
+
     @property
     def slots(self) -> int:
         """Requests the engine may run at once (its KV cache may hold fewer)."""

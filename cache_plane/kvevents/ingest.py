@@ -157,10 +157,7 @@ class Ingester:
         async def watermark() -> int:
             def read(m: Any) -> int:
                 rec = m.nodes.get(source.node_id)
-                stream = rec.streams.get(source.rank) if rec is not None else None
-                if stream is None:  # rank 0 continues the node's HTTP-reported seq
-                    return rec.last_event_seq if rec is not None and source.rank == 0 else -1
-                return int(stream.last_seq)
+                return -1 if rec is None else int(rec.watermark(source.rank))
             return int(self.service.node.store.view(read))
         return watermark
 

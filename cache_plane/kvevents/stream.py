@@ -272,15 +272,3 @@ class StreamTracker(Generic[B]):
         self.phase = LIVE
         return [Resync(tuple(batches), reason), *self._drain()]
 
-
-def seqs(actions: Sequence[Action], seq_of: Any) -> list[tuple[str, list[int]]]:
-    """A readable form of `actions` for tests and logs: (kind, seqs or [start])."""
-    out: list[tuple[str, list[int]]] = []
-    for action in actions:
-        if isinstance(action, Replay):
-            out.append(("replay", [action.start]))
-        elif isinstance(action, Resync):
-            out.append((f"resync:{action.reason}", [seq_of(b) for b in action.batches]))
-        else:
-            out.append(("apply", [seq_of(b) for b in action.batches]))
-    return out

@@ -194,8 +194,8 @@ def kv_batches(st: State, cmd: Mapping[str, Any], ctx: ApplyContext) -> Result:
     if rec.state == "down":
         return error("node_down", f"node {rec.id!r} is down; heartbeat or re-register first").result
     stream = rec.streams.get(rank)
-    if stream is None:  # rank 0 continues what the node reported before streams existed
-        stream = rec.streams[rank] = StreamState(rec.last_event_seq if rank == 0 else -1)
+    if stream is None:
+        stream = rec.streams[rank] = StreamState(rec.watermark(rank))
     stream.gaps += seen[0]
     stream.replays += seen[1]
     if resync is not None:

@@ -9,11 +9,25 @@ of the replicated state applies the tracker's actions exactly as the state machi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cache_plane.kvevents.stream import Apply, Replay, Resync, StreamTracker, seqs
+from cache_plane.kvevents.stream import Action, Apply, Replay, Resync, StreamTracker
+
+
+def seqs(actions: list[Action], seq_of: Any) -> list[tuple[str, list[int]]]:
+    """A readable form of `actions`: (kind, seqs or [start])."""
+    out: list[tuple[str, list[int]]] = []
+    for action in actions:
+        if isinstance(action, Replay):
+            out.append(("replay", [action.start]))
+        elif isinstance(action, Resync):
+            out.append((f"resync:{action.reason}", [seq_of(b) for b in action.batches]))
+        else:
+            out.append(("apply", [seq_of(b) for b in action.batches]))
+    return out
 
 
 @dataclass(frozen=True)
