@@ -140,3 +140,34 @@ def expire(now_ms: int, block_ttl_ms: int, prior: Mapping[str, Any]) -> Command:
 
 def compact_log(slot: int | None = None) -> Command:
     return {"op": "cp.compact_log"} if slot is None else {"op": "cp.compact_log", "slot": slot}
+
+
+def cache_put(key: str, *, tenant: str, model: str, epoch: int, namespace: str,
+              bucket: str | None, question: str | None, body: bytes, embedding: bytes,
+              now_ms: int, expires_ms: int, max_bytes: int, prompt_tokens: int,
+              completion_tokens: int, latency_ms: int) -> Command:
+    """Store a response (`body` compressed by the leader), evicting LRU entries past `max_bytes`."""
+    return {"op": "cp.cache_put", "key": key, "tenant": tenant, "model": model, "epoch": epoch,
+            "namespace": namespace, "bucket": bucket, "question": question, "body": body,
+            "embedding": embedding, "now_ms": now_ms, "expires_ms": expires_ms,
+            "max_bytes": max_bytes, "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens, "latency_ms": latency_ms}
+
+
+def cache_touch(keys: Sequence[str], now_ms: int) -> Command:
+    return {"op": "cp.cache_touch", "keys": list(keys), "now_ms": now_ms}
+
+
+def cache_delete(key: str) -> Command:
+    return {"op": "cp.cache_delete", "key": key}
+
+
+def cache_purge(tenant: str | None = None, model: str | None = None,
+                namespace: str | None = None, everything: bool = False) -> Command:
+    command: Command = {"op": "cp.cache_purge"}
+    for name, value in (("tenant", tenant), ("model", model), ("namespace", namespace)):
+        if value is not None:
+            command[name] = value
+    if everything:
+        command["all"] = True
+    return command

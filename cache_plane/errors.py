@@ -17,6 +17,7 @@ STATUS: dict[str, int] = {
     # the request names something that does not exist
     "unknown_model": 404,
     "unknown_node": 404,
+    "unknown_entry": 404,
     # it conflicts with the replicated state
     "duplicate_request": 409,
     "node_mismatch": 409,
@@ -26,6 +27,7 @@ STATUS: dict[str, int] = {
     "invalid_request": 400,
     # admission: the prompt can never fit, or no node can take it now (retry later)
     "prompt_too_large": 413,
+    "entry_too_large": 413,
     "no_node_for_model": 503,
     "no_node_up": 503,
     "all_nodes_busy": 503,

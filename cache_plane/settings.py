@@ -60,11 +60,17 @@ class ServiceSettings:
     # holds, or has this many records (see cache_plane/blocklog.py).
     block_log_slack_blocks: int = 65_536
     block_log_max_records: int = 4_096
+    # The response cache (cache_plane/machine/responses.py): the bytes its entries may take
+    # in every member (least recently used evicted past it) and the TTL of an entry whose
+    # request named none.
+    response_cache_max_bytes: int = 256 << 20
+    response_cache_ttl_s: int = 3600
 
     def validate(self) -> list[str]:
         problems = []
         for name in ("node_lease_ms", "request_ttl_ms", "session_ttl_ms", "max_prompt_tokens",
-                     "block_log_slack_blocks", "block_log_max_records"):
+                     "block_log_slack_blocks", "block_log_max_records",
+                     "response_cache_max_bytes"):
             if getattr(self, name) < 1:
                 problems.append(f"cache_plane.{name} must be >= 1")
         if not 1 <= self.prefill_tokens_per_s <= 1 << 40:
@@ -75,6 +81,8 @@ class ServiceSettings:
             problems.append("cache_plane.mean_output_tokens must be in [1, 2**24]")
         if not 0 <= self.lazy_commit_ms <= 1000:
             problems.append("cache_plane.lazy_commit_ms must be in [0, 1000]")
+        if not 1 <= self.response_cache_ttl_s <= 30 * 86400:
+            problems.append("cache_plane.response_cache_ttl_s must be in [1, 2592000] (30 days)")
         if self.block_ttl_ms < 0:
             problems.append("cache_plane.block_ttl_ms must be >= 0")
         if self.expire_interval_s <= 0:

@@ -280,6 +280,12 @@ class StateStore:
             ctx = ApplyContext(index=self._applied, position=0, stamp_ms=0)
             return self.machine.apply(command, _TxnReader(txn, self._data), ctx).result
 
+    def get(self, key: bytes) -> bytes | None:
+        """One stored value as of the last committed entry (None if absent)."""
+        with self._shared(), self._env.begin(db=self._data) as txn:
+            value = txn.get(key, db=self._data)
+            return None if value is None else bytes(value)
+
     def digest(self) -> str:
         """Return a SHA-256 over every (key, value) pair: equal state, equal digest."""
         return self.indexed_digest()[1]

@@ -29,8 +29,10 @@ from veristore_py.node import VeristoreNode
 
 from ..errors import CachePlaneError
 from ..kvevents.ingest import Ingester
+from ..responses.cluster import ResponseCacheService
 from ..service import CachePlaneService
 from ..settings import ServiceSettings
+from . import cache
 from .openapi import document
 from .validation import VALIDATORS
 
@@ -330,6 +332,7 @@ ACCESS_TABLE: dict[tuple[str, str], str] = {
     ("GET", "/v1/cluster"): "read",
     ("GET", "/v1/stats"): "read",
     ("GET", "/metrics"): "read",
+    **cache.ACCESS_TABLE,
     ("GET", "/openapi.json"): PUBLIC,
     ("GET", "/docs"): PUBLIC,
 }
@@ -370,6 +373,7 @@ def create_app(node: VeristoreNode, settings: NodeSettings,
     r.add_get("/metrics", metrics)
     r.add_get("/openapi.json", openapi)
     r.add_get("/docs", docs)
+    cache.add_routes(app, ResponseCacheService(service))
     kv_api.add_kv_routes(app)
     kv_api.add_status_routes(app)  # status, digest, health, backup, membership
     app.cleanup_ctx.append(_housekeeping)

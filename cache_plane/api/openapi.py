@@ -37,6 +37,8 @@ KV_TEXT = kv_api.text_schema(MAX_VALUE_BYTES)
 IDEM = {**kv_api.text_schema(MAX_IDEM_BYTES, min_length=1), "type": ["string", "null"],
         "description": "a retry with the same key replays the first outcome"}
 REVISION = {"type": "integer", "minimum": 0}
+# A response-cache key (cache_plane/responses/keys.py): SHA-256 in lowercase hex.
+CACHE_KEY = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 
 
 def _obj(required: list[str], **props: Any) -> dict[str, Any]:
@@ -147,6 +149,33 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             tier={"enum": ["gpu", "cpu", "disk"]},
         )},
     ),
+    "CachePut": _obj(
+        ["key", "tenant", "model", "epoch", "response"],
+        key=CACHE_KEY, tenant=ID, model={**ID, "description": "the base model the cluster "
+                                                             "knows (its epoch's owner)"},
+        epoch={**COUNT, "description": "the model's epoch the key was computed under; an "
+                                       "older one is refused (stored: false)"},
+        namespace=kv_api.text_schema(L.MAX_ID_BYTES),
+        bucket={"type": ["string", "null"], "pattern": "^[0-9a-f]{64}$",
+                "description": "the semantic bucket (everything but the last question)"},
+        question={"type": ["string", "null"], "maxLength": 4096,
+                  "description": "the last user message (semantic matching and its guards)"},
+        response={"type": "object", "description": "the whole answer, as the client got it"},
+        embedding={"type": "array", "maxItems": 4096, "items": {"type": "number"},
+                   "description": "the question's embedding (stored as float16)"},
+        ttl_s={"type": "integer", "minimum": 1, "maximum": 30 * 86400,
+               "description": "seconds to keep it (default: response_cache_ttl_s)"},
+        prompt_tokens=COUNT, completion_tokens=COUNT,
+        latency_ms={**COUNT, "description": "what the backend took: the time a hit saves"}),
+    "CacheTouch": _obj(["keys"], keys={"type": "array", "items": CACHE_KEY, "minItems": 1,
+                                       "maxItems": 4096}),
+    "CachePurge": {**_obj([], tenant=ID, model=ID,
+                          namespace=kv_api.text_schema(L.MAX_ID_BYTES),
+                          all={"const": True,
+                               "description": "purge everything (when no filter is given)"}),
+                   "minProperties": 1,
+                   "description": "give tenant, model and/or namespace (entries matching "
+                                  "all given), or all: true"},
 }
 
 _ITEM = _obj(["key", "value", "revision"], key={"type": "string"}, value={"type": "string"},
@@ -285,6 +314,19 @@ _SCAN = (
      "schema": {"type": "integer", "minimum": 1, "maximum": MAX_SCAN_LIMIT}},
     _CONSISTENCY,
 )
+_CACHE_PAGE = (
+    {"name": "after", "in": "query", "schema": CACHE_KEY,
+     "description": "keys after this one (the 'next' of the previous page)"},
+    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                 "maximum": 5000}},
+)
+_CACHE_FEED = (
+    {"name": "since", "in": "query", "required": True, "schema": REVISION},
+    {"name": "wait_ms", "in": "query", "schema": {"type": "integer", "minimum": 0,
+                                                   "maximum": 5000}},
+    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                 "maximum": 5000}},
+)
 # 409: the idempotency key was used for a write of another op or key.
 _KV_WRITE = (409, *_LEADER)
 # A follower answers a leader-only request with 307; domain refusals map by code (errors.py:
@@ -367,6 +409,30 @@ def _paths() -> dict[str, Any]:
             "delete": _op("Remove a Raft member (not the leader)", "MemberRemoved",
                           codes=(400, 404, 409, *_LEADER)),
             "parameters": _path_param("raft", ADDRESS)},
+        "/v1/cache/entries": {
+            "post": _op("Store a response (the leader stamps its expiry and compresses it; "
+                        "least recently used entries are evicted past the byte budget)",
+                        "Object", body="CachePut", codes=_DOMAIN),
+            "get": _op("Entries' metadata in key order, a page at a time; 'rev' is where the "
+                       "change feed continues", "Object", codes=(400, 503),
+                       query=_CACHE_PAGE)},
+        "/v1/cache/entries/{key}": {
+            "get": _op("One entry: its metadata and the stored response (this member's "
+                       "replica)", "Object", codes=(400, 404, 503)),
+            "delete": _op("Delete one entry", "Object", codes=_DOMAIN),
+            "parameters": _path_param("key", CACHE_KEY)},
+        "/v1/cache/changes": {"get": _op(
+            "The change feed: keys changed after revision 'since', each with its entry "
+            "(null: gone); waits up to wait_ms for one; reset: reload the entries",
+            "Object", codes=(400, 503), query=_CACHE_FEED)},
+        "/v1/cache/touch": {"post": _op("Entries served from gateway memory: move them to "
+                                        "the recent end of the LRU order (batched)", "Object",
+                                        body="CacheTouch", codes=_DOMAIN)},
+        "/v1/cache/purge": {"post": _op("Delete the entries of a tenant, model and/or "
+                                        "namespace", "Object", body="CachePurge",
+                                        codes=_DOMAIN)},
+        "/v1/cache/stats": {"get": _op("Entries, bytes, stores, evictions, expiries, "
+                                       "invalidations, purges", "Object", codes=(503,))},
         "/health/live": {"get": _op("Process is up", "Live")},
         "/health/ready": {"get": _op("Member with a known leader, caught up", "Ready",
                                      codes=(503,))},

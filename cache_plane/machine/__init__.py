@@ -39,7 +39,7 @@ from ..index import TIER_NAMES, block_keys
 from ..limits import MAX_TIME_MS
 from ..model import ModelSpec, RouteDecision
 from ..policy import DEFAULT_POLICY, PolicyConfig
-from . import blocks, fleet, routing
+from . import blocks, fleet, responses, routing
 from .fields import MASK64, Invalid, Rejected, policy_field, prior_field
 from .records import (
     META_KEY,
@@ -70,6 +70,10 @@ HANDLERS: dict[str, Handler] = {
     "cp.kv_events": blocks.kv_events,
     "cp.kv_batches": blocks.kv_batches,
     "cp.compact_log": blocks.compact_log,
+    "cp.cache_put": responses.put,
+    "cp.cache_touch": responses.touch,
+    "cp.cache_delete": responses.delete,
+    "cp.cache_purge": responses.purge,
 }
 
 
@@ -123,6 +127,12 @@ class CachePlaneMachine(State):
         for key, raw in items:
             if not key.startswith(PREFIX) or replay.add(key, raw):
                 continue
+            if key.startswith(responses.RC_PREFIX):
+                if key.startswith(responses.ENTRY_PREFIX):
+                    self.responses.load(key[len(responses.ENTRY_PREFIX):].decode(), unpack(raw))
+                elif key == responses.RC_META_KEY:
+                    self.responses.load_meta(unpack(raw))
+                continue  # (bodies stay on disk)
             value = unpack(raw)
             if key == META_KEY:
                 self.next_slot, self.next_model, self.log.seq, stats, self.now = value
@@ -141,6 +151,7 @@ class CachePlaneMachine(State):
                     node, model, tuple(req_blocks), tuple(pending), expires, kind, matched,
                     *extra)
         replay.into(self.index)
+        self.responses.finish_load()
         for request in self.requests.values():
             self.pin(self.nodes[request.node].slot, block_keys(request.model, request.blocks))
 

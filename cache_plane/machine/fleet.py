@@ -18,6 +18,7 @@ from ..limits import (
     MAX_TIME_MS,
 )
 from ..model import KVSource, ModelSpec, Node
+from . import responses
 from .fields import Invalid, int_field, prior_field, str_field
 from .records import model_key, node_key, session_key
 from .state import State
@@ -58,7 +59,8 @@ def invalidate_model(st: State, cmd: Mapping[str, Any], ctx: ApplyContext) -> Re
     st.models[old.id] = spec
     st.m.append((model_key(old.id),
               pack([spec.code, spec.block_size, spec.hash_seed, spec.epoch])))
-    return {"ok": True, "model": old.id, "epoch": spec.epoch, "dropped_blocks": dropped}
+    return {"ok": True, "model": old.id, "epoch": spec.epoch, "dropped_blocks": dropped,
+            "dropped_responses": responses.drop_model_entries(st, old.id)}
 
 
 def register_node(st: State, cmd: Mapping[str, Any], ctx: ApplyContext) -> Result:
@@ -227,4 +229,5 @@ def expire(st: State, cmd: Mapping[str, Any], ctx: ApplyContext) -> Result:
                 if not st.is_pinned(slot, key):
                     idle += st.del_block(slot, key)
     return {"ok": True, "nodes_down": downed, "sessions_expired": len(expired_sessions),
-            "requests_expired": len(expired_requests), "blocks_expired": idle}
+            "requests_expired": len(expired_requests), "blocks_expired": idle,
+            "responses_expired": responses.expire_entries(st, now)}

@@ -34,6 +34,7 @@ from .records import (
     request_key,
     session_key,
 )
+from .responses import ResponseTable
 
 
 class State:
@@ -55,6 +56,7 @@ class State:
         self.m: list[Mutation] = []  # the mutations of the command being applied
         self._paces_cache: tuple[Speeds, dict[str, Speeds]] | None = None
         self.log = BlockLog()
+        self.responses = ResponseTable()
         self.reader: Reader | None = None
         self.now = 0
         self.next_slot = 0

@@ -1,0 +1,1 @@
+"""Response cache: keys, cacheability, semantic matching (pure) and the gateway's stores."""
