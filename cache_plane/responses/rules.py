@@ -14,6 +14,7 @@ that opted in. A request it names a reason for goes to the backend and is not st
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -59,11 +60,11 @@ class CacheRules:
     model_temperature: Mapping[str, float] = field(default_factory=dict)
     skip_patterns: tuple[str, ...] = DEFAULT_SKIP_PATTERNS
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_skip", re.compile("|".join(f"(?:{p})"
-                                                              for p in self.skip_patterns),
-                                                     re.IGNORECASE)
-                           if self.skip_patterns else None)
+
+@functools.lru_cache(maxsize=16)
+def _skip_regex(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
+    return re.compile("|".join(f"(?:{p})" for p in patterns), re.IGNORECASE) if patterns \
+        else None
 
 
 def _int(value: Any, param: str, low: int, high: int) -> int:
@@ -159,7 +160,7 @@ def bypass_reason(body: Mapping[str, Any], model: str, rules: CacheRules,
         return "temperature"
     if body.get("user") is not None and not personal_ok:
         return "personalised"
-    skip = getattr(rules, "_skip", None)
+    skip = _skip_regex(rules.skip_patterns)
     if skip is not None and any(skip.search(t) for t in _user_texts(body)):
         return "time_dependent"
     return None

@@ -1,0 +1,176 @@
+"""A gateway's view of the cluster's entries: exact lookup and semantic matching. PURE.
+
+`Catalog` mirrors the entries' metadata (never bodies) as the change feed reports them. An
+exact lookup is a dict read. A semantic lookup compares the question's embedding with those of
+the entries in its bucket (same tenant, model version, namespace, parameters and earlier
+messages) by one matrix product, then walks the candidates above the threshold from the most
+similar, skipping stale ones and those a lexical guard rejects (`guards.guard`: numbers,
+negation, named entities, language), so a near-miss that embeddings score high is not served.
+
+`answers_agree` is the check the false-hit estimate uses when a sampled semantic hit is also
+sent to the backend: the same text up to case, spacing and punctuation, or at least
+`AGREE_OVERLAP` of their words shared (Jaccard). It errs towards "disagree" for long free-text
+answers, so the estimate is an upper bound.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from .guards import guard
+
+AGREE_OVERLAP = 0.8
+
+
+@dataclass(frozen=True, slots=True)
+class EntryInfo:
+    key: str
+    tenant: str
+    model: str
+    epoch: int
+    namespace: str
+    bucket: str | None
+    question: str | None
+    created_ms: int
+    expires_ms: int
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_ms: int = 0
+    vector: np.ndarray | None = None
+    local: bool = False     # stored by this gateway, not confirmed by the feed yet
+
+    @classmethod
+    def from_view(cls, view: Mapping[str, Any]) -> EntryInfo:
+        """From the cluster's entry view (`GET /v1/cache/entries`, the change feed)."""
+        raw = view.get("embedding")
+        vector = None
+        if raw:
+            vector = np.frombuffer(base64.b64decode(raw), dtype="<f2").astype(np.float32)
+        return cls(view["key"], view["tenant"], view["model"], view["epoch"],
+                   view["namespace"], view["bucket"], view["question"], view["created_ms"],
+                   view["expires_ms"], view["prompt_tokens"], view["completion_tokens"],
+                   view["latency_ms"], vector)
+
+    def fresh(self, now_ms: int, max_age_s: int | None) -> bool:
+        if self.expires_ms <= now_ms:
+            return False
+        return max_age_s is None or now_ms - self.created_ms <= max_age_s * 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    entry: EntryInfo | None
+    similarity: float                 # the best candidate's, served or not
+    rejected: tuple[str, ...] = ()    # why candidates above the threshold were passed over
+
+
+class Catalog:
+    """Entry metadata by key and by bucket (see module docstring)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, EntryInfo] = {}
+        self.buckets: dict[str, dict[str, None]] = {}
+        self._stacks: dict[str, tuple[list[str], np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def get(self, key: str) -> EntryInfo | None:
+        return self.entries.get(key)
+
+    def put(self, info: EntryInfo) -> EntryInfo | None:
+        """Add or replace an entry; the one it replaced."""
+        old = self.entries.get(info.key)
+        if old is not None and old.vector is not None and info.vector is None \
+                and old.question == info.question:
+            info = replace(info, vector=old.vector)  # (the local copy had it first)
+        self.drop(info.key)
+        self.entries[info.key] = info
+        if info.bucket is not None:
+            self.buckets.setdefault(info.bucket, {})[info.key] = None
+            self._stacks.pop(info.bucket, None)
+        return old
+
+    def drop(self, key: str) -> EntryInfo | None:
+        info = self.entries.pop(key, None)
+        if info is not None and info.bucket is not None:
+            members = self.buckets.get(info.bucket, {})
+            members.pop(key, None)
+            if not members:
+                self.buckets.pop(info.bucket, None)
+            self._stacks.pop(info.bucket, None)
+        return info
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.buckets.clear()
+        self._stacks.clear()
+
+    def has_neighbours(self, bucket: str | None, key: str) -> bool:
+        """True if the bucket holds an entry other than `key` (worth an embedding)."""
+        members = self.buckets.get(bucket or "", {})
+        return len(members) > (1 if key in members else 0)
+
+    def _stack(self, bucket: str) -> tuple[list[str], np.ndarray]:
+        found = self._stacks.get(bucket)
+        if found is None:
+            keys = [k for k in self.buckets.get(bucket, {})
+                    if self.entries[k].vector is not None]
+            matrix = (np.stack([self.entries[k].vector for k in keys]) if keys  # type: ignore[misc]
+                      else np.zeros((0, 0), dtype=np.float32))
+            found = self._stacks[bucket] = (keys, matrix)
+        return found
+
+    def similar(self, bucket: str, vector: np.ndarray, question: str, threshold: float,
+                now_ms: int, max_age_s: int | None) -> Match:
+        """The most similar fresh entry of `bucket` at or above `threshold` that the guards
+        let through (see module docstring)."""
+        keys, matrix = self._stack(bucket)
+        if not keys or matrix.shape[1] != vector.shape[0]:
+            return Match(None, 0.0)
+        scores = matrix @ vector
+        order = np.argsort(-scores)
+        best = float(scores[order[0]])
+        rejected: list[str] = []
+        for i in order:
+            score = float(scores[i])
+            if score < threshold:
+                break
+            info = self.entries[keys[i]]
+            if not info.fresh(now_ms, max_age_s):
+                continue
+            why = guard(question, info.question or "")
+            if why is not None:
+                rejected.append(why)
+                continue
+            return Match(info, score, tuple(rejected))
+        return Match(None, best, tuple(rejected) or (("threshold",) if best > 0 else ()))
+
+
+_WORDS = re.compile(r"\w+")
+
+
+def answers_agree(a: str, b: str) -> bool:
+    """Whether two answers say the same (see module docstring)."""
+    wa, wb = _WORDS.findall(a.lower()), _WORDS.findall(b.lower())
+    if wa == wb:
+        return True
+    sa, sb = set(wa), set(wb)
+    return bool(sa | sb) and len(sa & sb) / len(sa | sb) >= AGREE_OVERLAP
+
+
+def answer_text(response: Mapping[str, Any]) -> str:
+    """The text of a stored answer (chat message content and tool calls, or completion)."""
+    choice = (response.get("choices") or [{}])[0]
+    message = choice.get("message")
+    if isinstance(message, Mapping):
+        calls = message.get("tool_calls") or ()
+        return str(message.get("content") or "") + "".join(
+            str(c.get("function", {})) for c in calls if isinstance(c, Mapping))
+    return str(choice.get("text") or "")
