@@ -23,6 +23,8 @@ PURE = (
     "cache_plane.index", "cache_plane.blocklog", "cache_plane.hashing", "cache_plane.model",
     "cache_plane.views", "cache_plane.commands", "cache_plane.limits",
     "cache_plane.kvevents.wire", "cache_plane.kvevents.stream",
+    "cache_plane.responses.keys", "cache_plane.responses.rules", "cache_plane.responses.replay",
+    "cache_plane.responses.catalog", "cache_plane.responses.guards",
 )
 FORBIDDEN = {
     "os", "io", "pathlib", "shutil", "tempfile", "socket", "select", "selectors", "ssl",
