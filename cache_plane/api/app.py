@@ -103,6 +103,20 @@ class _StateCollector:
         yield GaugeMetricFamily("cache_plane_block_log_records",
                                 "Block-log records not yet replaced by a checkpoint",
                                 value=self.service.block_log_records())
+        cache = self.service.node.store.view(lambda m: (
+            len(m.responses.entries), m.responses.bytes, dict(m.responses.counters)))
+        yield GaugeMetricFamily("cache_plane_response_cache_entries",
+                                "Response cache entries (replicated)", value=cache[0])
+        yield GaugeMetricFamily("cache_plane_response_cache_bytes",
+                                "Bytes the response cache entries take (the budget's measure)",
+                                value=cache[1])
+        changes = CounterMetricFamily("cache_plane_response_cache_changes",
+                                      "Response cache entries stored, replaced, evicted, "
+                                      "expired, invalidated, purged, deleted, touched, "
+                                      "refused_stale", labels=["kind"])
+        for kind, count in cache[2].items():
+            changes.add_metric([kind], count)
+        yield changes
 
 
 # Per-stream counters of the replicated state (every member) and gauges; see docs/kv_events.md.
