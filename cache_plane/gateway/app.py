@@ -743,13 +743,17 @@ async def cache_stats(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    """Ready once the cluster has answered (its models are known); 503 before."""
+    """Ready once the cluster has answered (its models are known) and the response cache's
+    catalog is loaded; 503 before."""
     gateway = request.app[GATEWAY]
     if not gateway.models_at:
         with contextlib.suppress(GatewayError):
             await gateway.refresh_models()
     if not gateway.models_at:
         return web.json_response({"status": "no_cluster"}, status=503)
+    if gateway.settings.cache_enabled and not gateway.cache.ready.is_set():
+        # (else a new gateway would miss, and store again, what the cluster holds)
+        return web.json_response({"status": "loading_cache"}, status=503)
     return web.json_response({"status": "ok"})
 
 

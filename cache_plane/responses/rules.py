@@ -89,12 +89,11 @@ def directives(cache_control: str | None, body_cache: Any) -> Directives:
         elif name == "no-store":
             write = False
         elif name in ("max-age", "s-maxage"):
-            try:
-                max_age = _int(int(value.strip().strip('"')), "Cache-Control max-age", 0,
-                               MAX_TTL_S)
-            except ValueError as exc:
-                raise DirectiveError("Cache-Control", f"Cache-Control {name} needs a number of "
-                                     f"seconds, got {value!r}") from exc
+            seconds = value.strip().strip('"')
+            if not seconds.isascii() or not seconds.isdigit():
+                raise DirectiveError("Cache-Control", f"Cache-Control {name} needs a whole "
+                                     f"number of seconds, got {value!r}")
+            max_age = min(int(seconds), MAX_TTL_S)  # larger: "very large" (RFC 9111)
         # other directives (private, no-transform, ...) say nothing to this cache
     if body_cache is not None:
         if not isinstance(body_cache, Mapping):

@@ -164,3 +164,9 @@ def test_answers_agree_up_to_case_spacing_and_most_words():
     assert answers_agree("The capital is Paris", "The capital is Paris, France")
     assert not answers_agree("Paris", "Berlin")
     assert orjson.loads(orjson.dumps(replay.as_response(ANSWER, "new")))["id"] == "new"
+
+
+def test_a_large_max_age_means_any_age_and_a_forward_backward_swap_is_guarded():
+    assert rules.directives("max-age=31536000", None).max_age_s == rules.MAX_TTL_S
+    from cache_plane.responses.guards import guard
+    assert guard("Spell the word 'cache' backwards.", "Spell the word 'cache' forwards.")
