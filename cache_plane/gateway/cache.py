@@ -90,6 +90,7 @@ class ResponseCache:
         self.metrics = metrics
         self.rules = rules.CacheRules(
             s.cache_max_temperature, s.cache_default_temperature,
+            dict(s.cache_model_temperature),
             skip_patterns=rules.DEFAULT_SKIP_PATTERNS if s.cache_skip_time_dependent else ())
         self.catalog = Catalog()
         self.l1: OrderedDict[str, tuple[dict[str, Any], int]] = OrderedDict()

@@ -85,6 +85,8 @@ class GatewaySettings:
     cache_ttl_s: int = 0                     # 0: the cluster's response_cache_ttl_s
     cache_max_temperature: float = 0.8
     cache_default_temperature: float = 1.0  # the engines' default, when a body has none
+    # model -> its engines' default temperature (generation_config.json), overriding the above
+    cache_model_temperature: Mapping[str, float] = field(default_factory=dict)
     cache_skip_time_dependent: bool = True
     cache_semantic: bool = True
     cache_threshold: float = 0.96            # chosen from benchmarks/response_cache.py
@@ -128,6 +130,8 @@ class GatewaySettings:
             problems.append("cache_ttl_s must be in [0, 2592000] (30 days)")
         if not 0 <= self.cache_max_temperature <= 2 or not 0 <= self.cache_default_temperature <= 2:
             problems.append("cache_max_temperature and cache_default_temperature must be in [0, 2]")
+        if not all(0 <= t <= 2 for t in self.cache_model_temperature.values()):
+            problems.append("cache_model_temperature: each temperature must be in [0, 2]")
         if not 0 < self.cache_threshold <= 1:
             problems.append("cache_threshold must be in (0, 1]")
         if not 0 <= self.cache_verify_fraction <= 1:
@@ -220,6 +224,17 @@ def _coerce(name: str, value: Any) -> Any:
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
             raise ValueError("a list of URLs")
         return tuple(v.rstrip("/") for v in value)
+    if name == "cache_model_temperature":
+        if isinstance(value, str):  # env/flags: "model=0.7,model2=0"
+            value = dict(item.split("=", 1) for item in value.split(",") if "=" in item)
+        if not isinstance(value, Mapping):
+            raise ValueError("a table of model = temperature")
+        if any(isinstance(v, bool) for v in value.values()):
+            raise ValueError("a table of model = temperature")
+        try:
+            return {str(k): float(v) for k, v in value.items()}
+        except (TypeError, ValueError):
+            raise ValueError("a table of model = temperature") from None
     if name in ("tokenizers", "backend_api_key_files", "lora"):
         if isinstance(value, str):  # env/flags: "model=dir,model2=engine"
             value = dict(item.split("=", 1) for item in value.split(",") if "=" in item)
