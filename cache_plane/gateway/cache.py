@@ -43,6 +43,7 @@ from .settings import GatewaySettings
 
 log = structlog.get_logger(__name__)
 FEED_WAIT_MS = 2000
+L2_TIMEOUT_S = 1.0
 PAGE = 1000
 
 
@@ -210,7 +211,11 @@ class ResponseCache:
             return held[0], "l1"
         assert self.cluster is not None
         try:
-            got = await self.cluster.request("GET", f"/v1/cache/entries/{info.key}")
+            async with asyncio.timeout(L2_TIMEOUT_S):  # past it a miss is the faster answer
+                got = await self.cluster.request("GET", f"/v1/cache/entries/{info.key}")
+        except TimeoutError:
+            log.info("cache_read_timed_out", key=info.key)
+            return None
         except VeristoreError as exc:
             if getattr(exc, "code", "") == "unknown_entry":
                 self.catalog.drop(info.key)  # gone since the feed said otherwise
@@ -386,6 +391,10 @@ class ResponseCache:
                 self.metrics.catalog_entries.set(len(self.catalog))
             except VeristoreError as exc:
                 log.info("cache_feed_unavailable", error=exc.detail)
+                await asyncio.sleep(1)
+            except (KeyError, TypeError, ValueError) as exc:  # an answer it cannot read
+                log.error("cache_feed_unreadable", error=repr(exc))
+                self.rev = None
                 await asyncio.sleep(1)
 
     async def _load(self) -> None:
