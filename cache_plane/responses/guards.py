@@ -253,7 +253,24 @@ def _negation_differs(a: str, b: str) -> bool:
         more_right = sum(w in right for w in words_a) - sum(w in right for w in words_b)
         if more_left * more_right < 0:
             return True
-    return False
+    # Phrasal opposites: the same verb with opposite particles ("log in" / "log out").
+    verbs_a, verbs_b = _phrasal(words_a), _phrasal(words_b)
+    return any(verbs_a[k] * verbs_b.get(k, 0) < 0 for k in verbs_a)
+
+
+# Particle -> (axis, direction): "zoom in" and "zoom out" lie on one axis, opposite ways.
+_PARTICLES = {"in": ("in", 1), "into": ("in", 1), "out": ("in", -1), "on": ("on", 1),
+              "off": ("on", -1), "up": ("up", 1), "down": ("up", -1)}
+
+
+def _phrasal(words: list[str]) -> dict[tuple[str, str], int]:
+    """(word, axis) -> the sum of its particles' directions, for word + particle pairs."""
+    found: dict[tuple[str, str], int] = {}
+    for word, particle in zip(words, words[1:], strict=False):
+        if particle in _PARTICLES and word.isalpha() and word not in _PARTICLES:
+            axis, sign = _PARTICLES[particle]
+            found[(word, axis)] = found.get((word, axis), 0) + sign
+    return found
 
 
 def _singular(word: str) -> str:

@@ -170,3 +170,14 @@ def test_a_large_max_age_means_any_age_and_a_forward_backward_swap_is_guarded():
     assert rules.directives("max-age=31536000", None).max_age_s == rules.MAX_TTL_S
     from cache_plane.responses.guards import guard
     assert guard("Spell the word 'cache' backwards.", "Spell the word 'cache' forwards.")
+
+
+@pytest.mark.parametrize(("a", "b"), [
+    ("How do I log in to the AWS console?", "How do I log out of the AWS console?"),
+    ("How do I zoom in on a Mac?", "How do I zoom out on a Mac?"),
+    ("Scale up the deployment", "Scale down the deployment"),
+])
+def test_phrasal_opposites_are_guarded(a, b):
+    from cache_plane.responses.guards import guard
+    assert guard(a, b) == "negation"
+    assert guard(a, a.replace("How do I", "How can I")) is None
