@@ -338,7 +338,7 @@ def cmd_sim_node(args: argparse.Namespace) -> int:
         cluster_urls=tuple(args.cluster or ()), api_token=token, ca_file=args.ca_file,
         cert_file=args.cert_file, key_file=args.key_file, tokenizer=args.tokenizer,
         lora_modules=tuple(args.lora_module), api_key=api_key,
-        kv_events=kv_events, kv_events_http=args.kv_events_http)
+        kv_events=kv_events, kv_events_http=args.kv_events_http, answers=args.answers)
     ssl_context = None
     if args.tls_cert_file:
         from veristore_py.tls import server_context
@@ -588,6 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batches kept for replay (default 10000)")
     p.add_argument("--kv-events-hwm", type=int, default=100_000,
                    help="PUB high-water mark (default 100000)")
+    p.add_argument("--answers", choices=("fixed", "prompt"), default="fixed",
+                   help="the text it generates: the same for every prompt (default), or "
+                        "a function of the prompt (different questions, different answers)")
     p.add_argument("--kv-events-http", action=argparse.BooleanOptionalAction, default=True,
                    help="also report KV events to the cluster's /v1/kv-events (default on)")
     _add_tls_client_args(p)

@@ -13,6 +13,8 @@ import asyncio
 import re
 import time
 import uuid
+import zlib
+from array import array
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
@@ -64,6 +66,10 @@ class SimNodeSettings:
     faults: FaultPlan = FaultPlan()
     kv_events: KVEventsSettings | None = None  # publish KV events over ZMQ, as vLLM does
     kv_events_http: bool = True            # report them to the cluster's /v1/kv-events
+    # The text it answers: the same for every prompt ("fixed"), or one that depends on the
+    # prompt's tokens ("prompt": two different questions get different answers, as from a
+    # real model, which is what the response cache's verification needs to see a false hit).
+    answers: str = "fixed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +183,8 @@ class SimNode:
             blocks = request_block_hashes(prompt.token_ids, s.block_size, s.hash_seed,
                                           prompt.lora_name, prompt.cache_salt)
             return Request(uuid.uuid4().hex, blocks, len(prompt.token_ids),
-                           max(prompt.max_tokens, 1), self.now_ms())
+                           max(prompt.max_tokens, 1), self.now_ms(),
+                           token_ids=prompt.token_ids if s.answers == "prompt" else ())
         digests = request_block_digests(prompt.token_ids, s.block_size, s.hash_seed,
                                         prompt.lora_name, prompt.cache_salt)
         return Request(uuid.uuid4().hex, [to_external(d) for d in digests],
@@ -196,6 +203,9 @@ class SimNode:
         self.tokens[request.request_id] = queue
         self.engine.submit(request)
         self.wake.set()
+        # (crc32: a stable function of the prompt, unlike hash(); 0 keeps the fixed answers)
+        salt = zlib.crc32(array("I", request.token_ids).tobytes()) \
+            if self.settings.answers == "prompt" else 0
         try:
             sent = 0
             while sent < max_tokens:
@@ -203,7 +213,7 @@ class SimNode:
                 if token is None:
                     break
                 sent += 1
-                yield (sent * 7919) % VOCAB
+                yield (sent * 7919 + salt) % VOCAB
         finally:
             self.tokens.pop(request.request_id, None)
 

@@ -136,3 +136,24 @@ def test_entries_survive_a_killed_leader(stack: GatewayStack) -> None:
     until(agreed, "the restarted member to catch up", timeout=30)
     view = member_stats(stack, leader)
     assert view is not None and view["entries"] >= len(questions) + 3
+
+
+def test_verification_estimates_the_false_hit_rate(tmp_path: Any) -> None:
+    """Engines whose answer depends on the question (`--answers prompt`), every semantic hit
+    verified: a related-topic pair served as a semantic hit is found to disagree."""
+    with GatewayStack(str(tmp_path), engines=1, gateways=1,
+                      engine_args=(*GatewayStack.engine_args, "--answers", "prompt"),
+                      gateway_args=("--cache-verify-fraction", "1")) as s:
+        system = "Verification test. Answer briefly."
+        assert ask(s, 0, "How do I make pizza dough?", system)[0]["x-cache"] == "miss"
+        until(lambda: stored(s, 0) >= 1, "the first answer stored")
+        headers, _ = until(lambda: (lambda h: h if h[0]["x-cache"] == "semantic-hit" else None)(
+            ask(s, 0, "How do I make pie dough?", system)), "a semantic hit")
+
+        def verified() -> dict[str, Any] | None:
+            out = get_json(s.gateway_url(0) + "/cache/stats", {"Authorization": f"Bearer {KEY}"})
+            return out if out and out["verifications"]["disagree"] else None
+        stats = until(verified, "the verification")
+        assert stats["estimated_false_hit_rate"] == 1.0
+        with urllib.request.urlopen(s.gateway_url(0)[:-3] + "/metrics", timeout=5) as resp:
+            assert "cache_plane_gateway_cache_estimated_false_hit_rate 1.0" in resp.read().decode()
