@@ -70,13 +70,12 @@ class ResponseCacheService:
     def page(self, after: str, limit: int) -> dict[str, Any]:
         """Entries' metadata in key order after `after`; `rev` is read first, so following
         the change feed from it misses nothing that changed while the pages were read."""
-        def read(m: Any) -> dict[str, Any]:
-            table: ResponseTable = m.responses
-            keys = sorted(k for k in table.entries if k > after)[:limit + 1]
-            views = [_entry_view(table, k) for k in keys[:limit]]
-            return {"rev": table.rev, "entries": views,
-                    "next": keys[limit - 1] if len(keys) > limit else None}
-        return self.store.view(read)
+        # (the keys are sorted outside the store's lock, which applying commands needs)
+        rev, keys = self.store.view(lambda m: (m.responses.rev, list(m.responses.entries)))
+        page = sorted(k for k in keys if k > after)[:limit + 1]
+        views = self.store.view(lambda m: [_entry_view(m.responses, k) for k in page[:limit]])
+        return {"rev": rev, "entries": [v for v in views if v is not None],
+                "next": page[limit - 1] if len(page) > limit else None}
 
     async def changes(self, since: int, wait_ms: int, limit: int) -> dict[str, Any]:
         """Keys changed after revision `since`, each with its entry (null: gone); waits up to
