@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -12,6 +14,17 @@ from veristore_py.localcluster import LocalCluster
 # A `state.Reader` over a plain dict that absorbs each command's mutations (pure unit tests
 # of the machine): the one the in-process simulator applies commands with.
 DictReader = MemoryStore
+
+
+def until(check: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
+    """Poll `check` until it returns something truthy; that value (fails after `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = check()
+        if found:
+            return found
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
 
 
 @pytest.fixture

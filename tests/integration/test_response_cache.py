@@ -10,13 +10,14 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import openai
 import pytest
 
 from cache_plane.sim.stack import KEYS, MODEL, GatewayStack
+from tests.conftest import until
 
 pytestmark = pytest.mark.integration
 
@@ -49,17 +50,6 @@ def ask(stack: GatewayStack, question: str, system: str, key: str = KEY_A,
 
 def content(answer: Any) -> str:
     return str(answer.choices[0].message.content)
-
-
-def until(check: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
-    """Poll `check` until it returns something truthy; that value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = check()
-        if found:
-            return found
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def get_json(url: str, headers: dict[str, str] | None = None) -> dict[str, Any]:

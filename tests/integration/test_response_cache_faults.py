@@ -4,15 +4,15 @@ killed cluster leader all serve the entries stored before, from the cluster (L2)
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import openai
 import pytest
 
 from cache_plane.sim.stack import KEYS, MODEL, GatewayStack
+from tests.conftest import until
 
 pytestmark = pytest.mark.integration
 
@@ -33,17 +33,6 @@ def ask(stack: GatewayStack, i: int, question: str, system: str) -> tuple[dict[s
         messages=[{"role": "system", "content": system}, {"role": "user", "content": question}])
     headers = {k: raw.headers[k] for k in ("x-cache", "x-cache-tier") if k in raw.headers}
     return headers, str(raw.parse().choices[0].message.content)
-
-
-def until(check: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
-    """Poll `check` until it returns something truthy; that value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = check()
-        if found:
-            return found
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def get_json(url: str, headers: dict[str, str]) -> dict[str, Any] | None:
