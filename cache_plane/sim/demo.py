@@ -193,8 +193,14 @@ def cache_rows(base: str) -> list[tuple[str, str]]:
             note(ask(client, question))
         req = urllib.request.Request(stack.gateway_url() + "/cache/stats",
                                      headers={"Authorization": f"Bearer {stack.api_key}"})
-        with urllib.request.urlopen(req, timeout=5) as r:
-            stats = json.load(r)
+        deadline = time.monotonic() + 5
+        while True:  # until the misses' answers are stored (that happens after the answer)
+            with urllib.request.urlopen(req, timeout=5) as r:
+                stats = json.load(r)
+            if stats["stores"].get("stored", 0) >= len(seen.get("miss", [])) \
+                    or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
 
     def p50(xs: list[float]) -> float:
         return sorted(xs)[len(xs) // 2] if xs else 0.0
