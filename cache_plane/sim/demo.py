@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import tempfile
 import time
 import urllib.request
@@ -260,22 +261,27 @@ def kv_event_row(stack: Any, timeout: float = 10.0) -> tuple[str, str]:
 def run_demo(base_dir: str | None, requests: int, seed: int,
              echo: Callable[[str], None] = print) -> list[tuple[str, str]]:
     """Start a cluster, run the demo workload through it, stop it; the result table's rows
-    (keys padded to one width). `echo` hears progress lines."""
+    (keys padded to one width). `echo` hears progress lines. Without `base_dir` the data go
+    to a temporary directory, removed at the end."""
     base = base_dir or tempfile.mkdtemp(prefix="cache-plane-demo-")
-    cluster = LocalCluster(base, size=3, module="cache_plane")
-    echo(f"starting a 3-member cache-plane cluster under {base} ...")
     try:
-        cluster.start()
-        t0 = time.perf_counter()
-        leader = cluster.wait_for_leader()
-        echo(f"leader elected: member {leader} after {time.perf_counter() - t0:.2f} s; "
-             f"4 simulated GPU nodes joining")
-        rows = asyncio.run(demo_workload(cluster, requests, seed))
+        cluster = LocalCluster(base, size=3, module="cache_plane")
+        echo(f"starting a 3-member cache-plane cluster under {base} ...")
+        try:
+            cluster.start()
+            t0 = time.perf_counter()
+            leader = cluster.wait_for_leader()
+            echo(f"leader elected: member {leader} after {time.perf_counter() - t0:.2f} s; "
+                 f"4 simulated GPU nodes joining")
+            rows = asyncio.run(demo_workload(cluster, requests, seed))
+        finally:
+            cluster.close()
+        echo("cluster stopped; now the data plane: a fresh cluster, 2 sim-nodes, a gateway ...")
+        rows += gateway_rows(os.path.join(base, "gateway"))
+        echo("and the response cache: exact and semantic hits in front of a slower engine ...")
+        rows += cache_rows(os.path.join(base, "cache"))
     finally:
-        cluster.close()
-    echo("cluster stopped; now the data plane: a fresh cluster, 2 sim-nodes, a gateway ...")
-    rows += gateway_rows(os.path.join(base, "gateway"))
-    echo("and the response cache: exact and semantic hits in front of a slower engine ...")
-    rows += cache_rows(os.path.join(base, "cache"))
+        if base_dir is None:
+            shutil.rmtree(base, ignore_errors=True)
     width = max(len(k) for k, _ in rows)
     return [(f"{key:<{width}}", value) for key, value in rows]
