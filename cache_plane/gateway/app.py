@@ -53,9 +53,11 @@ from ..tokenization import (
     request_block_hashes,
 )
 from . import core
-from .cache import Hit, Plan, ResponseCache
+from .cache import Plan, ResponseCache
 from .core import GatewayError
+from .hits import answer_hit
 from .metrics import GatewayMetrics
+from .reporter import Reporter
 from .settings import ApiKey, GatewaySettings, load_api_keys
 
 log = structlog.get_logger(__name__)
@@ -70,70 +72,6 @@ class Attempt:
     route: dict[str, Any]
     response: aiohttp.ClientResponse | None = None
     error: GatewayError | None = None
-
-
-class Reporter:
-    """Completion reports queued and sent together in `/v1/complete/batch` requests.
-
-    A report waits at most `interval_s` (plus the batches before it); at most `MAX_BATCH` go
-    in one request. A batch the cluster does not take (unavailable, no leader within the
-    client's retries) is counted failed and dropped, like a single report was before: the
-    route then ends by its TTL and the engine's KV events keep the index true.
-    """
-
-    MAX_BATCH = 256
-
-    def __init__(self, gateway: Gateway, interval_s: float) -> None:
-        self.gateway = gateway
-        self.interval_s = interval_s
-        self.queue: list[dict[str, Any]] = []
-        self.sent = 0
-        self.failed = 0
-        self._task: asyncio.Task[None] | None = None
-
-    def put(self, report: dict[str, Any]) -> None:
-        self.queue.append(report)
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._flush())
-
-    async def _flush(self) -> None:
-        await asyncio.sleep(self.interval_s)
-        while self.queue:
-            batch = self.queue[:self.MAX_BATCH]
-            del self.queue[:self.MAX_BATCH]
-            await self._send(batch)
-
-    async def _send(self, batch: list[dict[str, Any]]) -> None:
-        cluster = self.gateway.cluster
-        assert cluster is not None
-        failed = 0
-        try:
-            results = await cluster.complete_batch(batch)
-        except VeristoreError as exc:
-            failed = len(batch)
-            log.warning("completion_reports_failed", reports=len(batch), error=exc.detail)
-        else:
-            for report, result in zip(batch, results, strict=False):
-                if "error" in result:
-                    failed += 1
-                    log.warning("completion_report_refused", request_id=report["request_id"],
-                                error=result["error"])
-        self.sent += len(batch) - failed
-        self.failed += failed
-        self.gateway.metrics.reports_sent.inc(len(batch) - failed)
-        if failed:
-            self.gateway.metrics.reports_failed.inc(failed)
-
-    async def drain(self) -> None:
-        """Send what is queued now (at shutdown)."""
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        while self.queue:
-            batch = self.queue[:self.MAX_BATCH]
-            del self.queue[:self.MAX_BATCH]
-            await self._send(batch)
 
 
 class Gateway:
@@ -464,7 +402,7 @@ async def _serve(request: web.Request, path: str, chat: bool) -> web.StreamRespo
                                                                           s.read_timeout_s)
         if hit is not None:
             status = 200
-            return await _answer_hit(request, gateway, parsed, plan, hit, path, body)
+            return await answer_hit(request, gateway, parsed, plan, hit, path, body)
         gateway.cache.missed(plan)
         form, prompt_tokens = await gateway.block_hashes(parsed, body, spec)
         session = core.session_of(parsed, request.headers.get(s.session_header),
@@ -530,52 +468,6 @@ def _headers(attempt: Attempt, plan: Plan) -> dict[str, str]:
     if plan.key:
         headers["x-cache-key"] = plan.key
     return headers
-
-
-async def _answer_hit(request: web.Request, gateway: Gateway, parsed: core.ChatRequest,
-                      plan: Plan, hit: Hit, path: str, body: dict[str, Any]) -> web.StreamResponse:
-    """A cached answer: as JSON, or replayed as an SSE stream; sampled semantic hits are
-    verified against the backend in the background."""
-    gateway.cache.served(hit, plan)
-    gateway.cache.maybe_verify(hit, lambda: _ask_backend(gateway, path, parsed, body))
-    response_id = ("chatcmpl-" if parsed.chat else "cmpl-") + uuid.uuid4().hex
-    created = hit.info.created_ms if hit.info is not None else time.time() * 1000
-    headers = {"X-Request-Id": request.headers.get("X-Request-Id") or response_id,
-               "x-cache": hit.kind, "x-cache-key": hit.key, "x-cache-tier": hit.tier,
-               "age": str(max(0, int(time.time() - created / 1000)))}
-    if hit.similarity is not None:
-        headers["x-cache-similarity"] = f"{hit.similarity:.4f}"
-    if not parsed.stream:
-        return web.Response(body=orjson.dumps(replay.as_response(hit.response, response_id)),
-                            content_type="application/json", headers=headers)
-    out = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                      "Cache-Control": "no-cache", **headers})
-    await out.prepare(request)
-    for event in replay.sse_events(hit.response, response_id, parsed.include_usage):
-        await out.write(event)
-    await out.write_eof()
-    return out
-
-
-async def _ask_backend(gateway: Gateway, path: str, parsed: core.ChatRequest,
-                       body: dict[str, Any]) -> dict[str, Any] | None:
-    """The backend's own answer to a request served from the cache (verification)."""
-    ask = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "cache")}
-    spec = await gateway.model(parsed.model)
-    form, _ = await gateway.block_hashes(parsed, ask, spec)
-    request_id = "verify-" + uuid.uuid4().hex
-    route = await gateway.route(parsed, form, None, request_id)
-    attempt = await gateway.call(path, orjson.dumps(ask), route, request_id, False)
-    if attempt.error is not None or attempt.response is None:
-        gateway.report(route, "failed")
-        return None
-    try:
-        data = await attempt.response.read()
-    finally:
-        attempt.response.release()
-    ok = attempt.response.status < 400
-    gateway.report(route, "ok" if ok else "failed")
-    return orjson.loads(data) if ok else None
 
 
 def _account(gateway: Gateway, parsed: core.ChatRequest, attempt: Attempt,
