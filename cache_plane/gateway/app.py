@@ -572,7 +572,7 @@ async def _stream(request: web.Request, gateway: Gateway, parsed: core.ChatReque
             async for data in backend.content.iter_any():
                 for event in splitter.feed(data):
                     if assembler is not None:
-                        assembler.add(event)
+                        assembler.add(core.event_data(event))
                     found, usage_only = core.scan_event(event)
                     if found is not None:
                         usage = found

@@ -271,12 +271,17 @@ def usage_from(payload: Any) -> Usage | None:
                  cached)
 
 
+def event_data(event: bytes) -> bytes:
+    """The data of one SSE event (its ``data:`` lines joined)."""
+    return b"".join(line[5:].strip() for line in event.split(b"\n")
+                    if line.startswith(b"data:"))
+
+
 def scan_event(event: bytes) -> tuple[Usage | None, bool]:
     """(usage, is_usage_only) of one SSE event; only an event naming usage is parsed."""
     if b'"usage"' not in event:
         return None, False
-    data = b"".join(line[5:].strip() for line in event.split(b"\n")
-                    if line.startswith(b"data:"))
+    data = event_data(event)
     try:
         payload = orjson.loads(data)
     except orjson.JSONDecodeError:
@@ -287,8 +292,7 @@ def scan_event(event: bytes) -> tuple[Usage | None, bool]:
 
 def carries_output(event: bytes) -> bool:
     """Whether an SSE event carries generated output (TTFT ends there, not at a role chunk)."""
-    data = b"".join(line[5:].strip() for line in event.split(b"\n")
-                    if line.startswith(b"data:"))
+    data = event_data(event)
     if not data.startswith(b"{"):
         return False
     try:

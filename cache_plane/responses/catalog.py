@@ -18,7 +18,7 @@ from __future__ import annotations
 import base64
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -87,9 +87,6 @@ class Catalog:
     def put(self, info: EntryInfo) -> EntryInfo | None:
         """Add or replace an entry; the one it replaced."""
         old = self.entries.get(info.key)
-        if old is not None and old.vector is not None and info.vector is None \
-                and old.question == info.question:
-            info = replace(info, vector=old.vector)  # (the local copy had it first)
         self.drop(info.key)
         self.entries[info.key] = info
         if info.bucket is not None:

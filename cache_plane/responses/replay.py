@@ -4,8 +4,9 @@ The cache stores a whole answer (``chat.completion`` or ``text_completion``). `a
 gives it a new id for a non-streamed hit. `sse_events` replays it as a well-formed stream: a
 role chunk (chat), content chunks cut at word boundaries, tool calls, the finish chunk, the
 usage chunk when the client asked for it (``choices: []``), and ``data: [DONE]``. `Assembler`
-does the reverse for a streamed miss: it folds the chunks (the usage chunk included) into the
-whole answer to store, or says it cannot (an error event, no finish, several choices).
+does the reverse for a streamed miss: it folds the chunks' data (the usage chunk included)
+into the whole answer to store, or says it cannot (an error event, no finish, several
+choices).
 """
 
 from __future__ import annotations
@@ -86,12 +87,11 @@ class Assembler:
         self.broken = False
         self.chat = True
 
-    def add(self, event: bytes) -> None:
-        """Take one SSE event (``data: {...}\\n\\n``); anything unexpected spoils the result."""
+    def add(self, data: bytes) -> None:
+        """Take one SSE event's data (a chunk object, or ``[DONE]``); anything unexpected
+        spoils the result."""
         if self.broken:
             return
-        data = b"".join(line[5:].strip() for line in event.split(b"\n")
-                        if line.startswith(b"data:"))
         if not data or data == b"[DONE]":
             return
         try:

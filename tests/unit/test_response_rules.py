@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cache_plane.gateway.core import event_data
 from cache_plane.responses import keys, replay, rules
 from cache_plane.responses.catalog import Catalog, EntryInfo, answers_agree
 
@@ -121,7 +122,7 @@ def test_a_replayed_stream_assembles_back_into_the_stored_answer(usage):
     assert (chunks[-1]["choices"] == []) is usage
     folded = replay.Assembler()
     for event in events:
-        folded.add(event)
+        folded.add(event_data(event))
     result = folded.result()
     assert result is not None
     assert result["choices"][0]["message"] == ANSWER["choices"][0]["message"]
@@ -130,10 +131,10 @@ def test_a_replayed_stream_assembles_back_into_the_stored_answer(usage):
 
 def test_an_error_event_or_a_missing_finish_is_not_stored():
     broken = replay.Assembler()
-    broken.add(b'data: {"error": {"message": "x"}}\n\n')
+    broken.add(b'{"error": {"message": "x"}}')
     assert broken.result() is None
     cut = replay.Assembler()
-    cut.add(replay.sse_events(ANSWER, "x", False)[1])
+    cut.add(event_data(replay.sse_events(ANSWER, "x", False)[1]))
     assert cut.result() is None
 
 
