@@ -70,13 +70,51 @@ class Match:
     rejected: tuple[str, ...] = ()    # why candidates above the threshold were passed over
 
 
+class _Stack:
+    """One bucket's embeddings as rows of a matrix that grows by doubling: a store adds a row
+    and a removal zeroes one (compacted once half are dead), so a lookup after a store does
+    not rebuild the matrix (O(1) amortised instead of O(bucket))."""
+
+    __slots__ = ("keys", "rows", "matrix", "dead")
+
+    def __init__(self, dim: int) -> None:
+        self.keys: list[str | None] = []
+        self.rows: dict[str, int] = {}
+        self.matrix = np.zeros((8, dim), dtype=np.float32)
+        self.dead = 0
+
+    def add(self, key: str, vector: np.ndarray) -> None:
+        if len(self.keys) == len(self.matrix):
+            grown = np.zeros((2 * len(self.matrix), self.matrix.shape[1]), dtype=np.float32)
+            grown[:len(self.keys)] = self.matrix
+            self.matrix = grown
+        self.rows[key] = len(self.keys)
+        self.matrix[len(self.keys)] = vector
+        self.keys.append(key)
+
+    def remove(self, key: str) -> None:
+        row = self.rows.pop(key, None)
+        if row is None:
+            return
+        self.keys[row] = None
+        self.matrix[row] = 0.0  # (scores 0: below any threshold)
+        self.dead += 1
+        if self.dead * 2 > len(self.keys):
+            live = [(k, self.matrix[r]) for r, k in enumerate(self.keys) if k is not None]
+            self.keys, self.rows, self.dead = [], {}, 0
+            self.matrix = np.zeros((max(8, 2 * len(live)), self.matrix.shape[1]),
+                                   dtype=np.float32)
+            for k, v in live:
+                self.add(k, v)
+
+
 class Catalog:
     """Entry metadata by key and by bucket (see module docstring)."""
 
     def __init__(self) -> None:
         self.entries: dict[str, EntryInfo] = {}
         self.buckets: dict[str, dict[str, None]] = {}
-        self._stacks: dict[str, tuple[list[str], np.ndarray]] = {}
+        self._stacks: dict[str, _Stack] = {}
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -91,7 +129,16 @@ class Catalog:
         self.entries[info.key] = info
         if info.bucket is not None:
             self.buckets.setdefault(info.bucket, {})[info.key] = None
-            self._stacks.pop(info.bucket, None)
+            if info.vector is not None:
+                stack = self._stacks.get(info.bucket)
+                if stack is None or stack.matrix.shape[1] != info.vector.shape[0]:
+                    stack = self._stacks[info.bucket] = _Stack(info.vector.shape[0])
+                    for key in self.buckets[info.bucket]:  # (a new dimension: start over)
+                        other = self.entries[key].vector
+                        if key != info.key and other is not None \
+                                and other.shape == info.vector.shape:
+                            stack.add(key, other)
+                stack.add(info.key, info.vector)
         return old
 
     def drop(self, key: str) -> EntryInfo | None:
@@ -99,9 +146,12 @@ class Catalog:
         if info is not None and info.bucket is not None:
             members = self.buckets.get(info.bucket, {})
             members.pop(key, None)
+            stack = self._stacks.get(info.bucket)
+            if stack is not None:
+                stack.remove(key)
             if not members:
                 self.buckets.pop(info.bucket, None)
-            self._stacks.pop(info.bucket, None)
+                self._stacks.pop(info.bucket, None)
         return info
 
     def clear(self) -> None:
@@ -114,39 +164,29 @@ class Catalog:
         members = self.buckets.get(bucket or "", {})
         return len(members) > (1 if key in members else 0)
 
-    def _stack(self, bucket: str) -> tuple[list[str], np.ndarray]:
-        found = self._stacks.get(bucket)
-        if found is None:
-            keys = [k for k in self.buckets.get(bucket, {})
-                    if self.entries[k].vector is not None]
-            matrix = (np.stack([self.entries[k].vector for k in keys]) if keys  # type: ignore[misc]
-                      else np.zeros((0, 0), dtype=np.float32))
-            found = self._stacks[bucket] = (keys, matrix)
-        return found
-
     def similar(self, bucket: str, vector: np.ndarray, question: str, threshold: float,
                 now_ms: int, max_age_s: int | None) -> Match:
         """The most similar fresh entry of `bucket` at or above `threshold` that the guards
         let through (see module docstring)."""
-        keys, matrix = self._stack(bucket)
-        if not keys or matrix.shape[1] != vector.shape[0]:
+        stack = self._stacks.get(bucket)
+        if stack is None or not stack.rows or stack.matrix.shape[1] != vector.shape[0]:
             return Match(None, 0.0)
-        scores = matrix @ vector
-        order = np.argsort(-scores)
-        best = float(scores[order[0]])
+        scores = stack.matrix[:len(stack.keys)] @ vector
+        above = np.flatnonzero(scores >= threshold)
+        best = float(scores.max())
         rejected: list[str] = []
-        for i in order:
-            score = float(scores[i])
-            if score < threshold:
-                break
-            info = self.entries[keys[i]]
+        for i in above[np.argsort(-scores[above])]:  # (only the few above the threshold)
+            key = stack.keys[i]
+            if key is None:
+                continue
+            info = self.entries[key]
             if not info.fresh(now_ms, max_age_s):
                 continue
             why = guard(question, info.question or "")
             if why is not None:
                 rejected.append(why)
                 continue
-            return Match(info, score, tuple(rejected))
+            return Match(info, float(scores[i]), tuple(rejected))
         return Match(None, best, tuple(rejected) or (("threshold",) if best > 0 else ()))
 
 

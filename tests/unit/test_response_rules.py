@@ -182,3 +182,22 @@ def test_phrasal_opposites_are_guarded(a, b):
     from cache_plane.responses.guards import guard
     assert guard(a, b) == "negation"
     assert guard(a, a.replace("How do I", "How can I")) is None
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 30)), max_size=120), st.integers(0, 30))
+def test_semantic_lookup_equals_a_scan_of_the_bucket_after_any_stores_and_drops(ops, probe):
+    """The bucket's growing matrix (rows added, zeroed, compacted) answers as a plain scan."""
+    rng = np.random.default_rng(7)
+    vectors = rng.standard_normal((31, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    c = Catalog()
+    for store, i in ops:
+        if store:
+            c.put(_info(f"k{i}", "same question", vectors[i]))
+        else:
+            c.drop(f"k{i}")
+    got = c.similar("b", vectors[probe], "same question", 0.5, now_ms=1, max_age_s=None)
+    live = {k: float(vectors[int(k[1:])] @ vectors[probe]) for k in c.entries}
+    want = max(live, key=live.__getitem__) if live and max(live.values()) >= 0.5 else None
+    assert (got.entry.key if got.entry else None) == want
